@@ -1,0 +1,243 @@
+"""Benchmark: funcbnn's batched Monte-Carlo prediction against plain Python loops.
+
+For each model / batch size / number of weight samples ``S`` the script measures,
+in the same process and under ``torch.no_grad()``:
+
+* ``sample``   -- ``post.sample(state, S)`` for a diagonal Gaussian posterior
+  (reported on its own; it is *not* part of the forward times below);
+* ``baseline`` -- the loop a user would write by hand::
+
+      torch.stack([torch.func.functional_call(module, {k: v[i] for k, v in samples.items()}, (x,))
+                   for i in range(S)])
+
+* ``ownloop``  -- ``funcbnn.sample_outputs(..., method="loop")``;
+* ``vmap``     -- ``funcbnn.sample_outputs(..., method="vmap")``;
+* ``auto``     -- ``funcbnn.sample_outputs(...)`` (default ``method="auto"``), timed
+  after warm-up so its one-off vmap-vs-loop calibration is not included.
+
+Every timing is the median of ``--repeats`` calls measured with
+``time.perf_counter`` after two warm-up calls; the four forward variants are timed
+in interleaved rounds so that drift in machine load affects them alike. The
+ratios ``base/auto`` and ``own/auto`` are speed-ups of funcbnn's default path
+(higher is better for funcbnn). ``path`` is the route auto took (``vmap`` or
+``loop``), inferred from which forced variant its time is closer to.
+
+The last lines check the targets of the tracking issue: auto is never slower
+than the baseline loop (``base/auto >= 0.95``) and is at least 5x faster than it
+for the small MLP at batch <= 32.
+
+Run with::
+
+    python benchmarks/mc_predict.py            # full run (about 1-2 minutes on 2 cores)
+    python benchmarks/mc_predict.py --quick    # fewer repeats
+    python benchmarks/mc_predict.py --repeats 15
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+
+import funcbnn
+
+SAMPLE_COUNTS = (16, 64)
+INIT_STD = 0.05
+WARMUP = 2
+AUTO_MIN_SPEEDUP = 0.95  # auto must not lose more than 5% to the baseline anywhere
+SMALL_MLP_MIN_SPEEDUP = 5.0  # ... and must beat it 5x for the small MLP at batch <= 32
+SMALL_MLP_MAX_BATCH = 32
+
+
+@dataclass(frozen=True)
+class Config:
+    """One benchmarked model and input batch."""
+
+    name: str
+    build: Callable[[], nn.Module]
+    input_shape: tuple[int, ...]  # without the batch axis
+    batch: int
+    small_mlp: bool = False  # subject to the ">= 5x faster" target when batch <= 32
+
+
+@dataclass(frozen=True)
+class Row:
+    """Median times (seconds) for one configuration and sample count."""
+
+    config: Config
+    num_samples: int
+    sample: float
+    baseline: float
+    ownloop: float
+    vmap: float
+    auto: float
+
+    @property
+    def base_over_auto(self) -> float:
+        return self.baseline / self.auto
+
+    @property
+    def own_over_auto(self) -> float:
+        return self.ownloop / self.auto
+
+    @property
+    def auto_path(self) -> str:
+        return "vmap" if abs(self.auto - self.vmap) <= abs(self.auto - self.ownloop) else "loop"
+
+
+def small_mlp() -> nn.Module:
+    return nn.Sequential(nn.Linear(20, 64), nn.ReLU(), nn.Linear(64, 3))
+
+
+def large_mlp() -> nn.Module:
+    return nn.Sequential(
+        nn.Linear(784, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 10)
+    )
+
+
+def small_cnn() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(1, 16, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(16, 32, 3, padding=1),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(32 * 8 * 8, 10),
+    )
+
+
+CONFIGS: tuple[Config, ...] = (
+    Config("MLP 20-64-3", small_mlp, (20,), 1, small_mlp=True),
+    Config("MLP 20-64-3", small_mlp, (20,), 32, small_mlp=True),
+    Config("MLP 20-64-3", small_mlp, (20,), 256, small_mlp=True),
+    Config("MLP 784-512-512-10", large_mlp, (784,), 256),
+    Config("CNN 1x8x8", small_cnn, (1, 8, 8), 256),
+)
+
+
+def time_once(fn: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def median_times(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """Median wall time of each function: warm-up calls, then ``repeats`` interleaved rounds."""
+    for fn in fns.values():
+        for _ in range(WARMUP):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            times[name].append(time_once(fn))
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def bench(config: Config, num_samples: int, repeats: int) -> Row:
+    """Time sampling and the four forward variants for one configuration."""
+    module = config.build().eval()
+    apply_fn, params, _ = funcbnn.functionalize(module)
+    post = funcbnn.diag_gaussian(init_std=INIT_STD)
+    state = post.init(params)
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(config.batch, *config.input_shape)
+    samples = post.sample(state, num_samples, generator=generator)
+
+    def baseline() -> Tensor:
+        return torch.stack(
+            [
+                torch.func.functional_call(module, {k: v[i] for k, v in samples.items()}, (x,))
+                for i in range(num_samples)
+            ]
+        )
+
+    variants: dict[str, Callable[[], object]] = {
+        "baseline": baseline,
+        "ownloop": lambda: funcbnn.sample_outputs(apply_fn, samples, x, method="loop"),
+        "vmap": lambda: funcbnn.sample_outputs(apply_fn, samples, x, method="vmap"),
+        "auto": lambda: funcbnn.sample_outputs(apply_fn, samples, x),
+    }
+    # Sanity check (also the first auto call, which runs its calibration): all agree.
+    reference = baseline()
+    for name, fn in variants.items():
+        out = fn()
+        if not (isinstance(out, Tensor) and out.shape == reference.shape and torch.allclose(out, reference, rtol=1e-4, atol=1e-5)):
+            raise AssertionError(f"{config.name} batch {config.batch} S={num_samples}: {name} differs from baseline")
+
+    sample_time = median_times({"sample": lambda: post.sample(state, num_samples, generator=generator)}, repeats)
+    forward = median_times(variants, repeats)
+    return Row(config, num_samples, sample_time["sample"], **forward)
+
+
+def ms(seconds: float) -> str:
+    return f"{seconds * 1e3:9.2f}"
+
+
+HEADER = (
+    f"{'config':<20} {'batch':>5} {'S':>3} | {'sample':>9} | {'baseline':>9} {'ownloop':>9} "
+    f"{'vmap':>9} {'auto':>9} | {'base/auto':>9} {'own/auto':>8} {'path':>5}"
+)
+
+
+def format_row(r: Row) -> str:
+    return (
+        f"{r.config.name:<20} {r.config.batch:>5} {r.num_samples:>3} | {ms(r.sample)} | "
+        f"{ms(r.baseline)} {ms(r.ownloop)} {ms(r.vmap)} {ms(r.auto)} | "
+        f"{r.base_over_auto:>8.2f}x {r.own_over_auto:>7.2f}x {r.auto_path:>5}"
+    )
+
+
+def label(row: Row) -> str:
+    return f"{row.config.name} batch {row.config.batch} S={row.num_samples}"
+
+
+def print_targets(rows: list[Row]) -> None:
+    worst = min(rows, key=lambda r: r.base_over_auto)
+    ok = worst.base_over_auto >= AUTO_MIN_SPEEDUP
+    print(
+        f"[{'PASS' if ok else 'MISS'}] auto/baseline speed >= {AUTO_MIN_SPEEDUP} everywhere: "
+        f"worst {worst.base_over_auto:.2f}x ({label(worst)})"
+    )
+    small = [r for r in rows if r.config.small_mlp and r.config.batch <= SMALL_MLP_MAX_BATCH]
+    worst = min(small, key=lambda r: r.base_over_auto)
+    ok = worst.base_over_auto >= SMALL_MLP_MIN_SPEEDUP
+    print(
+        f"[{'PASS' if ok else 'MISS'}] >= {SMALL_MLP_MIN_SPEEDUP:g}x faster than the baseline loop for the "
+        f"small MLP at batch <= {SMALL_MLP_MAX_BATCH}: worst {worst.base_over_auto:.2f}x ({label(worst)})"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="fewer repeats (3) for a fast smoke run")
+    parser.add_argument("--repeats", type=int, default=None, help="timed repeats per measurement (default 9)")
+    args = parser.parse_args()
+    repeats = args.repeats if args.repeats is not None else (3 if args.quick else 9)
+    if repeats < 1:
+        parser.error("--repeats must be >= 1")
+
+    torch.manual_seed(0)
+    print(
+        f"funcbnn {funcbnn.__version__} | torch {torch.__version__} | threads {torch.get_num_threads()} | "
+        f"median of {repeats} after {WARMUP} warm-up calls | times in ms"
+    )
+    print(HEADER)
+    print("-" * len(HEADER))
+    rows: list[Row] = []
+    start = time.perf_counter()
+    with torch.no_grad():
+        for config in CONFIGS:
+            for num_samples in SAMPLE_COUNTS:
+                rows.append(bench(config, num_samples, repeats))
+                print(format_row(rows[-1]), flush=True)
+    print_targets(rows)
+    print(f"total {time.perf_counter() - start:.1f} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,38 @@
+"""funcbnn: functional Bayesian neural networks on ``torch.func``.
+
+Take any ``nn.Module``, pull its weights out as a pytree, put a posterior over
+them and predict with many weight samples in one batched call::
+
+    apply_fn, params, buffers = funcbnn.functionalize(net)
+    post = funcbnn.families.diag_gaussian(init_std=1e-2)
+    state = post.init(params)
+    samples = post.sample(state, 64, generator=torch.Generator().manual_seed(0))
+    outputs = funcbnn.sample_outputs(apply_fn, samples, x)      # (64, N, C)
+    summary = funcbnn.summarize(outputs, "classification")
+"""
+
+from . import families, priors, tree
+from .families import FAMILIES, DiagGaussianState, diag_gaussian
+from .model import Functional, FunctionalModel, functionalize
+from .predict import PredictiveSummary, VmapFallbackWarning, sample_outputs, summarize
+from .priors import PRIORS
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "families",
+    "priors",
+    "tree",
+    "FAMILIES",
+    "PRIORS",
+    "DiagGaussianState",
+    "diag_gaussian",
+    "Functional",
+    "FunctionalModel",
+    "functionalize",
+    "PredictiveSummary",
+    "VmapFallbackWarning",
+    "sample_outputs",
+    "summarize",
+    "__version__",
+]

@@ -1,0 +1,261 @@
+"""Mean-field (diagonal) Gaussian over a parameter tree.
+
+``q(w) = prod_i N(w_i; mu_i, sigma_i^2)`` with ``sigma = softplus(rho)``, the
+parameterisation of Bayes-by-Backprop (Blundell et al. 2015): ``rho`` is
+unconstrained, so any ``torch.optim`` optimiser can train the state.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Literal, NamedTuple
+
+import optree
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .._validation import check_positive_tree, positive_float, positive_int
+from ..tree import Tree, check_same_structure, tree_size
+from ._kl import check_reduction, monte_carlo_kl
+
+__all__ = ["DiagGaussianState", "DiagGaussian", "diag_gaussian", "inverse_softplus"]
+
+_HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
+
+
+class DiagGaussianState(NamedTuple):
+    """State of a diagonal Gaussian: two trees with the parameters' structure."""
+
+    mean: Tree
+    rho: Tree
+
+
+def inverse_softplus(std: Tensor) -> Tensor:
+    """``rho`` with ``softplus(rho) == std``, stable for small and large ``std``."""
+    return std + torch.log(-torch.expm1(-std))
+
+
+def _std(state: DiagGaussianState) -> Tree:
+    return optree.tree_map(F.softplus, state.rho)
+
+
+def _check_state(state: DiagGaussianState) -> None:
+    if not isinstance(state, DiagGaussianState):
+        raise TypeError(f"state must be a DiagGaussianState, got {type(state).__name__}")
+    check_same_structure(state.mean, state.rho, "state.rho")
+
+
+def sample(
+    state: DiagGaussianState, num_samples: int, *, generator: torch.Generator | None = None
+) -> Tree:
+    """Draw ``num_samples`` weight trees, each leaf shaped ``(num_samples, *leaf.shape)``.
+
+    Not differentiable (use :func:`rsample` for that): the noise is scaled in
+    place, which is about 1.5x faster than ``mean + std * eps``.
+    """
+    _check_state(state)
+    positive_int(num_samples, "num_samples")
+    with torch.no_grad():
+
+        def draw(m: Tensor, rho: Tensor) -> Tensor:
+            eps = torch.empty((num_samples, *m.shape), dtype=m.dtype, device=m.device)
+            return eps.normal_(generator=generator).mul_(F.softplus(rho)).add_(m)
+
+        return optree.tree_map(draw, state.mean, state.rho)
+
+
+def rsample(
+    state: DiagGaussianState, num_samples: int, *, generator: torch.Generator | None = None
+) -> Tree:
+    """Reparameterised draws ``mean + softplus(rho) * eps``, differentiable w.r.t. ``state``.
+
+    For the same generator state it returns the same values as :func:`sample`.
+    """
+    _check_state(state)
+    positive_int(num_samples, "num_samples")
+
+    def draw(m: Tensor, rho: Tensor) -> Tensor:
+        eps = torch.empty((num_samples, *m.shape), dtype=m.dtype, device=m.device).normal_(generator=generator)
+        return m + F.softplus(rho) * eps
+
+    return optree.tree_map(draw, state.mean, state.rho)
+
+
+def log_prob(state: DiagGaussianState, params: Tree) -> Tensor:
+    """``log q(params)``; leaves may carry leading batch dims, which the result keeps."""
+    _check_state(state)
+
+    def leaf(x: Tensor, m: Tensor, rho: Tensor) -> Tensor:
+        lp = -0.5 * ((x - m) / F.softplus(rho)) ** 2 - torch.log(F.softplus(rho)) - _HALF_LOG_2PI
+        return lp.sum(dim=tuple(range(x.dim() - m.dim(), x.dim()))) if m.dim() else lp
+
+    first_x, first_m = optree.tree_leaves(params)[:1], optree.tree_leaves(state.mean)[:1]
+    lead = first_x[0].dim() - first_m[0].dim() if first_x and first_m else 0
+    check_same_structure(state.mean, params, "params", leading=max(lead, 0))
+    terms = optree.tree_leaves(optree.tree_map(leaf, params, state.mean, state.rho))
+    return torch.stack(terms).sum(0)
+
+
+def entropy(state: DiagGaussianState) -> Tensor:
+    """Differential entropy ``sum_i 0.5 log(2 pi e sigma_i^2)``."""
+    _check_state(state)
+    terms = optree.tree_leaves(
+        optree.tree_map(lambda rho: (torch.log(F.softplus(rho)) + _HALF_LOG_2PI + 0.5).sum(), state.rho)
+    )
+    return torch.stack(terms).sum()
+
+
+def kl(
+    state: DiagGaussianState,
+    prior,
+    *,
+    reduction: Literal["sum", "mean"] = "sum",
+    method: Literal["auto", "analytic", "mc"] = "auto",
+    num_samples: int | None = None,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """``KL(q || prior)``, differentiable w.r.t. ``state``.
+
+    Parameters
+    ----------
+    state : DiagGaussianState
+    prior
+        Any prior with ``log_prob``; one offering the ``"gaussian"`` closed form
+        (``funcbnn.priors.gaussian``) gets the analytic KL.
+    reduction : {"sum", "mean"}
+        ``"mean"`` divides the total by the number of weights (torchbayesian's
+        convention).
+    method : {"auto", "analytic", "mc"}
+        ``"auto"`` is analytic where the pair has a closed form and Monte-Carlo
+        otherwise; ``"mc"`` forces Monte-Carlo.
+    num_samples : int, optional
+        Draws for the Monte-Carlo estimate ``mean_s [log q(w_s) - log p(w_s)]``
+        (reparameterised). Required whenever Monte Carlo is used.
+    generator : torch.Generator, optional
+        Randomness of the Monte-Carlo draws.
+
+    Raises
+    ------
+    ValueError
+        If no closed form exists and ``num_samples`` is not given, or the
+        analytic form is requested for a prior without one.
+    """
+    _check_state(state)
+    check_reduction(reduction)
+    analytic_ok = "gaussian" in getattr(prior, "closed_forms", ())
+    if method not in ("auto", "analytic", "mc"):
+        raise ValueError(f"method must be 'auto', 'analytic' or 'mc', got {method!r}")
+    if method == "analytic" and not analytic_ok:
+        raise ValueError(f"KL(diag_gaussian || {type(prior).__name__}) has no closed form; use method='mc'")
+    if method == "analytic" or (method == "auto" and analytic_ok):
+        p_mean, p_std = prior.moments(state.mean)
+
+        def leaf(m: Tensor, rho: Tensor, pm: Tensor, ps: Tensor) -> Tensor:
+            q_std = F.softplus(rho)
+            ratio = q_std / ps
+            return (0.5 * (ratio**2 + ((m - pm) / ps) ** 2) - 0.5 - torch.log(ratio)).sum()
+
+        total = torch.stack(optree.tree_leaves(optree.tree_map(leaf, state.mean, state.rho, p_mean, p_std))).sum()
+    else:
+        if num_samples is None:
+            raise ValueError(
+                f"KL(diag_gaussian || {type(prior).__name__}) has no closed form; "
+                "pass num_samples=... for a Monte-Carlo estimate"
+            )
+        draws = rsample(state, num_samples, generator=generator)
+        total = monte_carlo_kl(log_prob(state, draws), prior, draws)
+    return total / tree_size(state.mean) if reduction == "mean" else total
+
+
+class DiagGaussian(NamedTuple):
+    """The diagonal-Gaussian posterior: pure functions over a :class:`DiagGaussianState`.
+
+    ``init``, ``sample`` and ``kl`` form the posterior protocol; the rest are the
+    extras this family supports.
+    """
+
+    init: Callable[..., DiagGaussianState]
+    sample: Callable[..., Tree]
+    kl: Callable[..., Tensor]
+    rsample: Callable[..., Tree]
+    log_prob: Callable[[DiagGaussianState, Tree], Tensor]
+    entropy: Callable[[DiagGaussianState], Tensor]
+    mean: Callable[[DiagGaussianState], Tree]
+    std: Callable[[DiagGaussianState], Tree]
+    from_moments: Callable[[Tree, Tree], DiagGaussianState]
+
+
+def from_moments(mean: Tree, std: Tree | float) -> DiagGaussianState:
+    """State with the given mean tree and std (a positive number or a tree like ``mean``)."""
+    if isinstance(std, (int, float)):
+        std = optree.tree_map(lambda m: torch.full_like(m, positive_float(std, "std")), mean)
+    check_same_structure(mean, std, "std")
+    check_positive_tree(std, "std")
+    return DiagGaussianState(
+        mean=optree.tree_map(lambda m: m.detach().clone(), mean),
+        rho=optree.tree_map(lambda s: inverse_softplus(s.detach()), std),
+    )
+
+
+def diag_gaussian(
+    init_std: float | Tree = 1e-3, mean_init: Literal["params", "fresh"] = "params"
+) -> DiagGaussian:
+    """Build the diagonal-Gaussian posterior family.
+
+    Parameters
+    ----------
+    init_std : float or tree, default 1e-3
+        Std of the state that ``init`` returns (positive).
+    mean_init : {"params", "fresh"}
+        ``"params"`` centres the mean on the parameters passed to ``init``
+        (pretrained-centred posterior); ``"fresh"`` draws a new mean
+        ``U(-1/sqrt(fan_in), 1/sqrt(fan_in))`` per leaf, with ``fan_in`` the
+        product of the leaf's trailing dims (its size for 0-d and 1-d leaves).
+
+    Examples
+    --------
+    >>> post = diag_gaussian(init_std=0.1)
+    >>> state = post.init({"w": torch.zeros(3, 2), "b": torch.zeros(3)})
+    >>> post.sample(state, 8, generator=torch.Generator().manual_seed(0))["w"].shape
+    torch.Size([8, 3, 2])
+    """
+    if isinstance(init_std, (int, float)):
+        positive_float(init_std, "init_std")
+    else:
+        check_positive_tree(init_std, "init_std")
+    if mean_init not in ("params", "fresh"):
+        raise ValueError(f"mean_init must be 'params' or 'fresh', got {mean_init!r}")
+
+    def init(params: Tree, *, generator: torch.Generator | None = None) -> DiagGaussianState:
+        """State centred on ``params`` (or freshly drawn) with std ``init_std``."""
+        leaves = optree.tree_leaves(params)
+        if not leaves:
+            raise ValueError("params must contain at least one tensor leaf")
+        for leaf in leaves:
+            if not isinstance(leaf, Tensor) or not leaf.is_floating_point():
+                raise TypeError(f"params leaves must be floating-point tensors, got {leaf!r:.60}")
+        if mean_init == "fresh":
+
+            def fresh(t: Tensor) -> Tensor:
+                fan_in = math.prod(t.shape[1:]) if t.dim() >= 2 else max(t.numel(), 1)
+                bound = 1.0 / math.sqrt(fan_in)
+                u = torch.empty_like(t).uniform_(generator=generator)
+                return (2 * u - 1) * bound
+
+            mean = optree.tree_map(fresh, params)
+        else:
+            mean = params
+        return from_moments(mean, init_std)
+
+    return DiagGaussian(
+        init=init,
+        sample=sample,
+        kl=kl,
+        rsample=rsample,
+        log_prob=log_prob,
+        entropy=entropy,
+        mean=lambda state: state.mean,
+        std=_std,
+        from_moments=from_moments,
+    )

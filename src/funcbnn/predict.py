@@ -1,0 +1,469 @@
+"""Monte-Carlo prediction: many weight samples in one batched forward, and their summary.
+
+:func:`sample_outputs` evaluates ``apply_fn`` at every weight sample with
+``torch.func.vmap`` over the samples' leading axis, in chunks sized so that no
+batched intermediate grows past a few MiB. :func:`summarize` turns the
+``(S, N, ...)`` outputs into predictive means, variances and the
+epistemic/aleatoric split.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+import weakref
+from typing import Any, Callable, Literal, NamedTuple
+
+import optree
+import torch
+from torch import Tensor
+from torch.overrides import TorchFunctionMode
+
+from ._validation import positive_float, positive_int
+from .model import FunctionalModel
+from .tree import Tree, leaf_names
+
+__all__ = [
+    "VmapFallbackWarning",
+    "sample_outputs",
+    "PredictiveSummary",
+    "summarize",
+    "LIKELIHOODS",
+    "CHUNK_BUDGET_BYTES",
+]
+
+CHUNK_BUDGET_BYTES = 16 * 2**20
+"""Default cap on the largest batched intermediate (bytes) when picking a chunk size.
+
+glibc's malloc serves each allocation above its mmap threshold (at most 32 MiB)
+with a fresh ``mmap`` and page-faults it in on every use; batched tensors past
+that size made the vmapped path 2-4x slower than a loop on this project's
+measurements. Keeping them at half the threshold leaves room for the other
+live intermediates of the same size.
+"""
+
+
+class VmapFallbackWarning(UserWarning):
+    """The model's forward failed under ``vmap`` and a loop over samples is used instead."""
+
+
+class _Probe(NamedTuple):
+    bytes_per_example: int  # largest single intermediate of one sample's forward, per example
+    vmap_failed: bool
+    # Measured choice per chunk size: True where the vmapped chunk beat the loop.
+    vmap_faster: dict
+
+
+class _LargestTensor(TorchFunctionMode):
+    """Records the size of the largest tensor any torch function returns."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.max_bytes = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: D105
+        out = func(*args, **(kwargs or {}))
+        for t in optree.tree_leaves(out) if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, Tensor):
+                self.max_bytes = max(self.max_bytes, t.numel() * t.element_size())
+        return out
+
+
+# Per apply_fn: probe results keyed on the input and parameter signature, so the
+# probe forward runs once per (model, input shape) rather than once per call.
+_PROBES: "weakref.WeakKeyDictionary[Any, dict[tuple, _Probe]]" = weakref.WeakKeyDictionary()
+
+
+def _signature(x: Any, samples: Tree) -> tuple:
+    """What the cached probe depends on: input trailing shapes, sample tree structure and leaf shapes."""
+    xs = tuple((tuple(t.shape[1:]), t.dtype, t.device) for t in optree.tree_leaves(x) if isinstance(t, Tensor))
+    leaves, spec = optree.tree_flatten(samples)
+    ps = tuple((tuple(t.shape[1:]), t.dtype, t.device) if isinstance(t, Tensor) else None for t in leaves)
+    return xs, spec, ps
+
+
+def _timed(fn: Callable[[], Any]) -> tuple[float, Any]:
+    start = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - start, out
+
+
+def _batch_size(x: Any) -> int | None:
+    leaves = [t for t in optree.tree_leaves(x) if isinstance(t, Tensor)]
+    if not leaves or any(t.dim() == 0 for t in leaves):
+        return None
+    n = leaves[0].shape[0]
+    return n if all(t.shape[0] == n for t in leaves) else None
+
+
+def _first_example(x: Any) -> Any:
+    return optree.tree_map(lambda t: t[:1] if isinstance(t, Tensor) else t, x)
+
+
+def _describe(x: Any) -> str:
+    if isinstance(x, Tensor):
+        return f"shape {tuple(x.shape)} and dtype {x.dtype}"
+    return "structure " + str(optree.tree_map(lambda t: tuple(t.shape) if isinstance(t, Tensor) else t, x))
+
+
+def _probe(apply_fn: Callable, first: Tree, x: Any) -> _Probe:
+    """Run one sample on one example: validates ``x`` and measures the footprint."""
+    n = _batch_size(x)
+    x1 = _first_example(x) if n is not None else x
+    recorder = _LargestTensor()
+    try:
+        with torch.no_grad(), recorder:
+            apply_fn(first, x1)
+    except Exception as err:
+        raise ValueError(
+            f"x with {_describe(x)} does not fit the model: calling it on "
+            f"{'one example of x' if n is not None else 'x'} with the first weight sample failed "
+            f"with {type(err).__name__}: {err}"
+        ) from err
+    # With a batch axis the probe saw one example; without one it saw all of x.
+    return _Probe(max(recorder.max_bytes, 1), False, {})
+
+
+def _loop(apply_fn: Callable, samples: Tree, x: Any, num_samples: int) -> Any:
+    leaves, spec = optree.tree_flatten(samples)
+    outs = [apply_fn(optree.tree_unflatten(spec, [leaf[i] for leaf in leaves]), x) for i in range(num_samples)]
+    return optree.tree_map(lambda *o: torch.stack(o), *outs)
+
+
+def _vmapped(apply_fn: Callable, samples: Tree, x: Any, num_samples: int, chunk: int, randomness: str) -> Any:
+    batched = torch.func.vmap(apply_fn, in_dims=(0, None), randomness=randomness)
+    if chunk >= num_samples:
+        return batched(samples, x)
+    leaves, spec = optree.tree_flatten(samples)
+    outs = [
+        batched(optree.tree_unflatten(spec, [leaf[i : i + chunk] for leaf in leaves]), x)
+        for i in range(0, num_samples, chunk)
+    ]
+    return optree.tree_map(lambda *o: torch.cat(o), *outs)
+
+
+def _check_samples(samples: Tree, apply_fn: Callable) -> int:
+    leaves = optree.tree_leaves(samples)
+    if not leaves:
+        raise ValueError("samples must be a tree with at least one tensor leaf")
+    names = leaf_names(samples)
+    for name, leaf in zip(names, leaves):
+        if not isinstance(leaf, Tensor):
+            raise TypeError(f"samples: leaf '{name}' must be a Tensor, got {type(leaf).__name__}")
+        if leaf.dim() == 0:
+            raise ValueError(f"samples: leaf '{name}' is 0-d; every leaf needs a leading sample axis")
+    num = leaves[0].shape[0]
+    for name, leaf in zip(names, leaves):
+        if leaf.shape[0] != num:
+            raise ValueError(
+                f"samples: every leaf needs the same leading sample axis; '{names[0]}' has {num} "
+                f"samples but '{name}' has {leaf.shape[0]}"
+            )
+    if num == 0:
+        raise ValueError("samples hold 0 samples; need at least one")
+    if isinstance(apply_fn, FunctionalModel):
+        apply_fn.check_params(samples, "samples", leading=1)
+    return num
+
+
+def sample_outputs(
+    apply_fn: Callable[[Tree, Any], Any],
+    samples: Tree,
+    x: Any,
+    *,
+    chunk_size: int | None = None,
+    method: Literal["auto", "vmap", "loop"] = "auto",
+    randomness: Literal["different", "same", "error"] = "different",
+    memory_budget: int = CHUNK_BUDGET_BYTES,
+) -> Any:
+    """Evaluate ``apply_fn(sample_s, x)`` for every weight sample, as one batched forward.
+
+    Parameters
+    ----------
+    apply_fn : callable
+        ``apply_fn(params, x) -> output``, e.g. from :func:`funcbnn.model.functionalize`.
+    samples : Tree
+        Parameter tree whose leaves carry a leading sample axis of size ``S``
+        (what ``posterior.sample(state, S)`` returns).
+    x : Tensor or tree of tensors
+        Model input, shared by all samples.
+    chunk_size : int, optional
+        Samples per vmapped call. By default it is chosen so that the largest
+        batched intermediate stays under ``memory_budget`` bytes (measured once
+        per model and input shape by tracing one example).
+    method : {"auto", "vmap", "loop"}
+        ``"auto"`` times one chunk both ways the first time it meets a model,
+        input shape and chunk size, and keeps the faster path from then on; if
+        the forward cannot run under ``vmap`` it warns once with
+        :class:`VmapFallbackWarning` and loops over samples. ``"vmap"`` and
+        ``"loop"`` force a path.
+    randomness : {"different", "same", "error"}
+        vmap's treatment of random ops in the forward (MC dropout). The default
+        matches a loop: each sample draws its own mask. Which masks come out
+        depends on the chunk size and path, and the first ``"auto"`` call's
+        timing runs also consume random numbers.
+    memory_budget : int
+        Byte cap used to pick ``chunk_size``.
+
+    Returns
+    -------
+    Tensor or tree
+        Outputs with a leading axis of ``S``: ``(S, N, ...)`` for a model mapping
+        ``(N, ...)`` to ``(N, ...)``.
+
+    Raises
+    ------
+    ValueError
+        On malformed samples, an ``x`` the model cannot take, or a train-mode
+        BatchNorm (which would update running statistics in place) under vmap.
+
+    Examples
+    --------
+    >>> from funcbnn.model import functionalize
+    >>> from funcbnn.families import diag_gaussian
+    >>> apply_fn, params, _ = functionalize(torch.nn.Linear(3, 2))
+    >>> post = diag_gaussian(init_std=0.1)
+    >>> samples = post.sample(post.init(params), 16, generator=torch.Generator().manual_seed(0))
+    >>> sample_outputs(apply_fn, samples, torch.randn(5, 3)).shape
+    torch.Size([16, 5, 2])
+    """
+    if method not in ("auto", "vmap", "loop"):
+        raise ValueError(f"method must be 'auto', 'vmap' or 'loop', got {method!r}")
+    if randomness not in ("different", "same", "error"):
+        raise ValueError(f"randomness must be 'different', 'same' or 'error', got {randomness!r}")
+    if chunk_size is not None:
+        positive_int(chunk_size, "chunk_size")
+    positive_int(memory_budget, "memory_budget")
+    try:
+        cache = _PROBES.setdefault(apply_fn, {})
+    except TypeError:  # not weak-referenceable: probe every call
+        cache = {}
+    key = _signature(x, samples)
+    probe = cache.get(key)
+    if probe is None:
+        num_samples = _check_samples(samples, apply_fn)
+    else:  # structure and trailing shapes already validated for this key
+        leads = {leaf.shape[0] for leaf in optree.tree_leaves(samples)}
+        num_samples = leads.pop() if len(leads) == 1 else _check_samples(samples, apply_fn)
+
+    if method != "loop" and isinstance(apply_fn, FunctionalModel) and apply_fn.batchnorm_in_train_mode:
+        raise ValueError(
+            f"BatchNorm layers {apply_fn.batchnorm_in_train_mode} are in training mode and would update "
+            "their running statistics in place, which cannot be batched over weight samples. "
+            "Functionalize the module with eval-mode BatchNorm (train=False, or a predicate that "
+            "returns False for BatchNorm layers), or pass method='loop'."
+        )
+    if probe is None:
+        first = optree.tree_map(lambda t: t[0], samples)
+        probe = cache[key] = _probe(apply_fn, first, x)
+
+    if method == "loop" or (method == "auto" and probe.vmap_failed):
+        return _loop(apply_fn, samples, x, num_samples)
+    if chunk_size is None:
+        per_sample = probe.bytes_per_example * (_batch_size(x) or 1)
+        chunk_size = max(1, min(num_samples, memory_budget // per_sample))
+    if method == "vmap":
+        return _vmapped(apply_fn, samples, x, num_samples, chunk_size, randomness)
+
+    chunk_size = min(chunk_size, num_samples)
+    if probe.vmap_faster.get(chunk_size) is False:
+        return _loop(apply_fn, samples, x, num_samples)
+    if chunk_size not in probe.vmap_faster:
+        # First call at this chunk size: measure one chunk both ways and keep the faster
+        # path for later calls (the batched path loses to a loop for some conv shapes).
+        leaves, spec = optree.tree_flatten(samples)
+        part = optree.tree_unflatten(spec, [leaf[:chunk_size] for leaf in leaves])
+        try:
+            _vmapped(apply_fn, part, x, chunk_size, chunk_size, randomness)  # warm-up
+        except Exception as err:
+            cache[key] = probe._replace(vmap_failed=True)
+            warnings.warn(
+                f"the model's forward failed under torch.func.vmap ({type(err).__name__}: {err}); "
+                "evaluating the weight samples in a Python loop instead. Pass method='loop' to "
+                "silence this warning, or make the forward vmap-compatible (no in-place updates of "
+                "inputs or buffers, no .item() or data-dependent control flow) for the batched path.",
+                VmapFallbackWarning,
+                stacklevel=2,
+            )
+            return _loop(apply_fn, samples, x, num_samples)
+        t_vmap, _ = _timed(lambda: _vmapped(apply_fn, part, x, chunk_size, chunk_size, randomness))
+        _loop(apply_fn, part, x, 1)  # warm-up
+        t_loop, _ = _timed(lambda: _loop(apply_fn, part, x, chunk_size))
+        probe.vmap_faster[chunk_size] = t_vmap <= t_loop
+        if t_vmap > t_loop:
+            return _loop(apply_fn, samples, x, num_samples)
+    return _vmapped(apply_fn, samples, x, num_samples, chunk_size, randomness)
+
+
+LIKELIHOODS = ("classification", "binary", "regression", "heteroscedastic")
+
+
+class PredictiveSummary(NamedTuple):
+    """Summary of Monte-Carlo predictions; fields a likelihood does not define are ``None``.
+
+    For every likelihood ``total_var == aleatoric_var + epistemic_var`` (law of
+    total variance, with population variances over samples).
+
+    Attributes
+    ----------
+    mean : Tensor
+        Predictive mean: mean probabilities (classification, binary) or mean
+        prediction (regression).
+    epistemic_var, aleatoric_var, total_var : Tensor
+        Variance split. For classification these are per class, of the one-hot
+        label: epistemic = Var_s[p_s], aleatoric = E_s[p_s (1 - p_s)],
+        total = p (1 - p).
+    probs, probs_var : Tensor or None
+        Mean probabilities and their variance over samples (classification).
+    entropy : Tensor or None
+        Predictive entropy ``H[E_s p_s]`` in nats (total uncertainty).
+    expected_entropy : Tensor or None
+        ``E_s H[p_s]``, the aleatoric part.
+    mutual_info : Tensor or None
+        ``entropy - expected_entropy`` (epistemic part, the BALD score), >= 0.
+    num_samples : int
+    """
+
+    mean: Tensor
+    epistemic_var: Tensor
+    aleatoric_var: Tensor
+    total_var: Tensor
+    probs: Tensor | None = None
+    probs_var: Tensor | None = None
+    entropy: Tensor | None = None
+    expected_entropy: Tensor | None = None
+    mutual_info: Tensor | None = None
+    num_samples: int = 0
+
+
+def _classification(log_probs: Tensor) -> PredictiveSummary:
+    """From per-sample log-probabilities ``(S, ..., C)``."""
+    num = log_probs.shape[0]
+    probs_s = log_probs.exp()
+    mean = probs_s.mean(0)
+    log_mean = torch.logsumexp(log_probs, 0) - math.log(num)
+    # xlogy-style products: 0 * log 0 is 0, never NaN, for saturated probabilities.
+    entropy = -(mean * log_mean.clamp_min(torch.finfo(log_mean.dtype).min)).sum(-1)
+    expected_entropy = -(probs_s * log_probs.clamp_min(torch.finfo(log_probs.dtype).min)).sum(-1).mean(0)
+    probs_var = probs_s.var(0, correction=0)
+    aleatoric = (probs_s * (1 - probs_s)).mean(0)
+    return PredictiveSummary(
+        mean=mean,
+        epistemic_var=probs_var,
+        aleatoric_var=aleatoric,
+        total_var=aleatoric + probs_var,
+        probs=mean,
+        probs_var=probs_var,
+        entropy=entropy,
+        expected_entropy=expected_entropy,
+        mutual_info=(entropy - expected_entropy).clamp_min(0.0),
+        num_samples=num,
+    )
+
+
+def summarize(
+    outputs: Tensor | tuple[Tensor, Tensor],
+    likelihood: Literal["classification", "binary", "regression", "heteroscedastic"],
+    *,
+    noise_std: float | Tensor | None = None,
+    outputs_are: Literal["logits", "probs"] = "logits",
+    log_variance: bool = True,
+) -> PredictiveSummary:
+    """Summarize Monte-Carlo outputs ``(S, N, ...)`` into a :class:`PredictiveSummary`.
+
+    Parameters
+    ----------
+    outputs : Tensor or (Tensor, Tensor)
+        Per-sample model outputs with the sample axis first.
+    likelihood : {"classification", "binary", "regression", "heteroscedastic"}
+        - ``"classification"``: last axis holds class logits (or probabilities).
+        - ``"binary"``: one logit (or probability) of the positive class per
+          output; ``probs`` is then ``(..., 2)`` over (negative, positive).
+        - ``"regression"``: outputs are means; ``noise_std`` gives the
+          aleatoric std (0 if omitted).
+        - ``"heteroscedastic"``: outputs are ``(mean, log_var)`` as a tuple, or
+          one tensor whose last axis holds the means in its first half and the
+          log-variances in its second.
+    noise_std : float or Tensor, optional
+        Observation noise std for ``"regression"``.
+    outputs_are : {"logits", "probs"}
+        For the classification likelihoods: whether a softmax/sigmoid is still
+        to be applied.
+    log_variance : bool, default True
+        For ``"heteroscedastic"``: whether the second output is a log-variance
+        (else a variance).
+
+    Examples
+    --------
+    >>> out = torch.randn(32, 10, 3)  # 32 samples, 10 inputs, 3 classes
+    >>> s = summarize(out, "classification")
+    >>> s.probs.shape, s.mutual_info.shape
+    (torch.Size([10, 3]), torch.Size([10]))
+    """
+    if likelihood not in LIKELIHOODS:
+        raise ValueError(f"likelihood must be one of {list(LIKELIHOODS)}, got {likelihood!r}")
+    if outputs_are not in ("logits", "probs"):
+        raise ValueError(f"outputs_are must be 'logits' or 'probs', got {outputs_are!r}")
+    if likelihood == "heteroscedastic" and isinstance(outputs, (tuple, list)):
+        if len(outputs) != 2:
+            raise ValueError(f"outputs for 'heteroscedastic' must be (mean, log_var), got {len(outputs)} tensors")
+        mean_s, second = outputs
+        if mean_s.shape != second.shape:
+            raise ValueError(f"outputs: mean {tuple(mean_s.shape)} and variance {tuple(second.shape)} differ in shape")
+    elif not isinstance(outputs, Tensor):
+        raise TypeError(f"outputs must be a Tensor with a leading sample axis, got {type(outputs).__name__}")
+    first = outputs[0] if isinstance(outputs, (tuple, list)) else outputs
+    if first.dim() < 1 or first.shape[0] < 1:
+        raise ValueError(f"outputs must have a leading sample axis with at least one sample, got {tuple(first.shape)}")
+    if not first.is_floating_point():
+        raise TypeError(f"outputs must be floating point, got {first.dtype}")
+
+    if likelihood == "classification":
+        if first.dim() < 2:
+            raise ValueError(f"classification outputs must be (S, ..., C), got {tuple(first.shape)}")
+        if outputs_are == "logits":
+            log_probs = torch.log_softmax(first, -1)
+        else:
+            log_probs = first.clamp_min(0).log()
+        return _classification(log_probs)
+    if likelihood == "binary":
+        z = first[..., 0] if first.dim() >= 3 and first.shape[-1] == 1 else first
+        if outputs_are == "logits":
+            log_probs = torch.stack([torch.nn.functional.logsigmoid(-z), torch.nn.functional.logsigmoid(z)], -1)
+        else:
+            log_probs = torch.stack([torch.log1p(-z.clamp(0, 1)), z.clamp(0, 1).log()], -1)
+        return _classification(log_probs)
+
+    if likelihood == "regression":
+        mean_s = first
+        if noise_std is None:
+            aleatoric = torch.zeros_like(mean_s[0])
+        else:
+            if isinstance(noise_std, Tensor):
+                if not bool((noise_std > 0).all()):
+                    raise ValueError("noise_std must be positive")
+                sd = noise_std.to(mean_s)
+            else:
+                sd = positive_float(noise_std, "noise_std")
+            aleatoric = torch.broadcast_to(torch.as_tensor(sd, dtype=mean_s.dtype, device=mean_s.device) ** 2, mean_s[0].shape)
+    else:
+        if not isinstance(outputs, (tuple, list)):
+            if first.shape[-1] % 2:
+                raise ValueError(
+                    "heteroscedastic outputs need an even last axis (means, then log-variances), "
+                    f"got {tuple(first.shape)}"
+                )
+            mean_s, second = first.chunk(2, dim=-1)
+        var_s = second.exp() if log_variance else second
+        if not log_variance and bool((var_s < 0).any()):
+            raise ValueError("heteroscedastic variances must be non-negative; pass log_variance=True for log-variances")
+        aleatoric = var_s.mean(0)
+    epistemic = mean_s.var(0, correction=0)
+    return PredictiveSummary(
+        mean=mean_s.mean(0),
+        epistemic_var=epistemic,
+        aleatoric_var=aleatoric,
+        total_var=aleatoric + epistemic,
+        num_samples=mean_s.shape[0],
+    )
