@@ -19,8 +19,9 @@ Every timing is the median of ``--repeats`` calls measured with
 ``time.perf_counter`` after two warm-up calls; the four forward variants are timed
 in interleaved rounds so that drift in machine load affects them alike. The
 ratios ``base/auto`` and ``own/auto`` are speed-ups of funcbnn's default path
-(higher is better for funcbnn). ``path`` is the route auto took (``vmap`` or
-``loop``), inferred from which forced variant its time is closer to.
+(higher is better for funcbnn). ``path`` is the route auto's calibration settled
+on (``vmap`` or ``loop``), read from funcbnn's private cache (``?`` if that
+internal layout changes).
 
 The last lines check the targets of the tracking issue: auto is never slower
 than the baseline loop (``base/auto >= 0.95``) and is at least 5x faster than it
@@ -45,6 +46,7 @@ import torch
 from torch import Tensor, nn
 
 import funcbnn
+from funcbnn import predict as _predict
 
 SAMPLE_COUNTS = (16, 64)
 INIT_STD = 0.05
@@ -76,6 +78,7 @@ class Row:
     ownloop: float
     vmap: float
     auto: float
+    auto_path: str
 
     @property
     def base_over_auto(self) -> float:
@@ -84,10 +87,6 @@ class Row:
     @property
     def own_over_auto(self) -> float:
         return self.ownloop / self.auto
-
-    @property
-    def auto_path(self) -> str:
-        return "vmap" if abs(self.auto - self.vmap) <= abs(self.auto - self.ownloop) else "loop"
 
 
 def small_mlp() -> nn.Module:
@@ -138,6 +137,22 @@ def median_times(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
+def chosen_path(apply_fn: object) -> str:
+    """The path ``method="auto"`` settled on for ``apply_fn`` (one input shape and chunk size).
+
+    Reads funcbnn's private calibration cache, so it answers ``"?"`` rather than
+    failing if that internal layout changes.
+    """
+    try:
+        (probe,) = _predict._PROBES[apply_fn].values()
+        if probe.vmap_failed:
+            return "loop"
+        (vmap_faster,) = probe.vmap_faster.values()
+        return "vmap" if vmap_faster else "loop"
+    except Exception:
+        return "?"
+
+
 def bench(config: Config, num_samples: int, repeats: int) -> Row:
     """Time sampling and the four forward variants for one configuration."""
     module = config.build().eval()
@@ -171,7 +186,7 @@ def bench(config: Config, num_samples: int, repeats: int) -> Row:
 
     sample_time = median_times({"sample": lambda: post.sample(state, num_samples, generator=generator)}, repeats)
     forward = median_times(variants, repeats)
-    return Row(config, num_samples, sample_time["sample"], **forward)
+    return Row(config, num_samples, sample_time["sample"], **forward, auto_path=chosen_path(apply_fn))
 
 
 def ms(seconds: float) -> str:

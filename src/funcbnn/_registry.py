@@ -48,7 +48,7 @@ class Registry(Generic[F]):
             return self._factories[name]
         except (KeyError, TypeError):
             raise ValueError(
-                f"unknown {self.kind} {name!r}; registered {self.kind}s: {', '.join(self.names())}"
+                f"unknown {self.kind} {name!r}; registered {self.kind} names: {', '.join(self.names())}"
             ) from None
 
     def build(self, name: str, **kwargs: Any) -> Any:

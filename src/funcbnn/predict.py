@@ -97,8 +97,8 @@ def _batch_size(x: Any) -> int | None:
     return n if all(t.shape[0] == n for t in leaves) else None
 
 
-def _first_example(x: Any) -> Any:
-    return optree.tree_map(lambda t: t[:1] if isinstance(t, Tensor) else t, x)
+def _head(x: Any, n: int) -> Any:
+    return optree.tree_map(lambda t: t[:n] if isinstance(t, Tensor) else t, x)
 
 
 def _describe(x: Any) -> str:
@@ -108,21 +108,23 @@ def _describe(x: Any) -> str:
 
 
 def _probe(apply_fn: Callable, first: Tree, x: Any) -> _Probe:
-    """Run one sample on one example: validates ``x`` and measures the footprint."""
+    """Run one sample on two examples: validates ``x`` and measures the footprint per example.
+
+    Two, not one: train-mode batch statistics need more than one value per channel.
+    """
     n = _batch_size(x)
-    x1 = _first_example(x) if n is not None else x
+    seen = min(n, 2) if n is not None else 1
     recorder = _LargestTensor()
     try:
         with torch.no_grad(), recorder:
-            apply_fn(first, x1)
+            apply_fn(first, _head(x, seen) if n is not None else x)
     except Exception as err:
         raise ValueError(
             f"x with {_describe(x)} does not fit the model: calling it on "
-            f"{'one example of x' if n is not None else 'x'} with the first weight sample failed "
+            f"{'the first examples of x' if n is not None else 'x'} with the first weight sample failed "
             f"with {type(err).__name__}: {err}"
         ) from err
-    # With a batch axis the probe saw one example; without one it saw all of x.
-    return _Probe(max(recorder.max_bytes, 1), False, {})
+    return _Probe(max(recorder.max_bytes // seen, 1), False, {})
 
 
 def _loop(apply_fn: Callable, samples: Tree, x: Any, num_samples: int) -> Any:
