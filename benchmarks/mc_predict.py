@@ -15,11 +15,13 @@ in the same process and under ``torch.no_grad()``:
 * ``auto``     -- ``funcbnn.sample_outputs(...)`` (default ``method="auto"``), timed
   after warm-up so its one-off vmap-vs-loop calibration is not included.
 
-Every timing is the median of ``--repeats`` calls measured with
-``time.perf_counter`` after two warm-up calls; the four forward variants are timed
-in interleaved rounds so that drift in machine load affects them alike. The
-ratios ``base/auto`` and ``own/auto`` are speed-ups of funcbnn's default path
-(higher is better for funcbnn). ``path`` is the route auto's calibration settled
+Every timing is the minimum (or, with ``--stat median``, the median) of
+``--repeats`` calls measured with ``time.perf_counter`` after two warm-up calls;
+the four forward variants are timed in interleaved rounds so that drift in
+machine load affects them alike. The minimum is the default because on a shared
+machine other processes only ever add time to a call. The ratios ``base/auto``
+and ``own/auto`` are speed-ups of funcbnn's default path (higher is better for
+funcbnn). ``path`` is the route auto's calibration settled
 on (``vmap`` or ``loop``), read from funcbnn's private cache (``?`` if that
 internal layout changes).
 
@@ -29,9 +31,9 @@ for the small MLP at batch <= 32.
 
 Run with::
 
-    python benchmarks/mc_predict.py            # full run (about 1-2 minutes on 2 cores)
+    python benchmarks/mc_predict.py            # full run (about a minute on 2 idle cores)
     python benchmarks/mc_predict.py --quick    # fewer repeats
-    python benchmarks/mc_predict.py --repeats 15
+    python benchmarks/mc_predict.py --repeats 15 --stat median
 """
 
 from __future__ import annotations
@@ -69,7 +71,7 @@ class Config:
 
 @dataclass(frozen=True)
 class Row:
-    """Median times (seconds) for one configuration and sample count."""
+    """Times (seconds) for one configuration and sample count."""
 
     config: Config
     num_samples: int
@@ -94,9 +96,7 @@ def small_mlp() -> nn.Module:
 
 
 def large_mlp() -> nn.Module:
-    return nn.Sequential(
-        nn.Linear(784, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 10)
-    )
+    return nn.Sequential(nn.Linear(784, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 10))
 
 
 def small_cnn() -> nn.Module:
@@ -125,8 +125,11 @@ def time_once(fn: Callable[[], object]) -> float:
     return time.perf_counter() - start
 
 
-def median_times(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
-    """Median wall time of each function: warm-up calls, then ``repeats`` interleaved rounds."""
+STATS: dict[str, Callable[[list[float]], float]] = {"min": min, "median": statistics.median}
+
+
+def measure(fns: dict[str, Callable[[], object]], repeats: int, stat: str) -> dict[str, float]:
+    """Wall time of each function: warm-up calls, then ``repeats`` interleaved rounds, reduced by ``stat``."""
     for fn in fns.values():
         for _ in range(WARMUP):
             fn()
@@ -134,7 +137,7 @@ def median_times(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str
     for _ in range(repeats):
         for name, fn in fns.items():
             times[name].append(time_once(fn))
-    return {name: statistics.median(ts) for name, ts in times.items()}
+    return {name: STATS[stat](ts) for name, ts in times.items()}
 
 
 def chosen_path(apply_fn: object) -> str:
@@ -153,7 +156,7 @@ def chosen_path(apply_fn: object) -> str:
         return "?"
 
 
-def bench(config: Config, num_samples: int, repeats: int) -> Row:
+def bench(config: Config, num_samples: int, repeats: int, stat: str) -> Row:
     """Time sampling and the four forward variants for one configuration."""
     module = config.build().eval()
     apply_fn, params, _ = funcbnn.functionalize(module)
@@ -181,11 +184,16 @@ def bench(config: Config, num_samples: int, repeats: int) -> Row:
     reference = baseline()
     for name, fn in variants.items():
         out = fn()
-        if not (isinstance(out, Tensor) and out.shape == reference.shape and torch.allclose(out, reference, rtol=1e-4, atol=1e-5)):
-            raise AssertionError(f"{config.name} batch {config.batch} S={num_samples}: {name} differs from baseline")
+        shape_ok = isinstance(out, Tensor) and out.shape == reference.shape
+        if not (shape_ok and torch.allclose(out, reference, rtol=1e-4, atol=1e-5)):
+            where = f"{config.name} batch {config.batch} S={num_samples}"
+            raise AssertionError(f"{where}: {name} differs from the baseline loop")
 
-    sample_time = median_times({"sample": lambda: post.sample(state, num_samples, generator=generator)}, repeats)
-    forward = median_times(variants, repeats)
+    def draw() -> object:
+        return post.sample(state, num_samples, generator=generator)
+
+    sample_time = measure({"sample": draw}, repeats, stat)
+    forward = measure(variants, repeats, stat)
     return Row(config, num_samples, sample_time["sample"], **forward, auto_path=chosen_path(apply_fn))
 
 
@@ -231,6 +239,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer repeats (3) for a fast smoke run")
     parser.add_argument("--repeats", type=int, default=None, help="timed repeats per measurement (default 9)")
+    parser.add_argument(
+        "--stat", choices=sorted(STATS), default="min", help="how the repeats are reduced (default min)"
+    )
     args = parser.parse_args()
     repeats = args.repeats if args.repeats is not None else (3 if args.quick else 9)
     if repeats < 1:
@@ -239,7 +250,7 @@ def main() -> None:
     torch.manual_seed(0)
     print(
         f"funcbnn {funcbnn.__version__} | torch {torch.__version__} | threads {torch.get_num_threads()} | "
-        f"median of {repeats} after {WARMUP} warm-up calls | times in ms"
+        f"{args.stat} of {repeats} after {WARMUP} warm-up calls | times in ms"
     )
     print(HEADER)
     print("-" * len(HEADER))
@@ -248,7 +259,7 @@ def main() -> None:
     with torch.no_grad():
         for config in CONFIGS:
             for num_samples in SAMPLE_COUNTS:
-                rows.append(bench(config, num_samples, repeats))
+                rows.append(bench(config, num_samples, repeats, args.stat))
                 print(format_row(rows[-1]), flush=True)
     print_targets(rows)
     print(f"total {time.perf_counter() - start:.1f} s")
