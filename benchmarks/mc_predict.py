@@ -27,7 +27,10 @@ internal layout changes).
 
 The last lines check the targets of the tracking issue: auto is never slower
 than the baseline loop (``base/auto >= 0.95``) and is at least 5x faster than it
-for the small MLP at batch <= 32.
+for the small MLP at batch <= 32. On Linux the script also reports how much CPU
+other processes used during the run: with 2 cores, even one busy neighbour
+slows multi-threaded small ops severalfold and can tip auto's one-shot
+calibration the wrong way, so rerun when that number is high.
 
 Run with::
 
@@ -39,6 +42,7 @@ Run with::
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 from dataclasses import dataclass
@@ -138,6 +142,17 @@ def measure(fns: dict[str, Callable[[], object]], repeats: int, stat: str) -> di
         for name, fn in fns.items():
             times[name].append(time_once(fn))
     return {name: STATS[stat](ts) for name, ts in times.items()}
+
+
+def busy_cpu_seconds() -> float | None:
+    """CPU time (seconds, all cores) the whole machine has spent busy, from ``/proc/stat``; Linux only."""
+    try:
+        with open("/proc/stat") as f:
+            fields = f.readline().split()
+    except OSError:
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in fields[1:9])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
 
 
 def chosen_path(apply_fn: object) -> str:
@@ -255,14 +270,22 @@ def main() -> None:
     print(HEADER)
     print("-" * len(HEADER))
     rows: list[Row] = []
-    start = time.perf_counter()
+    busy_start, own_start, start = busy_cpu_seconds(), time.process_time(), time.perf_counter()
     with torch.no_grad():
         for config in CONFIGS:
             for num_samples in SAMPLE_COUNTS:
                 rows.append(bench(config, num_samples, repeats, args.stat))
                 print(format_row(rows[-1]), flush=True)
+    wall = time.perf_counter() - start
+    own, busy_end = time.process_time() - own_start, busy_cpu_seconds()
     print_targets(rows)
-    print(f"total {time.perf_counter() - start:.1f} s")
+    footer = f"total {wall:.1f} s"
+    if busy_start is not None and busy_end is not None:
+        others = max(busy_end - busy_start - own, 0.0) / wall
+        footer += f" | other processes used {others:.2f} of {os.cpu_count()} cores meanwhile"
+        if others > 0.1:
+            footer += " (contended: timings unreliable, rerun on a quiet machine)"
+    print(footer)
 
 
 if __name__ == "__main__":

@@ -98,7 +98,7 @@ def test_train_mode_batchnorm_under_vmap_gives_a_clear_error_and_loop_works():
     apply_fn, params, buffers = functionalize(net, train=True)
     samples = diag_gaussian(init_std=0.01).sample(diag_gaussian().init(params), 3)
     x = torch.randn(6, 4)
-    with pytest.raises(ValueError, match=r"BatchNorm layers \['1'\] are in training mode.*train=False"):
+    with pytest.raises(ValueError, match=r"BatchNorm/InstanceNorm layers \['1'\] are in training mode.*train=False"):
         sample_outputs(apply_fn, samples, x)
     before = buffers["1.running_mean"].clone()
     out = sample_outputs(apply_fn, samples, x, method="loop")
@@ -121,3 +121,49 @@ def test_params_that_do_not_fit_are_rejected_with_the_keys(mlp):
         apply_fn({k: v for k, v in params.items() if k != "2.bias"}, torch.zeros(1, 4))
     with pytest.raises(TypeError, match="nn.Module"):
         functionalize(lambda x: x)
+
+
+def test_modules_with_non_leaf_tensor_attributes_can_be_functionalized():
+    torch.manual_seed(0)
+    net = make_mlp()
+    from torch.nn.utils import prune
+
+    prune.l1_unstructured(net[0], "weight", amount=0.5)  # weight = orig * mask, a non-leaf
+    apply_fn, params, _ = functionalize(net)
+    assert "0.weight_orig" in params
+    x = torch.randn(3, 4)
+    assert torch.allclose(apply_fn(params, x), net(x))
+
+
+def test_train_mode_layers_that_write_buffers_do_not_touch_the_callers_tree():
+    net = nn.Sequential(nn.Conv1d(2, 2, 1), nn.InstanceNorm1d(2, track_running_stats=True))
+    apply_fn, params, buffers = functionalize(net, train=True)
+    mine = {k: v.clone() for k, v in buffers.items()}
+    apply_fn(params, torch.randn(3, 2, 5), buffers)
+    apply_fn(params, torch.randn(3, 2, 5))
+    assert all(torch.equal(buffers[k], mine[k]) and torch.equal(apply_fn.buffers[k], mine[k]) for k in mine)
+
+
+def test_apply_fn_keeps_no_reference_to_the_users_module_tensors():
+    import gc
+    import weakref
+
+    net = make_mlp()
+    ref = weakref.ref(net[0].weight)
+    apply_fn, params, _ = functionalize(net)
+    del net
+    gc.collect()
+    assert ref() is None
+    assert apply_fn(params, torch.zeros(1, 4)).shape == (1, 3)
+
+
+def test_concurrent_calls_from_threads_give_the_right_answers(mlp):
+    from concurrent.futures import ThreadPoolExecutor
+
+    apply_fn, params, _ = functionalize(mlp)
+    x = torch.randn(5, 4)
+    variants = [{k: v * (1 + 0.1 * i) for k, v in params.items()} for i in range(8)]
+    want = [apply_fn(p, x) for p in variants]
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(lambda i: [apply_fn(variants[i], x) for _ in range(20)], range(8)))
+    assert all(torch.equal(o, want[i]) for i, outs in enumerate(got) for o in outs)

@@ -203,3 +203,64 @@ def test_summarize_rejects_bad_arguments():
         summarize(torch.randn(3, 4, 3), "heteroscedastic")
     with pytest.raises(TypeError, match="outputs"):
         summarize([1, 2, 3], "classification")
+
+
+def test_unbatched_inputs_work(mlp):
+    apply_fn, params, _ = functionalize(mlp)
+    samples = _samples(params, 3)
+    x = torch.randn(4)
+    assert torch.allclose(sample_outputs(apply_fn, samples, x), _loop_reference(mlp, samples, x), atol=1e-6)
+
+
+def _dropout_model():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 64), nn.Dropout(0.5), nn.Linear(64, 2))
+    return functionalize(net, train=lambda name, m: isinstance(m, nn.Dropout))
+
+
+@pytest.mark.parametrize("method", ["auto", "vmap", "loop"])
+def test_randomness_same_and_different_hold_on_every_path(method):
+    apply_fn, params, _ = _dropout_model()
+    same_weights = {k: v.expand(4, *v.shape).clone() for k, v in params.items()}
+    x = torch.randn(5, 3)
+    same = sample_outputs(apply_fn, same_weights, x, method=method, randomness="same")
+    assert all(torch.equal(same[0], same[i]) for i in range(4))
+    different = sample_outputs(apply_fn, same_weights, x, method=method, randomness="different")
+    assert not torch.equal(different[0], different[1])
+
+
+def test_randomness_error_is_never_replaced_by_a_loop():
+    apply_fn, params, _ = _dropout_model()
+    samples = _samples(params, 3)
+    with pytest.raises(RuntimeError, match="randomness"):
+        sample_outputs(apply_fn, samples, torch.randn(5, 3), randomness="error")
+
+
+def test_cached_calls_still_validate_the_sample_count(mlp):
+    apply_fn, params, _ = functionalize(mlp)
+    samples = _samples(params, 3)
+    x = torch.randn(5, 4)
+    sample_outputs(apply_fn, samples, x)
+    with pytest.raises(ValueError, match="0 samples"):
+        sample_outputs(apply_fn, {k: v[:0] for k, v in samples.items()}, x)
+
+
+def test_non_tensor_inputs_are_part_of_the_cached_decision():
+    class Flagged(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(3, 2)
+
+        def forward(self, inputs):
+            x, flag = inputs
+            y = self.fc(x)
+            return y * y.abs().max().item() if flag else y
+
+    torch.manual_seed(0)
+    apply_fn, params, _ = functionalize(Flagged())
+    samples = _samples(params, 3)
+    x = torch.randn(4, 3)
+    sample_outputs(apply_fn, samples, (x, False))
+    with pytest.warns(VmapFallbackWarning):
+        out = sample_outputs(apply_fn, samples, (x, True))
+    assert out.shape == (3, 4, 2)

@@ -85,3 +85,22 @@ def test_user_prior_without_sampler_says_so():
     prior = priors.from_log_prob(lambda p: -sum((v**2).sum() for v in p.values()))
     with pytest.raises(NotImplementedError, match="sample_fn"):
         prior.sample({"w": torch.zeros(2)}, 3)
+
+
+def test_a_learned_scalar_prior_scale_receives_gradients():
+    log_std = torch.tensor(0.3, requires_grad=True)
+    w = torch.tensor([2.0, -1.0, 0.5])
+    (grad,) = torch.autograd.grad(priors.gaussian(std=log_std.exp()).log_prob({"w": w}), log_std)
+    # d/d(log s) of sum(-0.5 w^2 / s^2 - log s) = sum(w^2) / s^2 - n
+    s = math.exp(0.3)
+    assert torch.allclose(grad, torch.tensor((w**2).sum().item() / s**2 - 3))
+
+
+def test_scale_mixture_samples_keep_float64_scales():
+    prior = priors.scale_mixture(pi=0.5, sigma1=0.1, sigma2=0.1)
+    g = torch.Generator().manual_seed(0)
+    draws = prior.sample({"w": torch.zeros(4, dtype=torch.float64)}, 3, generator=g)["w"]
+    g = torch.Generator().manual_seed(0)
+    torch.rand((3, 4), dtype=torch.float64, generator=g)
+    want = torch.empty((3, 4), dtype=torch.float64).normal_(generator=g) * 0.1
+    assert torch.equal(draws, want)

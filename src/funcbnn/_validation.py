@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 from typing import Any
 
 import optree
@@ -10,10 +11,14 @@ from torch import Tensor
 
 
 def positive_int(value: Any, name: str) -> int:
-    """Return ``value`` if it is an int >= 1, else raise ``ValueError`` naming ``name``."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    """Return ``value`` if it is an integer >= 1 (NumPy integers too), else raise ``ValueError``."""
+    try:
+        number = operator.index(value)
+    except TypeError:
+        number = None
+    if isinstance(value, bool) or number is None or number < 1:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
+    return number
 
 
 def positive_float(value: Any, name: str) -> float:

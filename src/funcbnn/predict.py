@@ -75,12 +75,24 @@ class _LargestTensor(TorchFunctionMode):
 _PROBES: "weakref.WeakKeyDictionary[Any, dict[tuple, _Probe]]" = weakref.WeakKeyDictionary()
 
 
-def _signature(x: Any, samples: Tree) -> tuple:
-    """What the cached probe depends on: input trailing shapes, sample tree structure and leaf shapes."""
-    xs = tuple((tuple(t.shape[1:]), t.dtype, t.device) for t in optree.tree_leaves(x) if isinstance(t, Tensor))
+def _hashable(value: Any) -> Any:
+    try:
+        hash(value)
+        return value
+    except TypeError:
+        return ("unhashable", id(value))
+
+
+def _signature(x: Any, samples: Tree, randomness: str) -> tuple:
+    """What a cached probe depends on: the input's trailing shapes and non-tensor leaves,
+    the samples' structure and trailing shapes, and the vmap randomness mode."""
+    x_leaves, x_spec = optree.tree_flatten(x)
+    xs = tuple(
+        (tuple(t.shape[1:]), t.dtype, t.device) if isinstance(t, Tensor) else _hashable(t) for t in x_leaves
+    )
     leaves, spec = optree.tree_flatten(samples)
     ps = tuple((tuple(t.shape[1:]), t.dtype, t.device) if isinstance(t, Tensor) else None for t in leaves)
-    return xs, spec, ps
+    return x_spec, xs, spec, ps, randomness
 
 
 def _timed(fn: Callable[[], Any]) -> tuple[float, Any]:
@@ -108,28 +120,46 @@ def _describe(x: Any) -> str:
 
 
 def _probe(apply_fn: Callable, first: Tree, x: Any) -> _Probe:
-    """Run one sample on two examples: validates ``x`` and measures the footprint per example.
+    """Run one sample on the first two examples: validates ``x`` and measures the footprint per example.
 
     Two, not one: train-mode batch statistics need more than one value per channel.
+    If the head of ``x`` fails, ``x`` may be a single unbatched input: try it whole.
     """
     n = _batch_size(x)
-    seen = min(n, 2) if n is not None else 1
-    recorder = _LargestTensor()
-    try:
-        with torch.no_grad(), recorder:
-            apply_fn(first, _head(x, seen) if n is not None else x)
-    except Exception as err:
-        raise ValueError(
-            f"x with {_describe(x)} does not fit the model: calling it on "
-            f"{'the first examples of x' if n is not None else 'x'} with the first weight sample failed "
-            f"with {type(err).__name__}: {err}"
-        ) from err
-    return _Probe(max(recorder.max_bytes // seen, 1), False, {})
+    attempts = [(_head(x, min(n, 2)), min(n, 2))] if n is not None and n > 2 else []
+    attempts.append((x, n or 1))
+    for i, (inputs, seen) in enumerate(attempts):
+        recorder = _LargestTensor()
+        try:
+            with torch.no_grad(), recorder:
+                apply_fn(first, inputs)
+        except Exception as err:
+            if i + 1 < len(attempts):
+                continue
+            dtypes = sorted({str(t.dtype) for t in optree.tree_leaves(first)})
+            raise ValueError(
+                f"x with {_describe(x)} does not fit the model: calling it on x with the first weight "
+                f"sample (dtype {', '.join(dtypes)}) failed with {type(err).__name__}: {err}. "
+                "Check x's trailing shape and dtype, and that the samples fit the model."
+            ) from err
+        return _Probe(max(recorder.max_bytes // seen, 1), False, {})
+    raise AssertionError("unreachable")
 
 
-def _loop(apply_fn: Callable, samples: Tree, x: Any, num_samples: int) -> Any:
+def _loop(apply_fn: Callable, samples: Tree, x: Any, num_samples: int, randomness: str = "different") -> Any:
+    """One forward per sample. ``randomness="same"`` replays one RNG state for every sample."""
     leaves, spec = optree.tree_flatten(samples)
-    outs = [apply_fn(optree.tree_unflatten(spec, [leaf[i] for leaf in leaves]), x) for i in range(num_samples)]
+    devices = sorted({t.device for t in leaves if t.device.type != "cpu"}, key=str)
+    outs = []
+    with torch.random.fork_rng(devices=devices, enabled=randomness == "same"):
+        start = torch.random.get_rng_state() if randomness == "same" else None
+        cuda = [torch.cuda.get_rng_state(d) for d in devices if d.type == "cuda"] if randomness == "same" else []
+        for i in range(num_samples):
+            if start is not None:
+                torch.random.set_rng_state(start)
+                for d, state in zip([d for d in devices if d.type == "cuda"], cuda):
+                    torch.cuda.set_rng_state(state, d)
+            outs.append(apply_fn(optree.tree_unflatten(spec, [leaf[i] for leaf in leaves]), x))
     return optree.tree_map(lambda *o: torch.stack(o), *outs)
 
 
@@ -201,8 +231,11 @@ def sample_outputs(
         :class:`VmapFallbackWarning` and loops over samples. ``"vmap"`` and
         ``"loop"`` force a path.
     randomness : {"different", "same", "error"}
-        vmap's treatment of random ops in the forward (MC dropout). The default
-        matches a loop: each sample draws its own mask. Which masks come out
+        Random ops in the forward (MC dropout): ``"different"`` draws anew for
+        every sample, ``"same"`` gives every sample the same draws (the loop
+        replays one RNG state), ``"error"`` makes vmap raise on a random op
+        (and is never silently replaced by a loop). Only ``"different"`` lets
+        ``"auto"`` choose the path by timing. Which masks come out
         depends on the chunk size and path, and the first ``"auto"`` call's
         timing runs also consume random numbers.
     memory_budget : int
@@ -241,54 +274,51 @@ def sample_outputs(
         cache = _PROBES.setdefault(apply_fn, {})
     except TypeError:  # not weak-referenceable: probe every call
         cache = {}
-    key = _signature(x, samples)
+    key = _signature(x, samples, randomness)
     probe = cache.get(key)
-    if probe is None:
+    leads = {leaf.shape[0] if isinstance(leaf, Tensor) and leaf.dim() else None for leaf in optree.tree_leaves(samples)}
+    if probe is not None and len(leads) == 1 and (lead := leads.pop()):
+        num_samples = lead  # structure and trailing shapes were validated for this key
+    else:
         num_samples = _check_samples(samples, apply_fn)
-    else:  # structure and trailing shapes already validated for this key
-        leads = {leaf.shape[0] for leaf in optree.tree_leaves(samples)}
-        num_samples = leads.pop() if len(leads) == 1 else _check_samples(samples, apply_fn)
 
-    if method != "loop" and isinstance(apply_fn, FunctionalModel) and apply_fn.batchnorm_in_train_mode:
+    if method != "loop" and isinstance(apply_fn, FunctionalModel) and apply_fn.stats_layers_in_train_mode:
         raise ValueError(
-            f"BatchNorm layers {apply_fn.batchnorm_in_train_mode} are in training mode and would update "
-            "their running statistics in place, which cannot be batched over weight samples. "
-            "Functionalize the module with eval-mode BatchNorm (train=False, or a predicate that "
-            "returns False for BatchNorm layers), or pass method='loop'."
+            f"BatchNorm/InstanceNorm layers {apply_fn.stats_layers_in_train_mode} are in training mode and would "
+            "update their running statistics in place, which cannot be batched over weight samples. "
+            "Functionalize the module with them in eval mode (train=False, or a predicate that returns "
+            "False for BatchNorm layers), or pass method='loop'."
         )
     if probe is None:
         first = optree.tree_map(lambda t: t[0], samples)
         probe = cache[key] = _probe(apply_fn, first, x)
 
     if method == "loop" or (method == "auto" and probe.vmap_failed):
-        return _loop(apply_fn, samples, x, num_samples)
+        return _loop(apply_fn, samples, x, num_samples, randomness)
     if chunk_size is None:
         per_sample = probe.bytes_per_example * (_batch_size(x) or 1)
         chunk_size = max(1, min(num_samples, memory_budget // per_sample))
-    if method == "vmap":
-        return _vmapped(apply_fn, samples, x, num_samples, chunk_size, randomness)
-
     chunk_size = min(chunk_size, num_samples)
+    if method == "vmap" or randomness != "different":
+        # Only "different" means the same thing on both paths, so only it may be timed.
+        try:
+            return _vmapped(apply_fn, samples, x, num_samples, chunk_size, randomness)
+        except Exception as err:
+            if method == "vmap" or randomness == "error":
+                raise
+            return _fall_back(err, cache, key, probe, apply_fn, samples, x, num_samples, randomness)
+
     if probe.vmap_faster.get(chunk_size) is False:
         return _loop(apply_fn, samples, x, num_samples)
     if chunk_size not in probe.vmap_faster:
-        # First call at this chunk size: measure one chunk both ways and keep the faster
+        # First call at this chunk size: time one chunk both ways and keep the faster
         # path for later calls (the batched path loses to a loop for some conv shapes).
         leaves, spec = optree.tree_flatten(samples)
         part = optree.tree_unflatten(spec, [leaf[:chunk_size] for leaf in leaves])
         try:
             _vmapped(apply_fn, part, x, chunk_size, chunk_size, randomness)  # warm-up
         except Exception as err:
-            cache[key] = probe._replace(vmap_failed=True)
-            warnings.warn(
-                f"the model's forward failed under torch.func.vmap ({type(err).__name__}: {err}); "
-                "evaluating the weight samples in a Python loop instead. Pass method='loop' to "
-                "silence this warning, or make the forward vmap-compatible (no in-place updates of "
-                "inputs or buffers, no .item() or data-dependent control flow) for the batched path.",
-                VmapFallbackWarning,
-                stacklevel=2,
-            )
-            return _loop(apply_fn, samples, x, num_samples)
+            return _fall_back(err, cache, key, probe, apply_fn, samples, x, num_samples, randomness)
         t_vmap, _ = _timed(lambda: _vmapped(apply_fn, part, x, chunk_size, chunk_size, randomness))
         _loop(apply_fn, part, x, 1)  # warm-up
         t_loop, _ = _timed(lambda: _loop(apply_fn, part, x, chunk_size))
@@ -296,6 +326,20 @@ def sample_outputs(
         if t_vmap > t_loop:
             return _loop(apply_fn, samples, x, num_samples)
     return _vmapped(apply_fn, samples, x, num_samples, chunk_size, randomness)
+
+
+def _fall_back(err, cache, key, probe, apply_fn, samples, x, num_samples, randomness) -> Any:
+    """Remember that vmap failed for this key, warn once, and loop."""
+    cache[key] = probe._replace(vmap_failed=True)
+    warnings.warn(
+        f"the model's forward failed under torch.func.vmap ({type(err).__name__}: {err}); "
+        "evaluating the weight samples in a Python loop instead. Pass method='loop' to "
+        "silence this warning, or make the forward vmap-compatible (no in-place updates of "
+        "inputs or buffers, no .item() or data-dependent control flow) for the batched path.",
+        VmapFallbackWarning,
+        stacklevel=3,
+    )
+    return _loop(apply_fn, samples, x, num_samples, randomness)
 
 
 LIKELIHOODS = ("classification", "binary", "regression", "heteroscedastic")
@@ -427,7 +471,9 @@ def summarize(
         if outputs_are == "logits":
             log_probs = torch.log_softmax(first, -1)
         else:
-            log_probs = first.clamp_min(0).log()
+            if bool(((first < 0) | ((first.sum(-1) - 1).abs() > 1e-3)).any()):
+                raise ValueError("outputs_are='probs' needs non-negative rows that sum to 1 over the last axis")
+            log_probs = first.log()
         return _classification(log_probs)
     if likelihood == "binary":
         z = first[..., 0] if first.dim() >= 3 and first.shape[-1] == 1 else first
@@ -443,8 +489,8 @@ def summarize(
             aleatoric = torch.zeros_like(mean_s[0])
         else:
             if isinstance(noise_std, Tensor):
-                if not bool((noise_std > 0).all()):
-                    raise ValueError("noise_std must be positive")
+                if not bool((torch.isfinite(noise_std) & (noise_std > 0)).all()):
+                    raise ValueError("noise_std must be finite and positive")
                 sd = noise_std.to(mean_s)
             else:
                 sd = positive_float(noise_std, "noise_std")

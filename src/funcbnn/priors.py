@@ -15,6 +15,7 @@ KL from the families, with an explicit sample count.
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any, Callable, NamedTuple
 
 import optree
@@ -23,7 +24,7 @@ from torch import Tensor
 
 from ._registry import Registry
 from ._validation import check_positive_tree, positive_float, positive_int
-from .tree import Tree, check_same_structure, leaf_names
+from .tree import Tree, leaf_names
 
 __all__ = [
     "GaussianPrior",
@@ -43,7 +44,9 @@ _HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 
 def _broadcast_like(value: Any, like: Tree, name: str) -> Tree:
     """``value`` (a number or a tree matching ``like``) as a tree of tensors shaped like ``like``."""
-    if isinstance(value, (int, float)) or (isinstance(value, Tensor) and value.dim() == 0):
+    if isinstance(value, Tensor) and value.dim() == 0:  # keeps autograd to a learned scalar scale
+        return optree.tree_map(lambda t: value.to(t).expand(t.shape), like)
+    if isinstance(value, numbers.Real):
         return optree.tree_map(lambda t: torch.full_like(t, float(value)), like)
     if optree.tree_structure(value) != optree.tree_structure(like):
         raise ValueError(
@@ -138,7 +141,8 @@ class ScaleMixturePrior(NamedTuple):
         def draw(t: Tensor) -> Tensor:
             shape = (num_samples, *t.shape)
             first = torch.rand(shape, dtype=t.dtype, device=t.device, generator=generator) < self.pi
-            scale = torch.where(first, self.sigma1, self.sigma2).to(t.dtype)
+            s1, s2 = (torch.tensor(v, dtype=t.dtype, device=t.device) for v in (self.sigma1, self.sigma2))
+            scale = torch.where(first, s1, s2)
             return torch.empty(shape, dtype=t.dtype, device=t.device).normal_(generator=generator) * scale
 
         return optree.tree_map(draw, like)
@@ -186,10 +190,12 @@ def gaussian(std: float | Tree = 1.0, mean: float | Tree = 0.0) -> GaussianPrior
     >>> prior.log_prob({"w": torch.zeros(2)})
     tensor(-1.8379)
     """
-    if isinstance(std, (int, float)):
-        positive_float(std, "std")
+    if isinstance(std, numbers.Real):
+        std = positive_float(std, "std")
     else:
         check_positive_tree(std, "std")
+    if isinstance(mean, numbers.Real):
+        mean = float(mean)
     return GaussianPrior(std=std, mean=mean)
 
 

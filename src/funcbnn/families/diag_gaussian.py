@@ -8,6 +8,7 @@ unconstrained, so any ``torch.optim`` optimiser can train the state.
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Callable, Literal, NamedTuple
 
 import optree
@@ -188,7 +189,7 @@ class DiagGaussian(NamedTuple):
 
 def from_moments(mean: Tree, std: Tree | float) -> DiagGaussianState:
     """State with the given mean tree and std (a positive number or a tree like ``mean``)."""
-    if isinstance(std, (int, float)):
+    if isinstance(std, numbers.Real):
         std = optree.tree_map(lambda m: torch.full_like(m, positive_float(std, "std")), mean)
     check_same_structure(mean, std, "std")
     check_positive_tree(std, "std")
@@ -220,7 +221,7 @@ def diag_gaussian(
     >>> post.sample(state, 8, generator=torch.Generator().manual_seed(0))["w"].shape
     torch.Size([8, 3, 2])
     """
-    if isinstance(init_std, (int, float)):
+    if isinstance(init_std, numbers.Real):
         positive_float(init_std, "init_std")
     else:
         check_positive_tree(init_std, "init_std")
