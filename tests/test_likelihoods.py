@@ -1,0 +1,51 @@
+import pytest
+import torch
+
+from funcbnn import likelihoods as L
+
+g = torch.Generator().manual_seed(0)
+
+
+def test_categorical_nll_matches_torch_distributions():
+    logits = torch.randn(6, 4, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 4, (6,), generator=g)
+    want = -torch.distributions.Categorical(logits=logits).log_prob(y)
+    assert torch.allclose(L.categorical().nll(logits, y), want)
+
+
+def test_gaussian_nll_matches_torch_distributions():
+    mean, y = torch.randn(5, 3, generator=g, dtype=torch.float64), torch.randn(5, 3, generator=g, dtype=torch.float64)
+    want = -torch.distributions.Normal(mean, 0.3).log_prob(y).sum(1)
+    assert torch.allclose(L.gaussian(sigma=0.3).nll(mean, y), want)
+
+
+def test_heteroscedastic_nll_matches_torch_distributions():
+    out = torch.randn(5, 4, generator=g, dtype=torch.float64)
+    y = torch.randn(5, 2, generator=g, dtype=torch.float64)
+    want = -torch.distributions.Normal(out[:, :2], out[:, 2:].mul(0.5).exp()).log_prob(y).sum(1)
+    assert torch.allclose(L.heteroscedastic_gaussian().nll(out, y), want)
+
+
+def test_bernoulli_nll_matches_torch_distributions():
+    z = torch.randn(7, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 2, (7,), generator=g).double()
+    assert torch.allclose(L.bernoulli().nll(z, y), -torch.distributions.Bernoulli(logits=z).log_prob(y))
+
+
+def test_checks_name_what_does_not_fit():
+    with pytest.raises(ValueError, match=r"targets must lie in \[0, 2\]"):
+        L.categorical().check(torch.zeros(4, 3), torch.tensor([0, 1, 2, 3]))
+    with pytest.raises(ValueError, match=r"shape \(N, C\)"):
+        L.categorical().check(torch.zeros(4), torch.tensor([0, 1, 2, 3]))
+    with pytest.raises(ValueError, match="integer class indices"):
+        L.categorical().check(torch.zeros(2, 3), torch.tensor([0.0, 1.0]))
+    with pytest.raises(ValueError, match="shape"):
+        L.gaussian().check(torch.zeros(4, 1), torch.zeros(4))
+    with pytest.raises(ValueError, match="even last axis"):
+        L.heteroscedastic_gaussian().check(torch.zeros(4, 3), torch.zeros(4, 1))
+    with pytest.raises(ValueError, match="0 or 1"):
+        L.bernoulli().check(torch.zeros(3), torch.tensor([0.0, 2.0, 1.0]))
+    with pytest.raises(ValueError, match="sigma"):
+        L.gaussian(sigma=0.0)
+    with pytest.raises(ValueError, match="registered likelihood names"):
+        L.get_likelihood("poisson")
