@@ -17,8 +17,9 @@ in the same process and under ``torch.no_grad()``:
 
 Every timing is the minimum (or, with ``--stat median``, the median) of
 ``--repeats`` calls measured with ``time.perf_counter`` after two warm-up calls;
-the four forward variants are timed in interleaved rounds so that drift in
-machine load affects them alike. The minimum is the default because on a shared
+the four forward variants are timed in interleaved rounds, in an order shuffled
+(seeded) every round, so that drift in machine load and the after-effects of the previous
+call (a call right after a loop runs slower) hit them alike. The minimum is the default because on a shared
 machine other processes only ever add time to a call. The ratios ``base/auto``
 and ``own/auto`` are speed-ups of funcbnn's default path (higher is better for
 funcbnn). ``path`` is the route auto's calibration settled
@@ -43,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import random
 import statistics
 import time
 from dataclasses import dataclass
@@ -137,10 +139,16 @@ def measure(fns: dict[str, Callable[[], object]], repeats: int, stat: str) -> di
     for fn in fns.values():
         for _ in range(WARMUP):
             fn()
-    times: dict[str, list[float]] = {name: [] for name in fns}
+    names = list(fns)
+    order = random.Random(0)
+    times: dict[str, list[float]] = {name: [] for name in names}
     for _ in range(repeats):
-        for name, fn in fns.items():
-            times[name].append(time_once(fn))
+        # Shuffle the order every round: a call right after a loop over samples runs
+        # measurably slower (cache and allocator state), and a fixed order (or a
+        # rotation of it) would always hand that penalty to the same variant.
+        order.shuffle(names)
+        for name in names:
+            times[name].append(time_once(fns[name]))
     return {name: STATS[stat](ts) for name, ts in times.items()}
 
 
