@@ -57,6 +57,10 @@ def _structural_copy(module: nn.Module) -> nn.Module:
         copies[id(mod)] = new
         new._parameters = dict(mod._parameters)
         new._buffers = dict(mod._buffers)
+        # Own hook tables: hooks added to the shell (curvature taps) never reach the user's module.
+        for attr, value in vars(mod).items():
+            if "hook" in attr and isinstance(value, dict):
+                setattr(new, attr, type(value)(value))
         new._modules = {k: (None if m is None else visit(m)) for k, m in mod._modules.items()}
         return new
 

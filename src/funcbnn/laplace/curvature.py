@@ -1,0 +1,487 @@
+"""Per-example curvature: diagonal empirical Fisher and GGN, fast.
+
+Everything here sums a quantity over *examples*, each from the gradient of that
+example's own NLL (Daxberger et al. 2021, "Laplace Redux"):
+
+``ef``
+    empirical Fisher ``sum_n g_n g_n^T`` with ``g_n = d nll(f(x_n), y_n) / d theta``.
+``ggn``
+    generalised Gauss-Newton ``sum_n J_n^T H_n J_n`` with ``H_n`` the Hessian of
+    the NLL in the outputs, exact through one square root ``H_n = L_n L_n^T``
+    (one backward per output dimension).
+``mc_ggn``
+    the same with sampled labels: ``E_y[g_n(y) g_n(y)^T]`` by Monte Carlo.
+
+Two engines compute them:
+
+*Structured* (``nn.Linear``, ``nn.Conv1d``, ``nn.Conv2d``): one forward with zero
+"tap" tensors added to each layer's output and its input kept, one backward
+with respect to the taps only (no weight gradients), and the per-example weight
+gradients' squares formed from inputs and output gradients. A Linear weight's
+per-example gradient is the outer product ``g_n a_n^T``, so its squares sum as
+``(g^2)^T (a^2)`` without ever forming one per-example gradient.
+
+*Generic* (any leaf): chunked ``vmap`` of ``grad`` / ``jacrev`` over examples,
+accumulating squares chunk by chunk; it never holds N x P numbers. Leaves the
+structured engine does not know (norm layers, embeddings, tied weights) take
+this path within the same model.
+
+Regression curvature is computed at noise std 1; :mod:`funcbnn.laplace.posterior`
+rescales it (GGN by ``sigma^-2``, EF by ``sigma^-4``) so sigma can be tuned.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Any, Iterable, Literal, NamedTuple
+
+import optree
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .._validation import positive_int
+from ..likelihoods import Likelihood, get_likelihood
+from ..model import FunctionalModel
+
+__all__ = ["CurvatureStats", "diag_curvature", "dense_curvature", "output_hessian_sqrt", "check_data", "unit_likelihood"]
+
+Kind = Literal["ggn", "ef", "mc_ggn"]
+
+
+class CurvatureStats(NamedTuple):
+    """Data statistics gathered in the same pass.
+
+    ``loss`` is the summed NLL at the given params (at noise std 1 for the
+    Gaussian likelihood), ``num_data`` the number of examples and
+    ``num_outputs`` the number of scalar outputs (``N * D``).
+    """
+
+    loss: Tensor
+    num_data: int
+    num_outputs: int
+
+
+def unit_likelihood(likelihood: str | Likelihood) -> Likelihood:
+    """The likelihood with Gaussian noise fixed at 1 (curvature is rescaled later)."""
+    lik = get_likelihood(likelihood)
+    return get_likelihood("gaussian", sigma=1.0) if lik.name == "gaussian" else lik
+
+
+def output_hessian_sqrt(likelihood: Likelihood, outputs: Tensor) -> Tensor:
+    """Columns ``V`` with ``sum_c V[c] V[c]^T = H``, the NLL's Hessian in the outputs.
+
+    Returns a tensor of shape ``(K, *outputs.shape)``: ``K`` cotangents, each
+    shaped like the outputs.
+
+    - categorical: ``H = diag(p) - p p^T``; column ``c`` is ``sqrt(p_c) (e_c - p)``.
+    - gaussian (sigma 1): ``H = I``; the unit vectors.
+    - bernoulli: ``H = p (1 - p)``.
+    - heteroscedastic Gaussian: the Fisher in (mean, log-variance),
+      ``diag(exp(-log_var), 1/2)``.
+    """
+    outputs = outputs.detach()
+    if likelihood.name == "categorical":
+        p = outputs.softmax(-1)
+        eye = torch.eye(p.shape[-1], dtype=p.dtype, device=p.device)
+        # cols[c, n, :] = sqrt(p[n, c]) * (e_c - p[n])
+        return p.T.sqrt()[:, :, None] * (eye[:, None, :] - p[None])
+    if likelihood.name == "bernoulli":
+        p = torch.sigmoid(outputs)
+        return (p * (1 - p)).sqrt()[None]
+    flat = outputs.reshape(outputs.shape[0], -1)
+    d = flat.shape[1]
+    scale = torch.ones_like(flat)
+    if likelihood.name == "heteroscedastic_gaussian":
+        half = d // 2
+        scale = torch.cat([torch.exp(-0.5 * flat[:, :half]), torch.full_like(flat[:, half:], math.sqrt(0.5))], 1)
+    cols = torch.diag_embed(scale).permute(2, 0, 1)  # (d, N, d)
+    return cols.reshape(d, *outputs.shape)
+
+
+def _sample_targets(likelihood: Likelihood, outputs: Tensor, generator: torch.Generator | None) -> Tensor:
+    outputs = outputs.detach()
+    if likelihood.name == "categorical":
+        return torch.multinomial(outputs.softmax(-1), 1, generator=generator)[:, 0]
+    if likelihood.name == "bernoulli":
+        return torch.bernoulli(torch.sigmoid(outputs), generator=generator)
+    if likelihood.name == "gaussian":
+        return outputs + torch.randn(outputs.shape, dtype=outputs.dtype, device=outputs.device, generator=generator)
+    mean, log_var = outputs.chunk(2, dim=-1)
+    return mean + (0.5 * log_var).exp() * torch.randn(mean.shape, dtype=mean.dtype, device=mean.device, generator=generator)
+
+
+def check_data(data: Any) -> list[tuple[Any, Tensor]]:
+    """Materialise an iterable of ``(x, y)`` batches, rejecting empty or malformed data early."""
+    if isinstance(data, tuple) and len(data) == 2 and isinstance(data[0], Tensor):
+        data = [data]
+    try:
+        batches = list(data)
+    except TypeError:
+        raise TypeError(f"data must be an iterable of (x, y) batches (e.g. a DataLoader), got {type(data).__name__}") from None
+    if not batches:
+        raise ValueError("data is empty: the loader yielded no batches")
+    for i, batch in enumerate(batches):
+        if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
+            raise ValueError(f"data batch {i} must be an (x, y) pair, got {type(batch).__name__}")
+    return [tuple(b) for b in batches]  # type: ignore[misc]
+
+
+# --- the structured engine -------------------------------------------------------------------
+
+
+class _Layer(NamedTuple):
+    module: nn.Module
+    weight: str
+    bias: str | None
+
+
+def _structured_layers(apply_fn: FunctionalModel, names: set[str]) -> list[_Layer]:
+    """Linear / Conv1d / Conv2d layers whose trainable weight (and bias) the taps can handle."""
+    layers = []
+    for mod_name, mod in apply_fn.module.named_modules():
+        prefix = f"{mod_name}." if mod_name else ""
+        if isinstance(mod, nn.Linear):
+            ok = True
+        elif isinstance(mod, (nn.Conv1d, nn.Conv2d)):
+            ok = mod.groups == 1 and mod.padding_mode == "zeros" and not isinstance(mod.padding, str)
+        else:
+            continue
+        w, b = prefix + "weight", prefix + "bias"
+        tied = any(len(apply_fn._slots.get(n, [])) > 1 for n in (w, b))
+        if not ok or tied or w not in names or (mod.bias is not None and b not in names):
+            continue
+        layers.append(_Layer(mod, w, b if mod.bias is not None else None))
+    return layers
+
+
+def _per_example_grads(layer: _Layer, a: Tensor, g: Tensor) -> tuple[Tensor | None, Tensor | None]:
+    """Per-example weight and bias gradients ``(N, *W.shape)``, ``(N, out)`` for sequence/conv layers."""
+    mod = layer.module
+    n = a.shape[0]
+    if isinstance(mod, nn.Linear):
+        a3, g3 = a.reshape(n, -1, a.shape[-1]), g.reshape(n, -1, g.shape[-1])
+        gw = torch.bmm(g3.transpose(1, 2), a3)
+        gb = g3.sum(1) if layer.bias else None
+        return gw, gb
+    if isinstance(mod, nn.Conv1d):
+        a, g = a.unsqueeze(-2), g.unsqueeze(-2)
+        kernel, dil, pad, stride = (1, *mod.kernel_size), (1, *mod.dilation), (0, *mod.padding), (1, *mod.stride)
+    else:
+        kernel, dil, pad, stride = mod.kernel_size, mod.dilation, mod.padding, mod.stride
+    if a.dim() == 3:  # unbatched conv input is not per-example data
+        raise ValueError("convolution inputs must carry a batch axis")
+    cols = F.unfold(a, kernel, dilation=dil, padding=pad, stride=stride)  # (N, C*k*k, L)
+    g2 = g.reshape(n, g.shape[1], -1)  # (N, O, L)
+    gw = torch.bmm(g2, cols.transpose(1, 2)).reshape(n, *mod.weight.shape)
+    gb = g2.sum(-1) if layer.bias else None
+    return gw, gb
+
+
+def _accumulate(layer: _Layer, a: Tensor, gs: list[Tensor], out: dict[str, Tensor]) -> None:
+    """Add ``sum_c sum_n (per-example gradient)^2`` for one layer into ``out``."""
+    if isinstance(layer.module, nn.Linear) and a.dim() == 2:
+        # Outer-product gradients: sum over columns of g^2 first, then one matmul.
+        g2 = sum(g.square() for g in gs)
+        out[layer.weight] += g2.T @ a.square()
+        if layer.bias:
+            out[layer.bias] += g2.sum(0)
+        return
+    for g in gs:
+        gw, gb = _per_example_grads(layer, a, g)
+        out[layer.weight] += gw.square().sum(0)
+        if layer.bias:
+            out[layer.bias] += gb.square().sum(0)
+
+
+def _structured_batch(
+    apply_fn: FunctionalModel,
+    params: dict[str, Tensor],
+    layers: list[_Layer],
+    x: Any,
+    y: Tensor,
+    likelihood: Likelihood,
+    kind: Kind,
+    num_mc: int,
+    generator: torch.Generator | None,
+    out: dict[str, Tensor],
+) -> Tensor:
+    acts: dict[int, Tensor] = {}
+    taps: dict[int, Tensor] = {}
+
+    def hook(i: int):
+        def fn(module: nn.Module, inputs: tuple, output: Tensor) -> Tensor:
+            acts[i] = inputs[0].detach()
+            taps[i] = torch.zeros_like(output, requires_grad=True)
+            return output + taps[i]
+
+        return fn
+
+    handles = [layer.module.register_forward_hook(hook(i)) for i, layer in enumerate(layers)]
+    try:
+        detached = {k: v.detach() for k, v in params.items()}
+        with torch.enable_grad():
+            f = apply_fn(detached, x)
+    finally:
+        for h in handles:
+            h.remove()
+    likelihood.check(f, y)
+    loss = likelihood.nll(f.detach(), y).sum()
+    order = list(range(len(layers)))
+    tap_list = [taps[i] for i in order]
+    grads_per_col: list[list[Tensor]] = [[] for _ in order]
+    if kind == "ef":
+        cols = [torch.autograd.grad(likelihood.nll(f, y).sum(), tap_list)]
+    elif kind == "ggn":
+        V = output_hessian_sqrt(likelihood, f)
+        cols = [torch.autograd.grad(f, tap_list, grad_outputs=V[c], retain_graph=True) for c in range(V.shape[0])]
+    else:
+        cols = []
+        for _ in range(num_mc):
+            y_hat = _sample_targets(likelihood, f, generator)
+            cols.append(torch.autograd.grad(likelihood.nll(f, y_hat).sum(), tap_list, retain_graph=True))
+        cols = [tuple(g / math.sqrt(num_mc) for g in col) for col in cols]
+    for col in cols:
+        for i, g in zip(order, col):
+            grads_per_col[i].append(g)
+    for i, layer in enumerate(layers):
+        _accumulate(layer, acts[i], grads_per_col[i], out)
+    return loss
+
+
+# --- the generic engine ----------------------------------------------------------------------
+
+
+def _generic_batch(
+    apply_fn: Any,
+    sub: Any,
+    rest: Any,
+    x: Tensor,
+    y: Tensor,
+    likelihood: Likelihood,
+    kind: Kind,
+    num_mc: int,
+    generator: torch.Generator | None,
+    chunk_size: int,
+    out: Any,
+) -> None:
+    """Squares of per-example gradients of the leaves in ``sub``; ``rest`` holds the other leaves."""
+
+    def f_one(p, xi):
+        return apply_fn({**rest, **p}, xi[None])[0]
+
+    def nll_one(p, xi, yi):
+        return likelihood.nll(apply_fn({**rest, **p}, xi[None]), yi[None]).sum()
+
+    n = x.shape[0]
+    for start in range(0, n, chunk_size):
+        xs, ys = x[start : start + chunk_size], y[start : start + chunk_size]
+        if kind == "ef":
+            g = torch.func.vmap(torch.func.grad(nll_one), in_dims=(None, 0, 0))(sub, xs, ys)
+            squares = optree.tree_map(lambda t: t.square().sum(0), g)
+        elif kind == "ggn":
+            jac = torch.func.vmap(torch.func.jacrev(f_one), in_dims=(None, 0))(sub, xs)  # (n, *out, *leaf)
+            with torch.no_grad():
+                f = torch.func.vmap(f_one, in_dims=(None, 0))(sub, xs)
+                V = output_hessian_sqrt(likelihood, f)  # (K, n, *out)
+            k = V.shape[0]
+            Vf = V.reshape(k, V.shape[1], -1)
+
+            out_ndim = f.dim() - 1
+
+            def contract(j: Tensor) -> Tensor:
+                jf = j.reshape(j.shape[0], Vf.shape[2], -1)  # (n, outputs, leaf size)
+                return torch.einsum("kno,nop->knp", Vf, jf).square().sum((0, 1)).reshape(j.shape[1 + out_ndim :])
+
+            squares = optree.tree_map(contract, jac)
+        else:
+            with torch.no_grad():
+                f = torch.func.vmap(f_one, in_dims=(None, 0))(sub, xs)
+            squares = None
+            for _ in range(num_mc):
+                y_hat = _sample_targets(likelihood, f, generator)
+                g = torch.func.vmap(torch.func.grad(nll_one), in_dims=(None, 0, 0))(sub, xs, y_hat)
+                sq = optree.tree_map(lambda t: t.square().sum(0) / num_mc, g)
+                squares = sq if squares is None else optree.tree_map(torch.add, squares, sq)
+        optree.tree_map_(lambda acc, s: acc.add_(s.detach()), out, squares)
+
+
+# --- entry point -------------------------------------------------------------------------------
+
+
+def diag_curvature(
+    apply_fn: Any,
+    params: dict[str, Tensor],
+    data: Iterable,
+    likelihood: str | Likelihood,
+    *,
+    kind: Kind = "ggn",
+    method: Literal["auto", "structured", "generic"] = "auto",
+    num_mc: int = 1,
+    generator: torch.Generator | None = None,
+    chunk_size: int = 32,
+    subset: Iterable[str] | None = None,
+) -> tuple[dict[str, Tensor], CurvatureStats]:
+    """Diagonal of the per-example curvature summed over all examples in ``data``.
+
+    Parameters
+    ----------
+    apply_fn : callable
+        ``apply_fn(params, x)``; the structured engine needs a
+        :class:`funcbnn.model.FunctionalModel` (from ``functionalize``), any other
+        callable uses the generic engine.
+    params : dict[str, Tensor]
+        Where to evaluate (usually the MAP): every trainable leaf of the model.
+    data : iterable of (x, y)
+        Batches (a DataLoader, a list of pairs, or one ``(x, y)`` pair).
+    likelihood : str or Likelihood
+    kind : {"ggn", "ef", "mc_ggn"}
+        Exact GGN (default, as laplace-torch), empirical Fisher, or GGN with
+        ``num_mc`` sampled labels per example.
+    method : {"auto", "structured", "generic"}
+        ``"auto"`` uses the structured engine for every Linear/Conv layer it can
+        and the generic one for the other leaves; ``"generic"`` forces vmap.
+    generator : torch.Generator, optional
+        Label sampling for ``"mc_ggn"``.
+    chunk_size : int
+        Examples per vmapped call on the generic path.
+    subset : iterable of str, optional
+        Names of the leaves to compute (default: all of ``params``).
+
+    Returns
+    -------
+    (diag, stats)
+        ``diag`` maps each computed leaf name to its diagonal (the leaf's
+        shape); ``stats`` is a :class:`CurvatureStats`.
+
+    Examples
+    --------
+    >>> from funcbnn import functionalize
+    >>> apply_fn, params, _ = functionalize(nn.Linear(3, 2))
+    >>> diag, stats = diag_curvature(apply_fn, params, (torch.randn(8, 3), torch.randint(0, 2, (8,))), "categorical")
+    >>> diag["weight"].shape, stats.num_data
+    (torch.Size([2, 3]), 8)
+    """
+    if kind not in ("ggn", "ef", "mc_ggn"):
+        raise ValueError(f"kind must be 'ggn', 'ef' or 'mc_ggn', got {kind!r}")
+    if method not in ("auto", "structured", "generic"):
+        raise ValueError(f"method must be 'auto', 'structured' or 'generic', got {method!r}")
+    positive_int(num_mc, "num_mc")
+    positive_int(chunk_size, "chunk_size")
+    if not isinstance(params, dict):
+        raise TypeError(f"params must be a dict of tensors, got {type(params).__name__}")
+    lik = unit_likelihood(likelihood)
+    batches = check_data(data)
+    active = set(params) if subset is None else set(subset)
+    if not active <= set(params):
+        raise ValueError(f"subset names {sorted(active - set(params))} are not leaves of params")
+    if not active:
+        raise ValueError("subset is empty: nothing to compute")
+    if method != "generic" and isinstance(apply_fn, FunctionalModel):
+        layers = _structured_layers(apply_fn, active)
+    else:
+        if method == "structured":
+            raise ValueError("method='structured' needs apply_fn from funcbnn.functionalize")
+        layers = []
+    covered = {n for layer in layers for n in (layer.weight, layer.bias) if n}
+    if method == "structured" and active - covered:
+        raise ValueError(f"method='structured' cannot handle leaves {sorted(active - covered)}; use method='auto'")
+    generic_names = active - covered
+    sub = {k: v.detach() for k, v in params.items() if k in generic_names}
+    rest = {k: v.detach() for k, v in params.items() if k not in generic_names}
+
+    out = {k: torch.zeros_like(v) for k, v in params.items() if k in covered}
+    generic_out = optree.tree_map(torch.zeros_like, sub)
+    loss = None
+    num_data = num_outputs = 0
+    # One structured pass registers hooks on the shared shell: hold its lock throughout.
+    ctx = apply_fn._lock if isinstance(apply_fn, FunctionalModel) else contextlib.nullcontext()
+    with ctx:
+        for x, y in batches:
+            if layers:
+                batch_loss = _structured_batch(apply_fn, params, layers, x, y, lik, kind, num_mc, generator, out)
+            else:
+                with torch.no_grad():
+                    f = apply_fn(optree.tree_map(lambda t: t.detach(), params), x)
+                lik.check(f, y)
+                batch_loss = lik.nll(f, y).sum()
+            if generic_names:
+                _generic_batch(apply_fn, sub, rest, x, y, lik, kind, num_mc, generator, chunk_size, generic_out)
+            loss = batch_loss if loss is None else loss + batch_loss
+            num_data += y.shape[0]
+            num_outputs += y.numel() if lik.name != "categorical" else y.shape[0]
+    out.update(generic_out)
+    return {k: out[k] for k in params if k in active}, CurvatureStats(loss.detach(), num_data, num_outputs)
+
+
+def dense_curvature(
+    apply_fn: Any,
+    params: dict[str, Tensor],
+    data: Iterable,
+    likelihood: str | Likelihood,
+    *,
+    subset: Iterable[str] | None = None,
+    kind: Kind = "ggn",
+    num_mc: int = 1,
+    generator: torch.Generator | None = None,
+    chunk_size: int = 32,
+    max_size: int = 20_000,
+) -> tuple[Tensor, CurvatureStats]:
+    """The full ``P x P`` curvature of a (small) subset of leaves, flattened in ``subset`` order.
+
+    Same quantities as :func:`diag_curvature`, for the last layer or a small
+    subnetwork; ``P`` above ``max_size`` is refused (``P^2`` numbers).
+    """
+    if kind not in ("ggn", "ef", "mc_ggn"):
+        raise ValueError(f"kind must be 'ggn', 'ef' or 'mc_ggn', got {kind!r}")
+    positive_int(chunk_size, "chunk_size")
+    positive_int(num_mc, "num_mc")
+    names = list(params) if subset is None else [k for k in params if k in set(subset)]
+    if not names:
+        raise ValueError("subset is empty: nothing to compute")
+    size = sum(params[k].numel() for k in names)
+    if size > max_size:
+        raise ValueError(
+            f"a dense curvature over {size} weights needs {size}^2 numbers; use structure='diag' or a "
+            f"smaller subset (or raise max_size={max_size})"
+        )
+    lik = unit_likelihood(likelihood)
+    sub = {k: params[k].detach() for k in names}
+    rest = {k: v.detach() for k, v in params.items() if k not in sub}
+
+    def f_one(p, xi):
+        return apply_fn({**rest, **p}, xi[None])[0]
+
+    def nll_one(p, xi, yi):
+        return lik.nll(apply_fn({**rest, **p}, xi[None]), yi[None]).sum()
+
+    def flat(tree: dict[str, Tensor], lead: int) -> Tensor:
+        return torch.cat([tree[k].reshape(*tree[k].shape[:lead], -1) for k in names], dim=-1)
+
+    ref = next(iter(sub.values()))
+    out = torch.zeros(size, size, dtype=ref.dtype, device=ref.device)
+    loss, num_data, num_outputs = None, 0, 0
+    for x, y in check_data(data):
+        with torch.no_grad():
+            f_all = apply_fn({**rest, **sub}, x)
+        lik.check(f_all, y)
+        batch_loss = lik.nll(f_all, y).sum()
+        loss = batch_loss if loss is None else loss + batch_loss
+        num_data += y.shape[0]
+        num_outputs += y.numel() if lik.name != "categorical" else y.shape[0]
+        for start in range(0, x.shape[0], chunk_size):
+            xs, ys, fs = x[start : start + chunk_size], y[start : start + chunk_size], f_all[start : start + chunk_size]
+            if kind == "ggn":
+                jac = flat(torch.func.vmap(torch.func.jacrev(f_one), in_dims=(None, 0))(sub, xs), fs.dim())
+                jac = jac.reshape(jac.shape[0], -1, size)  # (n, outputs, P)
+                V = output_hessian_sqrt(lik, fs)
+                rows = torch.einsum("kno,nop->nkp", V.reshape(V.shape[0], V.shape[1], -1), jac).reshape(-1, size)
+            else:
+                targets = [ys] if kind == "ef" else [_sample_targets(lik, fs, generator) for _ in range(num_mc)]
+                scale = 1.0 if kind == "ef" else 1.0 / math.sqrt(num_mc)
+                rows = torch.cat(
+                    [flat(torch.func.vmap(torch.func.grad(nll_one), in_dims=(None, 0, 0))(sub, xs, t), 1) * scale for t in targets]
+                )
+            out += rows.T @ rows
+    return out.detach(), CurvatureStats(loss.detach(), num_data, num_outputs)

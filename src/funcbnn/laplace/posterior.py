@@ -1,0 +1,433 @@
+"""Laplace posteriors: fit at a MAP point, sample, KL, marginal likelihood, prior tuning.
+
+``q(theta) = N(theta_MAP, P^-1)`` with posterior precision
+``P = s(sigma) * C + diag(prior_precision)``, where ``C`` is the per-example
+curvature summed over all N examples (of the per-example NLL, never of a
+batch-mean loss) at noise std 1, and ``s = sigma^-2`` for the GGN and
+``sigma^-4`` for the empirical Fisher (``s = 1`` for classification)
+(Daxberger et al. 2021, "Laplace Redux"). The log marginal likelihood follows
+Immer et al. 2021 and laplace-torch:
+
+``log p(D) ~ log p(D | theta) - 0.5 (log det P - log det P0 + theta^T P0 theta)``.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any, Callable, Iterable, Literal, NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from .._validation import positive_int
+from ..likelihoods import Likelihood, get_likelihood
+from ..model import FunctionalModel
+from .curvature import Kind, dense_curvature, diag_curvature
+
+__all__ = ["LaplaceState", "Laplace", "fit", "last_layer_names"]
+
+
+class LaplaceState(NamedTuple):
+    """Pytree state of a fitted Laplace approximation (tensors only).
+
+    Attributes
+    ----------
+    mean : dict[str, Tensor]
+        MAP values of the leaves under the posterior.
+    curvature : dict[str, Tensor] or Tensor
+        Summed per-example curvature at noise std 1: a diagonal per leaf
+        (``"diag"``) or a ``P x P`` matrix over the flattened leaves (``"full"``).
+    prior_precision : Tensor
+        Scalar, or one value per leaf (in ``mean``'s order).
+    sigma : Tensor
+        Observation noise std (1 for classification).
+    loss : Tensor
+        Summed NLL over the data at the MAP, at noise std 1.
+    num_data, num_outputs : Tensor
+        N and the number of scalar outputs (N x D).
+    """
+
+    mean: dict[str, Tensor]
+    curvature: Any
+    prior_precision: Tensor
+    sigma: Tensor
+    loss: Tensor
+    num_data: Tensor
+    num_outputs: Tensor
+
+
+def last_layer_names(apply_fn: FunctionalModel, params: dict[str, Tensor]) -> list[str]:
+    """Leaf names of the last ``nn.Linear`` (in module order) whose weight is trainable."""
+    if not isinstance(apply_fn, FunctionalModel):
+        raise TypeError("subset='last_layer' needs apply_fn from funcbnn.functionalize")
+    found: list[str] = []
+    for name, mod in apply_fn.module.named_modules():
+        prefix = f"{name}." if name else ""
+        if isinstance(mod, nn.Linear) and prefix + "weight" in params:
+            found = [prefix + "weight"] + ([prefix + "bias"] if prefix + "bias" in params else [])
+    if not found:
+        raise ValueError("subset='last_layer': the model has no nn.Linear layer with trainable weights")
+    return found
+
+
+def _as_prior_precision(value: Any, names: list[str], ref: Tensor) -> Tensor:
+    t = torch.as_tensor(value, dtype=ref.dtype, device=ref.device)
+    if t.dim() > 1 or (t.dim() == 1 and t.numel() not in (1, len(names))):
+        raise ValueError(
+            f"prior_precision must be a scalar or one value per leaf ({len(names)} leaves), got shape {tuple(t.shape)}"
+        )
+    if not bool((torch.isfinite(t) & (t > 0)).all()):
+        raise ValueError(f"prior_precision must be finite and positive, got {t.tolist()}")
+    return t.reshape(()) if t.numel() == 1 else t
+
+
+class Laplace(NamedTuple):
+    """A fitted Laplace family: pure functions over a :class:`LaplaceState`.
+
+    ``init``/``sample``/``kl`` follow the posterior protocol. ``apply_fn``
+    evaluates the model with the posterior's leaves given and every other
+    leaf held at its MAP value, so ``predict.sample_outputs(la.apply_fn,
+    la.sample(state, S), x)`` is the Monte-Carlo predictive.
+    """
+
+    init: Callable[..., LaplaceState]
+    sample: Callable[..., dict[str, Tensor]]
+    kl: Callable[..., Tensor]
+    precision: Callable[..., Any]
+    log_marglik: Callable[..., Tensor]
+    tune: Callable[..., LaplaceState]
+    predict: Callable[..., Any]
+    apply_fn: Callable[[dict[str, Tensor], Any], Any]
+    structure: str
+    names: tuple[str, ...]
+
+
+def fit(
+    apply_fn: Any,
+    params: dict[str, Tensor],
+    data: Iterable,
+    likelihood: str | Likelihood,
+    *,
+    subset: Literal["all", "last_layer"] | Iterable[str] | Callable[[str, Tensor], bool] = "all",
+    structure: Literal["diag", "full"] = "diag",
+    curvature: Kind = "ggn",
+    prior_precision: float | Tensor = 1.0,
+    sigma: float = 1.0,
+    num_mc: int = 1,
+    generator: torch.Generator | None = None,
+    chunk_size: int = 32,
+) -> tuple[Laplace, LaplaceState]:
+    """Fit a Laplace approximation at ``params`` (a MAP estimate).
+
+    Parameters
+    ----------
+    apply_fn, params
+        From :func:`funcbnn.functionalize`, with ``params`` at the MAP.
+    data : iterable of (x, y)
+        The training data (all of it: curvature is summed over examples).
+    likelihood : str or Likelihood
+        ``"categorical"``, ``"gaussian"`` (sigma tunable), ``"bernoulli"``, ...
+    subset : {"all", "last_layer"}, iterable of names, or predicate
+        Leaves that get a posterior; the others stay at their MAP values.
+    structure : {"diag", "full"}
+        Diagonal precision, or a dense one over the subset (last layer, small nets).
+    curvature : {"ggn", "ef", "mc_ggn"}
+        Exact GGN (default, as laplace-torch), empirical Fisher, or sampled-label GGN.
+    prior_precision : float or Tensor
+        Initial prior precision (scalar or one per leaf); tune with ``la.tune``.
+    sigma : float
+        Initial observation noise std for ``"gaussian"``.
+
+    Returns
+    -------
+    (Laplace, LaplaceState)
+
+    Examples
+    --------
+    >>> from funcbnn import functionalize
+    >>> net = nn.Sequential(nn.Linear(2, 8), nn.Tanh(), nn.Linear(8, 3))
+    >>> apply_fn, params, _ = functionalize(net)
+    >>> x, y = torch.randn(32, 2), torch.randint(0, 3, (32,))
+    >>> la, state = fit(apply_fn, params, [(x, y)], "categorical", subset="last_layer", structure="full")
+    >>> la.predict(state, x[:4]).shape
+    torch.Size([4, 3])
+    """
+    lik = get_likelihood(likelihood)
+    if structure not in ("diag", "full"):
+        raise ValueError(f"structure must be 'diag' or 'full', got {structure!r}")
+    if not isinstance(params, dict) or not params:
+        raise TypeError("params must be a non-empty dict of tensors")
+    if subset == "all":
+        names = list(params)
+    elif subset == "last_layer":
+        names = last_layer_names(apply_fn, params)
+    elif callable(subset):
+        names = [k for k, v in params.items() if subset(k, v)]
+    else:
+        wanted = set(subset)
+        unknown = wanted - set(params)
+        if unknown:
+            raise ValueError(f"subset names {sorted(unknown)} are not leaves of params")
+        names = [k for k in params if k in wanted]
+    if not names:
+        raise ValueError("subset selects no leaves")
+    if lik.name != "gaussian" and sigma != 1.0:
+        raise ValueError(f"sigma applies to the 'gaussian' likelihood only, not {lik.name!r}")
+    if not (isinstance(sigma, numbers.Real) and sigma > 0):
+        raise ValueError(f"sigma must be positive, got {sigma!r}")
+    positive_int(num_mc, "num_mc")
+
+    if structure == "diag":
+        curv, stats = diag_curvature(
+            apply_fn, params, data, lik, kind=curvature, num_mc=num_mc, generator=generator,
+            chunk_size=chunk_size, subset=names,
+        )
+    else:
+        curv, stats = dense_curvature(
+            apply_fn, params, data, lik, kind=curvature, num_mc=num_mc, generator=generator,
+            chunk_size=chunk_size, subset=names,
+        )
+    ref = params[names[0]]
+    mean = {k: params[k].detach().clone() for k in names}
+    rest = {k: v.detach() for k, v in params.items() if k not in mean}
+    scale_power = 0 if lik.name != "gaussian" else (4 if curvature == "ef" else 2)
+    state = LaplaceState(
+        mean=mean,
+        curvature=curv,
+        prior_precision=_as_prior_precision(prior_precision, names, ref),
+        sigma=torch.tensor(float(sigma), dtype=ref.dtype, device=ref.device),
+        loss=stats.loss,
+        num_data=torch.tensor(stats.num_data),
+        num_outputs=torch.tensor(stats.num_outputs),
+    )
+    return _build(apply_fn, rest, names, structure, lik, scale_power), state
+
+
+def _build(
+    base_apply: Any, rest: dict[str, Tensor], names: list[str], structure: str, lik: Likelihood, scale_power: int
+) -> Laplace:
+    def sub_apply(sub: dict[str, Tensor], x: Any) -> Any:
+        return base_apply({**rest, **sub}, x)
+
+    def _prior_vector(state: LaplaceState, sigma: Tensor | None = None, prior_precision: Tensor | None = None):
+        pp = state.prior_precision if prior_precision is None else prior_precision
+        sd = state.sigma if sigma is None else sigma
+        return pp, sd
+
+    def _per_leaf(pp: Tensor, i: int) -> Tensor:
+        return pp if pp.dim() == 0 else pp[i]
+
+    def precision(state: LaplaceState, prior_precision: Tensor | None = None, sigma: Tensor | None = None) -> Any:
+        """Posterior precision: a diagonal per leaf (``"diag"``) or a dense matrix (``"full"``)."""
+        pp, sd = _prior_vector(state, sigma, prior_precision)
+        s = sd ** (-scale_power) if scale_power else 1.0
+        if structure == "diag":
+            return {k: state.curvature[k] * s + _per_leaf(pp, i) for i, k in enumerate(names)}
+        diag = torch.cat([_per_leaf(pp, i).expand(state.mean[k].numel()) for i, k in enumerate(names)])
+        return state.curvature * s + torch.diag(diag)
+
+    def init(params: dict[str, Tensor]) -> LaplaceState:
+        raise TypeError("a Laplace state comes from funcbnn.laplace.fit, which needs data; there is no data-free init")
+
+    def _flat_mean(state: LaplaceState) -> Tensor:
+        return torch.cat([state.mean[k].reshape(-1) for k in names])
+
+    def _unflat(vec: Tensor, state: LaplaceState) -> dict[str, Tensor]:
+        out, start = {}, 0
+        for k in names:
+            n = state.mean[k].numel()
+            out[k] = vec[..., start : start + n].reshape(*vec.shape[:-1], *state.mean[k].shape)
+            start += n
+        return out
+
+    def sample(state: LaplaceState, num_samples: int, *, generator: torch.Generator | None = None) -> dict[str, Tensor]:
+        """Draws of the posterior's leaves, each shaped ``(num_samples, *leaf.shape)``."""
+        positive_int(num_samples, "num_samples")
+        prec = precision(state)
+        with torch.no_grad():
+            if structure == "diag":
+                out = {}
+                for k in names:
+                    m = state.mean[k]
+                    eps = torch.empty((num_samples, *m.shape), dtype=m.dtype, device=m.device).normal_(generator=generator)
+                    out[k] = eps.mul_(prec[k].rsqrt()).add_(m)
+                return out
+            chol = torch.linalg.cholesky(prec)
+            mean = _flat_mean(state)
+            eps = torch.empty((mean.numel(), num_samples), dtype=mean.dtype, device=mean.device).normal_(generator=generator)
+            # theta = mu + L^-T eps has covariance (L L^T)^-1 = P^-1.
+            delta = torch.linalg.solve_triangular(chol.T, eps, upper=True).T
+            return _unflat(mean + delta, state)
+
+    def log_det_ratio(state: LaplaceState, pp: Tensor, sd: Tensor) -> Tensor:
+        prec = precision(state, pp, sd)
+        if structure == "diag":
+            post = sum(torch.log(prec[k]).sum() for k in names)
+        else:
+            post = 2 * torch.log(torch.diagonal(torch.linalg.cholesky(prec))).sum()
+        prior = sum(torch.log(_per_leaf(pp, i)) * state.mean[k].numel() for i, k in enumerate(names))
+        return post - prior
+
+    def log_marglik(state: LaplaceState, prior_precision: Tensor | None = None, sigma: Tensor | None = None) -> Tensor:
+        """Laplace log marginal likelihood (Immer et al. 2021), differentiable in both hyperparameters."""
+        pp, sd = _prior_vector(state, sigma, prior_precision)
+        if lik.name == "gaussian":
+            k = state.num_outputs.to(sd.dtype)
+            half_log_2pi = 0.5 * math.log(2 * math.pi)
+            half_sse = state.loss - k * half_log_2pi
+            log_lik = -half_sse / sd**2 - k * torch.log(sd) - k * half_log_2pi
+        else:
+            log_lik = -state.loss
+        scatter = sum((_per_leaf(pp, i) * state.mean[k].square()).sum() for i, k in enumerate(names))
+        return log_lik - 0.5 * (log_det_ratio(state, pp, sd) + scatter)
+
+    def tune(
+        state: LaplaceState,
+        *,
+        per_leaf: bool = False,
+        tune_sigma: bool | None = None,
+        steps: int = 200,
+        lr: float = 0.1,
+    ) -> LaplaceState:
+        """Maximise :func:`log_marglik` over the prior precision (scalar or per leaf) and, for
+        regression, the noise std, by Adam on their logarithms. Returns a new state."""
+        positive_int(steps, "steps")
+        tune_sigma = (lik.name == "gaussian") if tune_sigma is None else tune_sigma
+        if tune_sigma and lik.name != "gaussian":
+            raise ValueError("tune_sigma applies to the 'gaussian' likelihood only")
+        init_pp = state.prior_precision
+        if per_leaf and init_pp.dim() == 0:
+            init_pp = init_pp.expand(len(names))
+        log_pp = init_pp.detach().log().clone().requires_grad_(True)
+        log_sd = state.sigma.detach().log().clone().requires_grad_(tune_sigma)
+        opt = torch.optim.Adam([log_pp] + ([log_sd] if tune_sigma else []), lr=lr)
+        for _ in range(steps):
+            opt.zero_grad()
+            loss = -log_marglik(state, log_pp.exp(), log_sd.exp())
+            loss.backward()
+            opt.step()
+        return state._replace(prior_precision=log_pp.detach().exp(), sigma=log_sd.detach().exp())
+
+    def kl(state: LaplaceState, prior: Any = None, *, reduction: str = "sum") -> Tensor:
+        """``KL(q || N(0, prior_precision^-1))``, the state's own Gaussian prior (or a given
+        ``funcbnn.priors.gaussian``)."""
+        if reduction not in ("sum", "mean"):
+            raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
+        if prior is None:
+            p_mean = {k: torch.zeros_like(state.mean[k]) for k in names}
+            p_var = {k: (1 / _per_leaf(state.prior_precision, i)).expand(state.mean[k].shape) for i, k in enumerate(names)}
+        else:
+            if "gaussian" not in getattr(prior, "closed_forms", ()):
+                raise ValueError(f"KL(Laplace || {type(prior).__name__}) needs a Gaussian prior")
+            p_mean, p_std = prior.moments(state.mean)
+            p_var = {k: v.square() for k, v in p_std.items()}
+        mu = _flat_mean(state)
+        m0 = torch.cat([p_mean[k].reshape(-1) for k in names])
+        v0 = torch.cat([p_var[k].reshape(-1) for k in names])
+        prec = precision(state)
+        if structure == "diag":
+            var = torch.cat([1 / prec[k].reshape(-1) for k in names])
+            trace, logdet_q = (var / v0).sum(), torch.log(var).sum()
+        else:
+            cov = torch.cholesky_inverse(torch.linalg.cholesky(prec))
+            trace = (torch.diagonal(cov) / v0).sum()
+            logdet_q = -2 * torch.log(torch.diagonal(torch.linalg.cholesky(prec))).sum()
+        total = 0.5 * (trace + ((mu - m0) ** 2 / v0).sum() - mu.numel() + torch.log(v0).sum() - logdet_q)
+        return total / mu.numel() if reduction == "mean" else total
+
+    def _jacobian(state: LaplaceState, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Model outputs at the MAP ``(N, O)`` and the Jacobian in the posterior's leaves ``(N, O, P)``."""
+
+        def f_one(sub: dict[str, Tensor], xi: Tensor) -> Tensor:
+            return sub_apply(sub, xi[None])[0].reshape(-1)
+
+        mean = {k: v.detach() for k, v in state.mean.items()}
+        jac = torch.func.vmap(torch.func.jacrev(f_one), in_dims=(None, 0))(mean, x)
+        flat = torch.cat([jac[k].reshape(*jac[k].shape[:2], -1) for k in names], dim=-1)
+        with torch.no_grad():
+            f = sub_apply(mean, x)
+        return f, flat
+
+    def predict(
+        state: LaplaceState,
+        x: Tensor,
+        *,
+        pred_type: Literal["glm", "nn"] = "glm",
+        link_approx: Literal["probit", "bridge", "mc"] = "probit",
+        num_samples: int = 100,
+        generator: torch.Generator | None = None,
+    ) -> Any:
+        """Posterior predictive.
+
+        ``pred_type="glm"`` linearises the network at the MAP (the default, as in
+        laplace-torch): the output covariance is ``J P^-1 J^T``. Classification
+        returns probabilities, through the probit approximation
+        ``softmax(mu / sqrt(1 + pi/8 diag(S)))``, the Laplace bridge
+        (Hobbhahn et al. 2022) or Monte Carlo over the linearised logits;
+        regression returns ``(mean, variance)`` with the noise ``sigma^2`` added.
+        ``pred_type="nn"`` samples weights and averages the network's outputs.
+        """
+        if pred_type not in ("glm", "nn"):
+            raise ValueError(f"pred_type must be 'glm' or 'nn', got {pred_type!r}")
+        if link_approx not in ("probit", "bridge", "mc"):
+            raise ValueError(f"link_approx must be 'probit', 'bridge' or 'mc', got {link_approx!r}")
+        from ..predict import sample_outputs
+
+        regression = lik.name == "gaussian"
+        if pred_type == "nn":
+            outs = sample_outputs(sub_apply, sample(state, num_samples, generator=generator), x)
+            if regression:
+                return outs.mean(0), outs.var(0, correction=0) + state.sigma**2
+            return _link(outs, lik)
+        f, jac = _jacobian(state, x)  # (N, *out), (N, O, P)
+        prec = precision(state)
+        if structure == "diag":
+            var = torch.cat([1 / prec[k].reshape(-1) for k in names])
+            cov = torch.einsum("nop,p,nqp->noq", jac, var, jac)
+        else:
+            chol = torch.linalg.cholesky(prec)
+            half = torch.linalg.solve_triangular(chol, jac.transpose(1, 2), upper=False)  # L^-1 J^T
+            cov = half.transpose(1, 2) @ half
+        cov = cov.detach()
+        f_flat = f.reshape(f.shape[0], -1)
+        if regression:
+            var_f = torch.diagonal(cov, dim1=1, dim2=2).reshape(f.shape)
+            return f, var_f + state.sigma**2
+        if link_approx == "probit":
+            kappa = 1 / torch.sqrt(1 + math.pi / 8 * torch.diagonal(cov, dim1=1, dim2=2))
+            return _probs(f_flat * kappa, lik).reshape(f.shape[0], -1)
+        if link_approx == "bridge":
+            if lik.name != "categorical":
+                raise ValueError("link_approx='bridge' is for the categorical likelihood")
+            k = f_flat.shape[-1]
+            var_d = torch.diagonal(cov, dim1=1, dim2=2)
+            sum_exp = torch.exp(-f_flat).sum(-1, keepdim=True)
+            alpha = (1 - 2 / k + f_flat.exp() / k**2 * sum_exp) / var_d
+            return alpha / alpha.sum(-1, keepdim=True)
+        chol = torch.linalg.cholesky(cov + 1e-10 * torch.eye(cov.shape[-1], dtype=cov.dtype, device=cov.device))
+        eps = torch.empty((num_samples, *f_flat.shape), dtype=f.dtype, device=f.device).normal_(generator=generator)
+        logits = f_flat + torch.einsum("noq,snq->sno", chol, eps)
+        return _link(logits, lik)
+
+    return Laplace(
+        init=init,
+        sample=sample,
+        kl=kl,
+        precision=precision,
+        log_marglik=log_marglik,
+        tune=tune,
+        predict=predict,
+        apply_fn=sub_apply,
+        structure=structure,
+        names=tuple(names),
+    )
+
+
+def _probs(logits: Tensor, lik: Likelihood) -> Tensor:
+    return torch.sigmoid(logits) if lik.name == "bernoulli" else logits.softmax(-1)
+
+
+def _link(outputs: Tensor, lik: Likelihood) -> Tensor:
+    """Mean probabilities over the leading sample axis."""
+    return _probs(outputs, lik).mean(0)
