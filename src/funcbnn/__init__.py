@@ -11,16 +11,23 @@ them and predict with many weight samples in one batched call::
     summary = funcbnn.summarize(outputs, "classification")
 """
 
-from . import families, priors, tree
+from . import families, laplace, likelihoods, priors, tree, vi
 from .families import FAMILIES, DiagGaussianState, diag_gaussian
+from .likelihoods import LIKELIHOODS
 from .model import Functional, FunctionalModel, functionalize
 from .predict import PredictiveSummary, VmapFallbackWarning, sample_outputs, summarize
+from .nn import BayesianModule
 from .priors import PRIORS
 
 __version__ = "0.1.0"
 
 __all__ = [
     "families",
+    "laplace",
+    "likelihoods",
+    "vi",
+    "BayesianModule",
+    "LIKELIHOODS",
     "priors",
     "tree",
     "FAMILIES",

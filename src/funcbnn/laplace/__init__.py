@@ -5,10 +5,13 @@
 >>> probs = la.predict(state, x)                             # linearised predictive, probit link
 """
 
+from .approximation import LaplaceApproximation, NotFittedError
 from .curvature import CurvatureStats, dense_curvature, diag_curvature, output_hessian_sqrt
 from .posterior import Laplace, LaplaceState, fit, last_layer_names
 
 __all__ = [
+    "LaplaceApproximation",
+    "NotFittedError",
     "CurvatureStats",
     "dense_curvature",
     "diag_curvature",
