@@ -27,7 +27,6 @@ predictions draw weights (:meth:`funcbnn.families.DiagGaussian.sample` and
 
 from __future__ import annotations
 
-import threading
 from typing import Any, NamedTuple
 
 import optree
@@ -118,7 +117,9 @@ class LocalReparamModel:
         self.layers = layers
         self._local_names = {n for layer in layers.values() for n in (layer.weight, layer.bias) if n}
         self._ctx: _Context | None = None
-        self._lock = threading.RLock()
+        # The functional model's own (re-entrant) lock: while the context is set, no other thread
+        # can run a plain forward of the shared shell and pick up the sampling layers.
+        self._lock = functional._lock
         for layer, names in layers.items():
             layer.forward = self._make_forward(layer, names, layer.forward)
 

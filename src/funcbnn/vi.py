@@ -170,13 +170,9 @@ def _vmapped(apply_fn: Callable, samples: Tree, x: Any, buffers: Any) -> Tensor:
     return vmap_leading(lambda p, xb: _call(apply_fn, p, xb[0], xb[1]), samples, (x, buffers), randomness="different")
 
 
-class _PathChoice(NamedTuple):
-    vmap: bool  # True: the vmapped path was measured at least as fast as the loop
-    failed: bool  # the forward could not run under vmap
-
-
-# apply_fn -> {signature: _PathChoice}; the measurement runs once per model, shapes and sample count.
-_PATHS: "weakref.WeakKeyDictionary[Any, dict[tuple, _PathChoice]]" = weakref.WeakKeyDictionary()
+# apply_fn -> {signature: use vmap?}; the measurement runs once per model, shapes and sample count.
+# False also records a forward that failed under vmap (so the fallback warns once).
+_PATHS: "weakref.WeakKeyDictionary[Any, dict[tuple, bool]]" = weakref.WeakKeyDictionary()
 
 
 def _signature(samples: Tree, x: Any, num: int) -> tuple:
@@ -199,12 +195,13 @@ def _timed_run(fn: Callable[[], Tensor], leaves: list[Tensor]) -> float:
     start = time.perf_counter()
     out = fn()
     if torch.is_grad_enabled():
-        torch.autograd.grad(out.float().sum(), leaves)
+        # allow_unused: a parameter the output does not depend on is no reason to leave vmap.
+        torch.autograd.grad(out.float().sum(), leaves, allow_unused=True)
     return time.perf_counter() - start
 
 
-def _calibrate(apply_fn: Callable, samples: Tree, x: Any, buffers: Any, num: int) -> _PathChoice:
-    """Time the vmapped and the looped evaluation (forward and, under autograd, backward) and keep the faster.
+def _calibrate(apply_fn: Callable, samples: Tree, x: Any, buffers: Any, num: int) -> bool:
+    """Time the vmapped and the looped evaluation (forward and, under autograd, backward); True if vmap wins.
 
     The draws are detached copies, so the measurement leaves no gradient anywhere.
     Best of two alternating runs after a warm-up of each, so one noisy
@@ -225,13 +222,13 @@ def _calibrate(apply_fn: Callable, samples: Tree, x: Any, buffers: Any, num: int
             VmapFallbackWarning,
             stacklevel=4,
         )
-        return _PathChoice(vmap=False, failed=True)
+        return False
     _timed_run(loop_fn, leaves)
     t_vmap = t_loop = math.inf
     for _ in range(2):
         t_vmap = min(t_vmap, _timed_run(vmap_fn, leaves))
         t_loop = min(t_loop, _timed_run(loop_fn, leaves))
-    return _PathChoice(vmap=t_vmap <= t_loop, failed=False)
+    return t_vmap <= t_loop
 
 
 def _sampled_outputs(
@@ -249,10 +246,10 @@ def _sampled_outputs(
     except TypeError:  # not weak-referenceable: measure every call
         cache = {}
     key = _signature(samples, x, num)
-    choice = cache.get(key)
-    if choice is None:
-        choice = cache[key] = _calibrate(apply_fn, samples, x, buffers, num)
-    if choice.vmap:
+    use_vmap = cache.get(key)
+    if use_vmap is None:
+        use_vmap = cache[key] = _calibrate(apply_fn, samples, x, buffers, num)
+    if use_vmap:
         return _vmapped(apply_fn, samples, x, buffers)
     return _loop(apply_fn, samples, x, buffers, num)
 
@@ -505,11 +502,11 @@ def trainable(state: Any) -> Any:
     The copy shares nothing with ``state``, so training it never changes the
     tensors the caller passed.
     """
-    out = optree.tree_map(lambda t: t.detach().clone().requires_grad_(True), state)
-    for leaf in optree.tree_leaves(out):
-        if not leaf.is_floating_point():
-            raise TypeError(f"state leaves must be floating-point tensors, got dtype {leaf.dtype}")
-    return out
+    for leaf in optree.tree_leaves(state):
+        if not isinstance(leaf, Tensor) or not leaf.is_floating_point():
+            got = f"dtype {leaf.dtype}" if isinstance(leaf, Tensor) else type(leaf).__name__
+            raise TypeError(f"state leaves must be floating-point tensors, got {got}")
+    return optree.tree_map(lambda t: t.detach().clone().requires_grad_(True), state)
 
 
 def _check_trainable(state_leaves: list[Tensor]) -> None:
