@@ -297,8 +297,8 @@ def _is_plain_gaussian(post: VariationalPosterior) -> bool:
 
 
 def _build_prior(prior: Any) -> Any:
-    if hasattr(prior, "log_prob") and not isinstance(prior, (str, tuple, list)):
-        return prior  # an already built prior object
+    if hasattr(prior, "log_prob"):
+        return prior  # an already built prior object (the built-in ones are NamedTuples, so test this first)
     name, kwargs = _parse_spec(prior, "prior")
     return PRIORS.build(name, **kwargs)
 
@@ -406,11 +406,15 @@ class BayesianModule(nn.Module):
         self._module_name = type(module).__name__
         if verbose:
             numel = sum(p.numel() for p in params.values())
-            closed = "gaussian" in getattr(self.prior, "closed_forms", ()) and self._gaussian
+            if not self._gaussian:
+                how = "analytic where torch.distributions has the pair's KL, else Monte Carlo"
+            elif "gaussian" in getattr(self.prior, "closed_forms", ()):
+                how = "analytic"
+            else:
+                how = "Monte Carlo (pass approx_num_samples)"
             print(
                 f"BayesianModule({self._module_name}): {len(params)} parameter tensors ({numel} weights) "
-                f"under posterior {posterior_name!r}, prior {type(self.prior).__name__}; KL "
-                f"{'analytic' if closed else 'Monte Carlo (pass approx_num_samples)'}"
+                f"under posterior {posterior_name!r}, prior {type(self.prior).__name__}; KL {how}"
                 + (f"; local reparameterisation in layers {self.apply_fn.local_layers}" if local_reparam else "")
             )
             for name in params:
@@ -529,9 +533,17 @@ class BayesianModule(nn.Module):
             For a bad ``reduction``, or a pair without closed form and no ``approx_num_samples``.
         """
         check_reduction(reduction)
+        if method not in ("auto", "analytic", "mc"):
+            raise ValueError(f"method must be 'auto', 'analytic' or 'mc', got {method!r}")
         if approx_num_samples is not None:
             approx_num_samples = positive_int(approx_num_samples, "approx_num_samples")
         if self._gaussian:
+            closed = method != "mc" and "gaussian" in getattr(self.prior, "closed_forms", ())
+            if not closed and approx_num_samples is None and method != "analytic":
+                raise ValueError(
+                    f"KL(posterior || {type(self.prior).__name__}) is computed by Monte Carlo; "
+                    "pass approx_num_samples=..."
+                )
             return self._family.kl(
                 self.state(),
                 self.prior,
@@ -547,8 +559,6 @@ class BayesianModule(nn.Module):
         return self.kl_divergence()
 
     def _generic_kl(self, reduction, num_samples, method, generator) -> Tensor:
-        if method not in ("auto", "analytic", "mc"):
-            raise ValueError(f"method must be 'auto', 'analytic' or 'mc', got {method!r}")
         posts = {n: self.posteriors[_key(n)] for n in self._names}
         dists = {n: p.distribution for n, p in posts.items()}
         numel = sum(p.shape.numel() for p in posts.values())
@@ -852,7 +862,7 @@ def vi_elbo_step(
     else:
         if not callable(criterion):
             raise TypeError(f"criterion must be callable or a likelihood, got {type(criterion).__name__}")
-        _vi._check_num_data(n, y.shape[0])
+        n = _vi._check_num_data(n, y.shape[0])
         weight = _vi._check_kl_weight(kl_weight)
         outputs = model.sample_outputs(x, mc_samples, generator=generator)
         flat = outputs.reshape(mc_samples * outputs.shape[1], *outputs.shape[2:])
