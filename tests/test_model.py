@@ -167,3 +167,15 @@ def test_concurrent_calls_from_threads_give_the_right_answers(mlp):
     with ThreadPoolExecutor(4) as pool:
         got = list(pool.map(lambda i: [apply_fn(variants[i], x) for _ in range(20)], range(8)))
     assert all(torch.equal(o, want[i]) for i, outs in enumerate(got) for o in outs)
+
+
+def test_functional_model_deep_copies_into_an_independent_equal_model():
+    import copy
+
+    net = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2)).eval()
+    apply_fn, params, _ = functionalize(net)
+    twin = copy.deepcopy(apply_fn)
+    x = torch.randn(5, 3)
+    torch.testing.assert_close(twin(params, x), net(x))
+    assert twin.module is not apply_fn.module
+    assert all(t.device.type == "meta" for t in twin.module.parameters())

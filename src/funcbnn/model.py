@@ -135,6 +135,14 @@ class FunctionalModel:
         ]
         self._restore()
 
+    def __getstate__(self) -> dict[str, Any]:
+        # The slot tables point into ``module`` and the lock cannot be pickled; both are rebuilt.
+        return {"module": self.module, "params_template": self.params_template, "frozen": self.frozen,
+                "buffers": self.buffers}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["module"], state["params_template"], state["frozen"], state["buffers"])
+
     def _restore(self) -> None:
         for table, attr, placeholder in self._placeholders:
             table[attr] = placeholder
