@@ -90,13 +90,16 @@ def output_hessian_sqrt(likelihood: Likelihood, outputs: Tensor) -> Tensor:
     if likelihood.name == "bernoulli":
         p = torch.sigmoid(outputs)
         return (p * (1 - p)).sqrt()[None]
-    flat = outputs.reshape(outputs.shape[0], -1)
-    d = flat.shape[1]
-    scale = torch.ones_like(flat)
     if likelihood.name == "heteroscedastic_gaussian":
-        half = d // 2
-        scale = torch.cat([torch.exp(-0.5 * flat[:, :half]), torch.full_like(flat[:, half:], math.sqrt(0.5))], 1)
-    cols = torch.diag_embed(scale).permute(2, 0, 1)  # (d, N, d)
+        # Means and log-variances are halves of the *last* axis: split there, before flattening,
+        # or (N, T, 2D) outputs would interleave them.
+        _, log_var = outputs.chunk(2, dim=-1)
+        scale = torch.cat([torch.exp(-0.5 * log_var), torch.full_like(log_var, math.sqrt(0.5))], -1)
+    else:
+        scale = torch.ones_like(outputs)
+    flat = scale.reshape(outputs.shape[0], -1)
+    d = flat.shape[1]
+    cols = torch.diag_embed(flat).permute(2, 0, 1)  # (d, N, d)
     return cols.reshape(d, *outputs.shape)
 
 
@@ -179,20 +182,25 @@ def _per_example_grads(layer: _Layer, a: Tensor, g: Tensor) -> tuple[Tensor | No
     return gw, gb
 
 
-def _accumulate(layer: _Layer, a: Tensor, gs: list[Tensor], out: dict[str, Tensor]) -> None:
-    """Add ``sum_c sum_n (per-example gradient)^2`` for one layer into ``out``."""
-    if isinstance(layer.module, nn.Linear) and a.dim() == 2:
+def _accumulate(layer: _Layer, acts: list[Tensor], gs: list[list[Tensor]], out: dict[str, Tensor]) -> None:
+    """Add ``sum_c sum_n (per-example gradient)^2`` for one layer into ``out``.
+
+    ``acts`` holds the layer's input for each call in the forward pass and ``gs[c]`` the
+    output gradients of column ``c`` for each call: a layer called twice (a reused module)
+    has a per-example gradient that is the sum over its calls, squared only after summing.
+    """
+    if len(acts) == 1 and isinstance(layer.module, nn.Linear) and acts[0].dim() == 2:
         # Outer-product gradients: sum over columns of g^2 first, then one matmul.
-        g2 = sum(g.square() for g in gs)
-        out[layer.weight] += g2.T @ a.square()
+        g2 = sum(g[0].square() for g in gs)
+        out[layer.weight] += g2.T @ acts[0].square()
         if layer.bias:
             out[layer.bias] += g2.sum(0)
         return
-    for g in gs:
-        gw, gb = _per_example_grads(layer, a, g)
-        out[layer.weight] += gw.square().sum(0)
+    for col in gs:
+        per_call = [_per_example_grads(layer, a, g) for a, g in zip(acts, col)]
+        out[layer.weight] += sum(gw for gw, _ in per_call).square().sum(0)
         if layer.bias:
-            out[layer.bias] += gb.square().sum(0)
+            out[layer.bias] += sum(gb for _, gb in per_call).square().sum(0)
 
 
 def _structured_batch(
@@ -207,14 +215,16 @@ def _structured_batch(
     generator: torch.Generator | None,
     out: dict[str, Tensor],
 ) -> Tensor:
-    acts: dict[int, Tensor] = {}
-    taps: dict[int, Tensor] = {}
+    # One entry per call: a module used twice in the forward pass gets two taps.
+    acts: list[list[Tensor]] = [[] for _ in layers]
+    taps: list[list[Tensor]] = [[] for _ in layers]
 
     def hook(i: int):
         def fn(module: nn.Module, inputs: tuple, output: Tensor) -> Tensor:
-            acts[i] = inputs[0].detach()
-            taps[i] = torch.zeros_like(output, requires_grad=True)
-            return output + taps[i]
+            tap = torch.zeros_like(output, requires_grad=True)
+            acts[i].append(inputs[0].detach())
+            taps[i].append(tap)
+            return output + tap
 
         return fn
 
@@ -228,9 +238,7 @@ def _structured_batch(
             h.remove()
     likelihood.check(f, y)
     loss = likelihood.nll(f.detach(), y).sum()
-    order = list(range(len(layers)))
-    tap_list = [taps[i] for i in order]
-    grads_per_col: list[list[Tensor]] = [[] for _ in order]
+    tap_list = [t for layer_taps in taps for t in layer_taps]
     if kind == "ef":
         cols = [torch.autograd.grad(likelihood.nll(f, y).sum(), tap_list)]
     elif kind == "ggn":
@@ -242,11 +250,12 @@ def _structured_batch(
             y_hat = _sample_targets(likelihood, f, generator)
             cols.append(torch.autograd.grad(likelihood.nll(f, y_hat).sum(), tap_list, retain_graph=True))
         cols = [tuple(g / math.sqrt(num_mc) for g in col) for col in cols]
-    for col in cols:
-        for i, g in zip(order, col):
-            grads_per_col[i].append(g)
+    start = 0
     for i, layer in enumerate(layers):
-        _accumulate(layer, acts[i], grads_per_col[i], out)
+        calls = len(taps[i])
+        if calls:  # a layer the forward never called has zero gradient
+            _accumulate(layer, acts[i], [list(col[start : start + calls]) for col in cols], out)
+        start += calls
     return loss
 
 
@@ -343,7 +352,10 @@ def diag_curvature(
         ``"auto"`` uses the structured engine for every Linear/Conv layer it can
         and the generic one for the other leaves; ``"generic"`` forces vmap.
     generator : torch.Generator, optional
-        Label sampling for ``"mc_ggn"``.
+        Label sampling for ``"mc_ggn"``. Each engine draws ``num_mc`` label sets per
+        batch (per chunk on the generic path), so with ``chunk_size`` at least the batch
+        size, ``method="structured"`` and ``"generic"`` give the same numbers for the
+        same seed. Under ``"auto"`` the two engines' leaves use separate draws.
     chunk_size : int
         Examples per vmapped call on the generic path.
     subset : iterable of str, optional
@@ -437,7 +449,10 @@ def dense_curvature(
         raise ValueError(f"kind must be 'ggn', 'ef' or 'mc_ggn', got {kind!r}")
     positive_int(chunk_size, "chunk_size")
     positive_int(num_mc, "num_mc")
-    names = list(params) if subset is None else [k for k in params if k in set(subset)]
+    wanted = set(params) if subset is None else set(subset)
+    if not wanted <= set(params):
+        raise ValueError(f"subset names {sorted(wanted - set(params))} are not leaves of params")
+    names = [k for k in params if k in wanted]
     if not names:
         raise ValueError("subset is empty: nothing to compute")
     size = sum(params[k].numel() for k in names)

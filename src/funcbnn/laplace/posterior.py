@@ -113,7 +113,7 @@ def fit(
     structure: Literal["diag", "full"] = "diag",
     curvature: Kind = "ggn",
     prior_precision: float | Tensor = 1.0,
-    sigma: float = 1.0,
+    sigma: float | None = None,
     num_mc: int = 1,
     generator: torch.Generator | None = None,
     chunk_size: int = 32,
@@ -136,8 +136,9 @@ def fit(
         Exact GGN (default, as laplace-torch), empirical Fisher, or sampled-label GGN.
     prior_precision : float or Tensor
         Initial prior precision (scalar or one per leaf); tune with ``la.tune``.
-    sigma : float
-        Initial observation noise std for ``"gaussian"``.
+    sigma : float, optional
+        Initial observation noise std for ``"gaussian"``; by default the
+        likelihood's own (1 for ``"gaussian"`` given by name).
 
     Returns
     -------
@@ -158,6 +159,12 @@ def fit(
         raise ValueError(f"structure must be 'diag' or 'full', got {structure!r}")
     if not isinstance(params, dict) or not params:
         raise TypeError("params must be a non-empty dict of tensors")
+    if curvature not in ("ggn", "ef", "mc_ggn"):
+        raise ValueError(f"curvature must be 'ggn', 'ef' or 'mc_ggn', got {curvature!r}")
+    if isinstance(subset, str) and subset not in ("all", "last_layer"):
+        raise ValueError(
+            f"subset must be 'all', 'last_layer', an iterable of leaf names or a predicate, got {subset!r}"
+        )
     if subset == "all":
         names = list(params)
     elif subset == "last_layer":
@@ -172,6 +179,8 @@ def fit(
         names = [k for k in params if k in wanted]
     if not names:
         raise ValueError("subset selects no leaves")
+    if sigma is None:
+        sigma = lik.sigma if lik.name == "gaussian" else 1.0
     if lik.name != "gaussian" and sigma != 1.0:
         raise ValueError(f"sigma applies to the 'gaussian' likelihood only, not {lik.name!r}")
     if not (isinstance(sigma, numbers.Real) and sigma > 0):
@@ -396,7 +405,7 @@ def _build(
             return f, var_f + state.sigma**2
         if link_approx == "probit":
             kappa = 1 / torch.sqrt(1 + math.pi / 8 * torch.diagonal(cov, dim1=1, dim2=2))
-            return _probs(f_flat * kappa, lik).reshape(f.shape[0], -1)
+            return _probs(f_flat * kappa, lik).reshape(f.shape)
         if link_approx == "bridge":
             if lik.name != "categorical":
                 raise ValueError("link_approx='bridge' is for the categorical likelihood")
@@ -408,7 +417,7 @@ def _build(
         chol = torch.linalg.cholesky(cov + 1e-10 * torch.eye(cov.shape[-1], dtype=cov.dtype, device=cov.device))
         eps = torch.empty((num_samples, *f_flat.shape), dtype=f.dtype, device=f.device).normal_(generator=generator)
         logits = f_flat + torch.einsum("noq,snq->sno", chol, eps)
-        return _link(logits, lik)
+        return _link(logits, lik).reshape(f.shape)
 
     return Laplace(
         init=init,
