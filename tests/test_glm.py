@@ -106,3 +106,14 @@ def test_bad_variances_are_named():
         diag_output_covariance(apply_fn, params, {"weight": torch.ones(3)}, x)
     with pytest.raises(ValueError, match="batch axis"):
         diag_output_covariance(apply_fn, params, {"weight": torch.ones(2, 3)}, torch.tensor(1.0))
+
+
+def test_covariance_is_computed_under_no_grad():
+    model, _ = _models()["mlp_layernorm"]
+    apply_fn, params, _ = functionalize(model.double())
+    variances = {k: torch.full_like(v, 0.1) for k, v in params.items()}
+    x = torch.randn(3, 4, dtype=torch.float64)
+    want = diag_output_covariance(apply_fn, params, variances, x)[1]
+    with torch.no_grad():
+        got = diag_output_covariance(apply_fn, params, variances, x)[1]
+    torch.testing.assert_close(got, want)

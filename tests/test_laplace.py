@@ -782,3 +782,119 @@ def test_bad_hyperparameters_and_prediction_options_are_refused(small):
         la.predict(state, data[0], link_approx="softmax")
     with pytest.raises(ValueError, match="num_samples must be a positive int"):
         la.sample(state, 0)
+
+
+# --- Kronecker-factored (KFAC) Laplace ---------------------------------------------------------
+
+
+def test_kron_laplace_on_a_single_output_linear_head_is_bayesian_linear_regression():
+    # One output with unit Gaussian curvature makes G = N, so G (x) A / N is exactly phi^T phi.
+    sigma, pp = 0.3, 2.0
+    apply_fn, params, net, x, y, phi, precision, theta = _blr_problem(False, sigma, pp)
+    kw = dict(subset="last_layer", prior_precision=pp, sigma=sigma)
+    la, state = fit(apply_fn, params, [(x, y)], "gaussian", structure="kron", **kw)
+    full, full_state = fit(apply_fn, params, [(x, y)], "gaussian", structure="full", **kw)
+    blocks, diag = la.precision(state)
+    assert not diag and list(blocks) == [("2.weight", "2.bias")]
+    assert_rel(blocks[("2.weight", "2.bias")], precision, 1e-10)
+    assert_rel(la.log_marglik(state), full.log_marglik(full_state), 1e-10)
+    assert_rel(la.kl(state), full.kl(full_state), 1e-10)
+    x_new = torch.randn(5, 2, generator=torch.Generator().manual_seed(9), dtype=DT)
+    for got, want in zip(la.predict(state, x_new), full.predict(full_state, x_new)):
+        assert_rel(got, want, 1e-10)
+    tuned, full_tuned = la.tune(state, steps=30), full.tune(full_state, steps=30)
+    assert_rel(tuned.prior_precision, full_tuned.prior_precision, 1e-8)
+    assert_rel(tuned.sigma, full_tuned.sigma, 1e-8)
+
+
+def _kron_dense(la, state) -> Tensor:
+    """The kron posterior precision as one matrix over the leaves flattened in ``la.names`` order."""
+    blocks, diag = la.precision(state)
+    sizes = {k: state.mean[k].numel() for k in la.names}
+    offset = dict(zip(la.names, torch.tensor([0, *sizes.values()]).cumsum(0).tolist()))
+    total = sum(sizes.values())
+    dense = torch.zeros(total, total, dtype=DT)
+    for key, block in blocks.items():
+        w = state.mean[key[0]]
+        out, fan_in = w.shape[0], w[0].numel()
+        idx = []  # joint block order: row o holds W[o] then b[o]
+        for o in range(out):
+            idx += [offset[key[0]] + o * fan_in + j for j in range(fan_in)]
+            if len(key) == 2:
+                idx.append(offset[key[1]] + o)
+        idx = torch.tensor(idx)
+        dense[idx[:, None], idx[None, :]] = block
+    for k, d in diag.items():
+        i = torch.arange(offset[k], offset[k] + sizes[k])
+        dense[i, i] = d.reshape(-1)
+    return dense
+
+
+def _kron_classifier():
+    torch.manual_seed(0)
+    net = _seq(nn.Linear(3, 5), nn.LayerNorm(5), nn.Tanh(), nn.Linear(5, 3))
+    apply_fn, params, _ = functionalize(net)
+    g = torch.Generator().manual_seed(4)
+    x, y = torch.randn(24, 3, generator=g, dtype=DT), torch.randint(0, 3, (24,), generator=g)
+    pp = torch.tensor([0.5, 1.0, 2.0, 3.0, 0.7, 1.5], dtype=DT)  # per leaf: weight and bias differ
+    la, state = fit(apply_fn, params, [(x, y)], "categorical", structure="kron", prior_precision=pp)
+    return la, state, net, x
+
+
+def test_kron_marglik_kl_and_samples_agree_with_the_dense_kron_precision():
+    la, state, _, _ = _kron_classifier()
+    prec = _kron_dense(la, state)
+    mu = _flat(state.mean)
+    pp = torch.cat([state.prior_precision[i].expand(state.mean[k].numel()) for i, k in enumerate(la.names)])
+    want = -state.loss - 0.5 * (torch.logdet(prec) - pp.log().sum() + (pp * mu.square()).sum())
+    assert_rel(la.log_marglik(state), want, 1e-10)
+    q = torch.distributions.MultivariateNormal(mu, precision_matrix=prec)
+    p = torch.distributions.MultivariateNormal(torch.zeros_like(mu), precision_matrix=torch.diag(pp))
+    assert_rel(la.kl(state), torch.distributions.kl_divergence(q, p), 1e-10)
+    s = 4000
+    draws = la.sample(state, s, generator=torch.Generator().manual_seed(0))
+    flat = torch.cat([draws[k].reshape(s, -1) for k in la.names], 1)
+    cov = torch.linalg.inv(prec)
+    var = torch.diagonal(cov)
+    assert ((flat.mean(0) - mu).abs() / (var / s).sqrt()).max() < 5
+    centred = flat - mu
+    se = ((var[:, None] * var[None, :] + cov.square()) / s).sqrt()
+    assert ((centred.T @ centred / s - cov).abs() / se).max() < 5
+
+
+def test_kron_log_marglik_gradient_matches_central_differences():
+    la, state, _, _ = _kron_classifier()
+    pp = state.prior_precision.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(la.log_marglik(state, pp), pp)
+    h = 1e-6
+    for i in range(pp.numel()):
+        e = torch.zeros_like(pp)
+        e[i] = h
+        fd = (la.log_marglik(state, pp.detach() + e) - la.log_marglik(state, pp.detach() - e)) / (2 * h)
+        assert abs(grad[i].item() - fd.item()) <= 1e-6 * max(1.0, abs(fd.item()))
+
+
+@pytest.mark.parametrize("structure", ["diag", "kron", "full"])
+def test_glm_output_covariance_equals_J_P_inverse_J_transposed(structure):
+    la, state, net, x = _kron_classifier()
+    if structure != "kron":
+        apply_fn, params, _ = functionalize(net)
+        la, state = fit(apply_fn, params, [(x, torch.zeros(len(x), dtype=torch.long))], "categorical",
+                        structure=structure, prior_precision=state.prior_precision)
+    if structure == "kron":
+        prec = _kron_dense(la, state)
+    elif structure == "diag":
+        prec = torch.diag(_flat(la.precision(state)))
+    else:
+        prec = la.precision(state)
+    cov = torch.linalg.inv(prec)
+    x_new = torch.randn(4, 3, generator=torch.Generator().manual_seed(5), dtype=DT)
+    f, got = la.output_covariance(state, x_new, chunk_size=3)
+    for n in range(4):
+        def out(*leaves):
+            return la.apply_fn(dict(zip(la.names, leaves)), x_new[n : n + 1]).reshape(-1)
+
+        jac = torch.autograd.functional.jacobian(out, tuple(state.mean[k] for k in la.names))
+        J = torch.cat([j.reshape(j.shape[0], -1) for j in jac], 1)
+        assert_rel(got[n], J @ cov @ J.T, 1e-9)
+    assert_rel(f, net(x_new).detach(), 1e-12)

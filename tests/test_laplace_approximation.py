@@ -134,3 +134,16 @@ def test_bad_construction_and_data_raise_clear_errors():
     with pytest.raises(ValueError, match="empty"):
         la.fit(torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.zeros(0, 2), torch.zeros(0))))
     assert not la.is_fitted
+
+
+def test_kron_structure_and_a_gaussian_likelihood_object_are_passed_through():
+    from funcbnn.likelihoods import gaussian
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1)).double()
+    x = torch.randn(30, 3, dtype=torch.float64)
+    y = x[:, :1] + 0.1 * torch.randn(30, 1, dtype=torch.float64)
+    la = LaplaceApproximation(net, gaussian(sigma=0.5), structure="kron").fit([(x, y)])
+    assert la.state.sigma.item() == 0.5 and la.posterior.structure == "kron"
+    mean, var = la.predict(x[:3], 8)
+    assert mean.shape == var.shape == (3, 1) and bool((var > 0.25).all())

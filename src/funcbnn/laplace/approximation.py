@@ -51,12 +51,13 @@ class LaplaceApproximation:
         :meth:`tune` fits it by marginal likelihood.
     subset : {"all", "last_layer"}, names or predicate, default "all"
         Which parameters get a posterior.
-    structure : {"diag", "full"}, default "diag"
-        Shape of the posterior precision.
+    structure : {"diag", "kron", "full"}, default "diag"
+        Shape of the posterior precision (diagonal, Kronecker-factored per layer, dense).
     curvature : {"ggn", "ef", "mc_ggn"}, default "ggn"
         Curvature estimate (exact GGN, empirical Fisher, sampled-label GGN).
-    sigma : float, default 1.0
-        Observation noise std for regression.
+    sigma : float, optional
+        Observation noise std for regression; by default the likelihood's own (1
+        for ``"regression"``).
 
     Examples
     --------
@@ -74,9 +75,9 @@ class LaplaceApproximation:
         prior_precision: float | Tensor = 1.0,
         *,
         subset: Literal["all", "last_layer"] | Iterable[str] | Callable[[str, Tensor], bool] = "all",
-        structure: Literal["diag", "full"] = "diag",
+        structure: Literal["diag", "kron", "full"] = "diag",
         curvature: Kind = "ggn",
-        sigma: float = 1.0,
+        sigma: float | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")

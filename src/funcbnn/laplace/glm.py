@@ -80,8 +80,7 @@ def _structured_part(
 
     handles = [layer.module.register_forward_hook(hook(i)) for i, layer in enumerate(layers)]
     try:
-        with torch.enable_grad():
-            f = apply_fn(params, x)
+        f = apply_fn(params, x)
     finally:
         for h in handles:
             h.remove()
@@ -104,7 +103,7 @@ def _structured_part(
     for i, layer in enumerate(layers):
         G = torch.stack([grads[i] for grads in per_output])  # (O, N, *layer out)
         cov += weigh(layer, acts[i], G)
-    return f.detach(), cov
+    return f.detach(), cov.detach()
 
 
 def _generic_part(
@@ -183,14 +182,15 @@ def diag_output_covariance(
         xs = x[start : start + chunk_size]
         while True:
             try:
-                f, cov = _structured_part(apply_fn, detached, layers, xs, _diag_weigh(variances))
+                with torch.enable_grad():  # the taps need autograd even when the caller has it off
+                    f, cov = _structured_part(apply_fn, detached, layers, xs, _diag_weigh(variances))
                 break
             except _Unstructured as err:
                 layers = [layer for layer in layers if layer not in err.layers]
         covered = {n for layer in layers for n in (layer.weight, layer.bias) if n}
         generic = [k for k in variances if k not in covered]
         if generic:
-            cov = cov + _generic_part(apply_fn, detached, variances, generic, xs)
+            cov = cov + _generic_part(apply_fn, detached, variances, generic, xs).detach()
         fs.append(f)
         covs.append(cov)
     return torch.cat(fs), torch.cat(covs)

@@ -24,6 +24,16 @@ from .._validation import positive_int
 from ..likelihoods import Likelihood, get_likelihood
 from ..model import FunctionalModel
 from .curvature import Kind, dense_curvature, diag_curvature
+from .glm import diag_output_covariance
+from .kron import (
+    kron_covariance_diag,
+    kron_curvature,
+    kron_decompose,
+    kron_functional_variance,
+    kron_logdet,
+    kron_precision_dense,
+    kron_sample,
+)
 
 __all__ = ["LaplaceState", "Laplace", "fit", "last_layer_names"]
 
@@ -35,9 +45,11 @@ class LaplaceState(NamedTuple):
     ----------
     mean : dict[str, Tensor]
         MAP values of the leaves under the posterior.
-    curvature : dict[str, Tensor] or Tensor
+    curvature : dict[str, Tensor], Tensor or KronDecomposed
         Summed per-example curvature at noise std 1: a diagonal per leaf
-        (``"diag"``) or a ``P x P`` matrix over the flattened leaves (``"full"``).
+        (``"diag"``), a ``P x P`` matrix over the flattened leaves (``"full"``),
+        or eigendecomposed Kronecker factors per layer (``"kron"``, see
+        :mod:`funcbnn.laplace.kron`).
     prior_precision : Tensor
         Scalar, or one value per leaf (in ``mean``'s order).
     sigma : Tensor
@@ -98,6 +110,7 @@ class Laplace(NamedTuple):
     log_marglik: Callable[..., Tensor]
     tune: Callable[..., LaplaceState]
     predict: Callable[..., Any]
+    output_covariance: Callable[..., tuple[Tensor, Tensor]]
     apply_fn: Callable[[dict[str, Tensor], Any], Any]
     structure: str
     names: tuple[str, ...]
@@ -110,7 +123,7 @@ def fit(
     likelihood: str | Likelihood,
     *,
     subset: Literal["all", "last_layer"] | Iterable[str] | Callable[[str, Tensor], bool] = "all",
-    structure: Literal["diag", "full"] = "diag",
+    structure: Literal["diag", "kron", "full"] = "diag",
     curvature: Kind = "ggn",
     prior_precision: float | Tensor = 1.0,
     sigma: float | None = None,
@@ -130,8 +143,10 @@ def fit(
         ``"categorical"``, ``"gaussian"`` (sigma tunable), ``"bernoulli"``, ...
     subset : {"all", "last_layer"}, iterable of names, or predicate
         Leaves that get a posterior; the others stay at their MAP values.
-    structure : {"diag", "full"}
-        Diagonal precision, or a dense one over the subset (last layer, small nets).
+    structure : {"diag", "kron", "full"}
+        Diagonal precision; Kronecker-factored blocks per Linear/Conv layer
+        (KFAC, Martens & Grosse 2015; other leaves diagonal); or a dense one over
+        the subset (last layer, small nets).
     curvature : {"ggn", "ef", "mc_ggn"}
         Exact GGN (default, as laplace-torch), empirical Fisher, or sampled-label GGN.
     prior_precision : float or Tensor
@@ -155,8 +170,8 @@ def fit(
     torch.Size([4, 3])
     """
     lik = get_likelihood(likelihood)
-    if structure not in ("diag", "full"):
-        raise ValueError(f"structure must be 'diag' or 'full', got {structure!r}")
+    if structure not in ("diag", "kron", "full"):
+        raise ValueError(f"structure must be 'diag', 'kron' or 'full', got {structure!r}")
     if not isinstance(params, dict) or not params:
         raise TypeError("params must be a non-empty dict of tensors")
     if curvature not in ("ggn", "ef", "mc_ggn"):
@@ -192,6 +207,14 @@ def fit(
             apply_fn, params, data, lik, kind=curvature, num_mc=num_mc, generator=generator,
             chunk_size=chunk_size, subset=names,
         )
+    elif structure == "kron":
+        if not isinstance(apply_fn, FunctionalModel):
+            raise TypeError("structure='kron' needs apply_fn from funcbnn.functionalize (it hooks the layers)")
+        factors, stats = kron_curvature(
+            apply_fn, params, data, lik, kind=curvature, num_mc=num_mc, generator=generator,
+            chunk_size=chunk_size, subset=names,
+        )
+        curv = kron_decompose(factors)
     else:
         curv, stats = dense_curvature(
             apply_fn, params, data, lik, kind=curvature, num_mc=num_mc, generator=generator,
@@ -227,10 +250,20 @@ def _build(
     def _per_leaf(pp: Tensor, i: int) -> Tensor:
         return pp if pp.dim() == 0 else pp[i]
 
+    def _scale(sd: Tensor) -> Tensor | float:
+        return sd ** (-scale_power) if scale_power else 1.0
+
+    def _pp_dict(pp: Tensor) -> Tensor | dict[str, Tensor]:
+        return pp if pp.dim() == 0 else dict(zip(names, pp.unbind()))
+
     def precision(state: LaplaceState, prior_precision: Tensor | None = None, sigma: Tensor | None = None) -> Any:
-        """Posterior precision: a diagonal per leaf (``"diag"``) or a dense matrix (``"full"``)."""
+        """Posterior precision: a diagonal per leaf (``"diag"``), a dense matrix (``"full"``), or
+        for ``"kron"`` a pair ``(dense block per layer, diagonal per other leaf)`` rebuilt from the
+        factors (memory ``|W|^2`` per layer: for inspection of small layers)."""
         pp, sd = _prior_vector(state, sigma, prior_precision)
-        s = sd ** (-scale_power) if scale_power else 1.0
+        s = _scale(sd)
+        if structure == "kron":
+            return kron_precision_dense(state.curvature, _pp_dict(pp), s)
         if structure == "diag":
             return {k: state.curvature[k] * s + _per_leaf(pp, i) for i, k in enumerate(names)}
         diag = torch.cat([_per_leaf(pp, i).expand(state.mean[k].numel()) for i, k in enumerate(names)])
@@ -253,6 +286,13 @@ def _build(
     def sample(state: LaplaceState, num_samples: int, *, generator: torch.Generator | None = None) -> dict[str, Tensor]:
         """Draws of the posterior's leaves, each shaped ``(num_samples, *leaf.shape)``."""
         positive_int(num_samples, "num_samples")
+        if structure == "kron":
+            with torch.no_grad():
+                draws = kron_sample(
+                    state.curvature, state.mean, num_samples, _pp_dict(state.prior_precision),
+                    _scale(state.sigma), generator=generator,
+                )
+            return {k: draws[k] for k in names}
         prec = precision(state)
         with torch.no_grad():
             if structure == "diag":
@@ -270,12 +310,14 @@ def _build(
             return _unflat(mean + delta, state)
 
     def log_det_ratio(state: LaplaceState, pp: Tensor, sd: Tensor) -> Tensor:
+        prior = sum(torch.log(_per_leaf(pp, i)) * state.mean[k].numel() for i, k in enumerate(names))
+        if structure == "kron":
+            return kron_logdet(state.curvature, _pp_dict(pp), _scale(sd)) - prior
         prec = precision(state, pp, sd)
         if structure == "diag":
             post = sum(torch.log(prec[k]).sum() for k in names)
         else:
             post = 2 * torch.log(torch.diagonal(torch.linalg.cholesky(prec))).sum()
-        prior = sum(torch.log(_per_leaf(pp, i)) * state.mean[k].numel() for i, k in enumerate(names))
         return post - prior
 
     def log_marglik(state: LaplaceState, prior_precision: Tensor | None = None, sigma: Tensor | None = None) -> Tensor:
@@ -334,29 +376,61 @@ def _build(
         mu = _flat_mean(state)
         m0 = torch.cat([p_mean[k].reshape(-1) for k in names])
         v0 = torch.cat([p_var[k].reshape(-1) for k in names])
-        prec = precision(state)
-        if structure == "diag":
+        if structure == "kron":
+            pp, s = _pp_dict(state.prior_precision), _scale(state.sigma)
+            var_tree = kron_covariance_diag(state.curvature, state.mean, pp, s)
+            trace = (torch.cat([var_tree[k].reshape(-1) for k in names]) / v0).sum()
+            logdet_q = -kron_logdet(state.curvature, pp, s)
+        elif structure == "diag":
+            prec = precision(state)
             var = torch.cat([1 / prec[k].reshape(-1) for k in names])
             trace, logdet_q = (var / v0).sum(), torch.log(var).sum()
         else:
-            cov = torch.cholesky_inverse(torch.linalg.cholesky(prec))
+            chol = torch.linalg.cholesky(precision(state))
+            cov = torch.cholesky_inverse(chol)
             trace = (torch.diagonal(cov) / v0).sum()
-            logdet_q = -2 * torch.log(torch.diagonal(torch.linalg.cholesky(prec))).sum()
+            logdet_q = -2 * torch.log(torch.diagonal(chol)).sum()
         total = 0.5 * (trace + ((mu - m0) ** 2 / v0).sum() - mu.numel() + torch.log(v0).sum() - logdet_q)
         return total / mu.numel() if reduction == "mean" else total
 
-    def _jacobian(state: LaplaceState, x: Tensor) -> tuple[Tensor, Tensor]:
-        """Model outputs at the MAP ``(N, O)`` and the Jacobian in the posterior's leaves ``(N, O, P)``."""
+    def _jacobian(state: LaplaceState, x: Tensor) -> dict[str, Tensor]:
+        """Per-leaf Jacobians of the flattened outputs, ``(N, O, *leaf.shape)``."""
 
         def f_one(sub: dict[str, Tensor], xi: Tensor) -> Tensor:
             return sub_apply(sub, xi[None])[0].reshape(-1)
 
         mean = {k: v.detach() for k, v in state.mean.items()}
-        jac = torch.func.vmap(torch.func.jacrev(f_one), in_dims=(None, 0))(mean, x)
-        flat = torch.cat([jac[k].reshape(*jac[k].shape[:2], -1) for k in names], dim=-1)
+        return torch.func.vmap(torch.func.jacrev(f_one), in_dims=(None, 0))(mean, x)
+
+    def output_covariance(state: LaplaceState, x: Tensor, *, chunk_size: int = 64) -> tuple[Tensor, Tensor]:
+        """Outputs at the MAP ``(N, *out)`` and the linearised output covariance ``J P^-1 J^T``
+        ``(N, O, O)``. The diagonal structure never forms ``J`` (:mod:`funcbnn.laplace.glm`);
+        the others form it ``chunk_size`` inputs at a time."""
+        chunk_size = positive_int(chunk_size, "chunk_size")
+        if not isinstance(x, Tensor) or x.dim() == 0:
+            raise ValueError("x must be a tensor with a leading batch axis")
         with torch.no_grad():
-            f = sub_apply(mean, x)
-        return f, flat
+            if structure == "diag":
+                prec = precision(state)
+                variances = {k: prec[k].reciprocal() for k in names}
+                full = {**rest, **{k: v.detach() for k, v in state.mean.items()}}
+                return diag_output_covariance(base_apply, full, variances, x, chunk_size=chunk_size)
+            f = sub_apply({k: v.detach() for k, v in state.mean.items()}, x)
+            if structure == "full":
+                chol = torch.linalg.cholesky(precision(state))
+        covs = []
+        for start in range(0, x.shape[0], chunk_size):
+            jac = _jacobian(state, x[start : start + chunk_size])
+            with torch.no_grad():
+                if structure == "kron":
+                    covs.append(kron_functional_variance(
+                        state.curvature, jac, _pp_dict(state.prior_precision), _scale(state.sigma)
+                    ))
+                else:
+                    flat = torch.cat([jac[k].reshape(*jac[k].shape[:2], -1) for k in names], dim=-1)
+                    half = torch.linalg.solve_triangular(chol, flat.transpose(1, 2), upper=False)  # L^-1 J^T
+                    covs.append(half.transpose(1, 2) @ half)
+        return f, torch.cat(covs)
 
     def predict(
         state: LaplaceState,
@@ -389,16 +463,7 @@ def _build(
             if regression:
                 return outs.mean(0), outs.var(0, correction=0) + state.sigma**2
             return _link(outs, lik)
-        f, jac = _jacobian(state, x)  # (N, *out), (N, O, P)
-        prec = precision(state)
-        if structure == "diag":
-            var = torch.cat([1 / prec[k].reshape(-1) for k in names])
-            cov = torch.einsum("nop,p,nqp->noq", jac, var, jac)
-        else:
-            chol = torch.linalg.cholesky(prec)
-            half = torch.linalg.solve_triangular(chol, jac.transpose(1, 2), upper=False)  # L^-1 J^T
-            cov = half.transpose(1, 2) @ half
-        cov = cov.detach()
+        f, cov = output_covariance(state, x)
         f_flat = f.reshape(f.shape[0], -1)
         if regression:
             var_f = torch.diagonal(cov, dim1=1, dim2=2).reshape(f.shape)
@@ -427,6 +492,7 @@ def _build(
         log_marglik=log_marglik,
         tune=tune,
         predict=predict,
+        output_covariance=output_covariance,
         apply_fn=sub_apply,
         structure=structure,
         names=tuple(names),
