@@ -44,6 +44,7 @@ from torch import Tensor, nn
 from .._validation import positive_int
 from ..likelihoods import Likelihood, get_likelihood
 from ..model import FunctionalModel
+from ._taps import Layer, structured_layers, tapped_forward
 
 __all__ = ["CurvatureStats", "diag_curvature", "dense_curvature", "output_hessian_sqrt", "check_data", "unit_likelihood"]
 
@@ -134,32 +135,7 @@ def check_data(data: Any) -> list[tuple[Any, Tensor]]:
 # --- the structured engine -------------------------------------------------------------------
 
 
-class _Layer(NamedTuple):
-    module: nn.Module
-    weight: str
-    bias: str | None
-
-
-def _structured_layers(apply_fn: FunctionalModel, names: set[str]) -> list[_Layer]:
-    """Linear / Conv1d / Conv2d layers whose trainable weight (and bias) the taps can handle."""
-    layers = []
-    for mod_name, mod in apply_fn.module.named_modules():
-        prefix = f"{mod_name}." if mod_name else ""
-        if isinstance(mod, nn.Linear):
-            ok = True
-        elif isinstance(mod, (nn.Conv1d, nn.Conv2d)):
-            ok = mod.groups == 1 and mod.padding_mode == "zeros" and not isinstance(mod.padding, str)
-        else:
-            continue
-        w, b = prefix + "weight", prefix + "bias"
-        tied = any(len(apply_fn._slots.get(n, [])) > 1 for n in (w, b))
-        if not ok or tied or w not in names or (mod.bias is not None and b not in names):
-            continue
-        layers.append(_Layer(mod, w, b if mod.bias is not None else None))
-    return layers
-
-
-def _per_example_grads(layer: _Layer, a: Tensor, g: Tensor) -> tuple[Tensor | None, Tensor | None]:
+def _per_example_grads(layer: Layer, a: Tensor, g: Tensor) -> tuple[Tensor | None, Tensor | None]:
     """Per-example weight and bias gradients ``(N, *W.shape)``, ``(N, out)`` for sequence/conv layers."""
     mod = layer.module
     n = a.shape[0]
@@ -182,7 +158,7 @@ def _per_example_grads(layer: _Layer, a: Tensor, g: Tensor) -> tuple[Tensor | No
     return gw, gb
 
 
-def _accumulate(layer: _Layer, acts: list[Tensor], gs: list[list[Tensor]], out: dict[str, Tensor]) -> None:
+def _accumulate(layer: Layer, acts: list[Tensor], gs: list[list[Tensor]], out: dict[str, Tensor]) -> None:
     """Add ``sum_c sum_n (per-example gradient)^2`` for one layer into ``out``.
 
     ``acts`` holds the layer's input for each call in the forward pass and ``gs[c]`` the
@@ -206,7 +182,7 @@ def _accumulate(layer: _Layer, acts: list[Tensor], gs: list[list[Tensor]], out: 
 def _structured_batch(
     apply_fn: FunctionalModel,
     params: dict[str, Tensor],
-    layers: list[_Layer],
+    layers: list[Layer],
     x: Any,
     y: Tensor,
     likelihood: Likelihood,
@@ -215,27 +191,10 @@ def _structured_batch(
     generator: torch.Generator | None,
     out: dict[str, Tensor],
 ) -> Tensor:
-    # One entry per call: a module used twice in the forward pass gets two taps.
-    acts: list[list[Tensor]] = [[] for _ in layers]
-    taps: list[list[Tensor]] = [[] for _ in layers]
-
-    def hook(i: int):
-        def fn(module: nn.Module, inputs: tuple, output: Tensor) -> Tensor:
-            tap = torch.zeros_like(output, requires_grad=True)
-            acts[i].append(inputs[0].detach())
-            taps[i].append(tap)
-            return output + tap
-
-        return fn
-
-    handles = [layer.module.register_forward_hook(hook(i)) for i, layer in enumerate(layers)]
-    try:
-        detached = {k: v.detach() for k, v in params.items()}
-        with torch.enable_grad():
-            f = apply_fn(detached, x)
-    finally:
-        for h in handles:
-            h.remove()
+    f, calls = tapped_forward(apply_fn, params, layers, x)
+    # Grouped by layer: a module used twice in the forward pass has two taps.
+    acts: list[list[Tensor]] = [[c.input for c in calls if c.layer == i] for i in range(len(layers))]
+    taps: list[list[Tensor]] = [[c.tap for c in calls if c.layer == i] for i in range(len(layers))]
     likelihood.check(f, y)
     loss = likelihood.nll(f.detach(), y).sum()
     tap_list = [t for layer_taps in taps for t in layer_taps]
@@ -391,7 +350,7 @@ def diag_curvature(
     if not active:
         raise ValueError("subset is empty: nothing to compute")
     if method != "generic" and isinstance(apply_fn, FunctionalModel):
-        layers = _structured_layers(apply_fn, active)
+        layers = structured_layers(apply_fn, active)
     else:
         if method == "structured":
             raise ValueError("method='structured' needs apply_fn from funcbnn.functionalize")

@@ -26,17 +26,18 @@ import torch
 from torch import Tensor, nn
 
 from .._validation import positive_int
-from .curvature import _Layer, _per_example_grads, _structured_layers
+from ._taps import Layer, structured_layers, tapped_forward
+from .curvature import _per_example_grads
 
 __all__ = ["diag_output_covariance"]
 
 # weigh(layer, a, G) -> (N, O, O): the layer's share of J S J^T given its inputs ``a`` (N, ...)
 # and output gradients ``G`` (O, N, ...) for each output.
-Weigh = Callable[[_Layer, Tensor, Tensor], Tensor]
+Weigh = Callable[[Layer, Tensor, Tensor], Tensor]
 
 
 def _diag_weigh(variances: dict[str, Tensor]) -> Weigh:
-    def weigh(layer: _Layer, a: Tensor, G: Tensor) -> Tensor:
+    def weigh(layer: Layer, a: Tensor, G: Tensor) -> Tensor:
         vw = variances[layer.weight]
         vb = variances[layer.bias] if layer.bias else None
         if isinstance(layer.module, nn.Linear) and a.dim() == 2:
@@ -56,38 +57,23 @@ def _diag_weigh(variances: dict[str, Tensor]) -> Weigh:
 
 
 class _Unstructured(Exception):
-    def __init__(self, layers: list[_Layer]) -> None:
+    def __init__(self, layers: list[Layer]) -> None:
         self.layers = layers
 
 
 def _structured_part(
-    apply_fn: Any, params: dict[str, Tensor], layers: list[_Layer], x: Tensor, weigh: Weigh
+    apply_fn: Any, params: dict[str, Tensor], layers: list[Layer], x: Tensor, weigh: Weigh
 ) -> tuple[Tensor, Tensor]:
     """Outputs ``(N, *out)`` and the structured layers' share of the covariance ``(N, O, O)``."""
-    acts: dict[int, Tensor] = {}
-    taps: dict[int, Tensor] = {}
-    reused: set[int] = set()
-
-    def hook(i: int):
-        def fn(module: nn.Module, inputs: tuple, output: Tensor) -> Tensor:
-            if i in acts:
-                reused.add(i)
-            acts[i] = inputs[0].detach()
-            taps[i] = torch.zeros_like(output, requires_grad=True)
-            return output + taps[i]
-
-        return fn
-
-    handles = [layer.module.register_forward_hook(hook(i)) for i, layer in enumerate(layers)]
-    try:
-        f = apply_fn(params, x)
-    finally:
-        for h in handles:
-            h.remove()
-    if reused or len(acts) < len(layers):
+    f, calls = tapped_forward(apply_fn, params, layers, x)
+    count = [0] * len(layers)
+    for c in calls:
+        count[c.layer] += 1
+    if any(k != 1 for k in count):
         # A layer called twice (or never) has no single (input, output-gradient) pair.
-        odd = [layers[i] for i in range(len(layers)) if i in reused or i not in acts]
-        raise _Unstructured(odd)
+        raise _Unstructured([layer for layer, k in zip(layers, count) if k != 1])
+    acts = {c.layer: c.input for c in calls}
+    taps = {c.layer: c.tap for c in calls}
     n = f.shape[0]
     flat = f.reshape(n, -1)
     num_out = flat.shape[1]
@@ -176,7 +162,7 @@ def diag_output_covariance(
             raise ValueError(f"variances[{k!r}] has shape {tuple(v.shape)}, expected {tuple(params[k].shape)}")
     detached = {k: v.detach() for k, v in params.items()}
     variances = {k: v.detach() for k, v in variances.items()}
-    layers = _structured_layers(apply_fn, set(variances)) if hasattr(apply_fn, "module") else []
+    layers = structured_layers(apply_fn, set(variances)) if hasattr(apply_fn, "module") else []
     fs, covs = [], []
     for start in range(0, x.shape[0], chunk_size):
         xs = x[start : start + chunk_size]

@@ -51,12 +51,11 @@ from torch import Tensor, nn
 from .._validation import positive_int
 from ..likelihoods import Likelihood
 from ..model import FunctionalModel
+from ._taps import Layer, structured_layers, tapped_forward
 from .curvature import (
     CurvatureStats,
     Kind,
-    _Layer,
     _sample_targets,
-    _structured_layers,
     check_data,
     diag_curvature,
     output_hessian_sqrt,
@@ -141,7 +140,7 @@ class KronDecomposed(NamedTuple):
 # --- curvature ---------------------------------------------------------------------------------
 
 
-def _input_rows(layer: _Layer, a: Tensor) -> Tensor:
+def _input_rows(layer: Layer, a: Tensor) -> Tensor:
     """The layer's input as rows ``(M, d)``: one per example and position (unfolded for convs)."""
     mod = layer.module
     if isinstance(mod, nn.Linear):
@@ -165,7 +164,7 @@ def _input_rows(layer: _Layer, a: Tensor) -> Tensor:
     return cols.transpose(1, 2).reshape(-1, cols.shape[1])
 
 
-def _grad_rows(layer: _Layer, g: Tensor) -> Tensor:
+def _grad_rows(layer: Layer, g: Tensor) -> Tensor:
     """Output gradients ``(K, *tap.shape)`` as rows ``(K * M, out)``."""
     if isinstance(layer.module, nn.Linear):
         return g.reshape(-1, g.shape[-1])
@@ -226,7 +225,7 @@ def _cotangent_grads(
 def _kron_batch(
     apply_fn: FunctionalModel,
     params: dict[str, Tensor],
-    layers: list[_Layer],
+    layers: list[Layer],
     x: Any,
     y: Tensor,
     likelihood: Likelihood,
@@ -237,26 +236,9 @@ def _kron_batch(
     G: list[Tensor],
     rows: list[int],
 ) -> Tensor:
-    # Lists, not single slots: a layer called twice in one forward shares its
-    # weight across calls, which KFAC-expand treats as extra positions.
-    calls: list[tuple[int, Tensor, Tensor]] = []
-
-    def hook(i: int):
-        def fn(module: nn.Module, inputs: tuple, output: Tensor) -> Tensor:
-            tap = torch.zeros_like(output, requires_grad=True)
-            calls.append((i, inputs[0].detach(), tap))
-            return output + tap
-
-        return fn
-
-    handles = [layer.module.register_forward_hook(hook(i)) for i, layer in enumerate(layers)]
-    try:
-        detached = {k: v.detach() for k, v in params.items()}
-        with torch.enable_grad():
-            f = apply_fn(detached, x)
-    finally:
-        for h in handles:
-            h.remove()
+    # A layer called twice in one forward shares its weight across calls, which
+    # KFAC-expand treats as extra positions.
+    f, calls = tapped_forward(apply_fn, params, layers, x)
     likelihood.check(f, y)
     loss = likelihood.nll(f.detach(), y).sum()
     if not calls:  # no structured layer ran: nothing to accumulate
@@ -363,7 +345,7 @@ def kron_curvature(
         raise ValueError(f"subset names {sorted(active - set(params))} are not leaves of params")
     if not active:
         raise ValueError("subset is empty: nothing to compute")
-    layers = _structured_layers(apply_fn, active)
+    layers = structured_layers(apply_fn, active)
     covered = {n for layer in layers for n in (layer.weight, layer.bias) if n}
     diag_names = [k for k in params if k in active and k not in covered]
 
