@@ -135,48 +135,81 @@ def check_data(data: Any) -> list[tuple[Any, Tensor]]:
 # --- the structured engine -------------------------------------------------------------------
 
 
-def _per_example_grads(layer: Layer, a: Tensor, g: Tensor) -> tuple[Tensor | None, Tensor | None]:
-    """Per-example weight and bias gradients ``(N, *W.shape)``, ``(N, out)`` for sequence/conv layers."""
+def _unfold(layer: Layer, a: Tensor) -> Tensor:
+    """The layer's input as rows the weight multiplies: ``(N, T, in)`` for Linear, ``(N, K, L)`` patches for conv."""
     mod = layer.module
     n = a.shape[0]
     if isinstance(mod, nn.Linear):
-        a3, g3 = a.reshape(n, -1, a.shape[-1]), g.reshape(n, -1, g.shape[-1])
-        gw = torch.bmm(g3.transpose(1, 2), a3)
-        gb = g3.sum(1) if layer.bias else None
-        return gw, gb
+        return a.reshape(n, -1, a.shape[-1])
     if isinstance(mod, nn.Conv1d):
-        a, g = a.unsqueeze(-2), g.unsqueeze(-2)
+        a = a.unsqueeze(-2)
         kernel, dil, pad, stride = (1, *mod.kernel_size), (1, *mod.dilation), (0, *mod.padding), (1, *mod.stride)
     else:
         kernel, dil, pad, stride = mod.kernel_size, mod.dilation, mod.padding, mod.stride
     if a.dim() == 3:  # unbatched conv input is not per-example data
         raise ValueError("convolution inputs must carry a batch axis")
-    cols = F.unfold(a, kernel, dilation=dil, padding=pad, stride=stride)  # (N, C*k*k, L)
-    g2 = g.reshape(n, g.shape[1], -1)  # (N, O, L)
-    gw = torch.bmm(g2, cols.transpose(1, 2)).reshape(n, *mod.weight.shape)
-    gb = g2.sum(-1) if layer.bias else None
-    return gw, gb
+    return F.unfold(a, kernel, dilation=dil, padding=pad, stride=stride)
 
 
-def _accumulate(layer: Layer, acts: list[Tensor], gs: list[list[Tensor]], out: dict[str, Tensor]) -> None:
+def _grads_from(layer: Layer, rows: Tensor, g: Tensor) -> tuple[Tensor, Tensor | None]:
+    """Per-example weight and bias gradients ``(C, N, *W.shape)``, ``(C, N, out)`` for output
+    gradients ``g`` of shape ``(C, N, *layer output)`` (``C`` columns sharing one unfold)."""
+    c, n = g.shape[:2]
+    # Examples as the bmm batch and columns folded into the rows, so ``rows`` is never expanded
+    # over the columns (a broadcast matmul would copy it C times).
+    if isinstance(layer.module, nn.Linear):
+        g3 = g.reshape(c, n, -1, g.shape[-1])  # (C, N, T, out)
+        out = g3.shape[-1]
+        gt = g3.permute(1, 0, 3, 2).reshape(n, c * out, g3.shape[2])
+        gw = torch.bmm(gt, rows).reshape(n, c, out, rows.shape[-1]).transpose(0, 1)
+        return gw, (g3.sum(2) if layer.bias else None)
+    g2 = g.reshape(c, n, g.shape[2], -1)  # (C, N, O, L)
+    o = g2.shape[2]
+    gt = g2.transpose(0, 1).reshape(n, c * o, g2.shape[-1])
+    gw = torch.bmm(gt, rows.transpose(1, 2)).reshape(n, c, *layer.module.weight.shape).transpose(0, 1)
+    return gw, (g2.sum(-1) if layer.bias else None)
+
+
+def _per_example_grads(layer: Layer, a: Tensor, g: Tensor) -> tuple[Tensor | None, Tensor | None]:
+    """Per-example weight and bias gradients ``(N, *W.shape)``, ``(N, out)`` for sequence/conv layers."""
+    gw, gb = _grads_from(layer, _unfold(layer, a), g[None])
+    return gw[0], (None if gb is None else gb[0])
+
+
+# Columns per batched product: bounds the (columns x N x |W|) per-example gradients at ~64 MiB.
+_GRAD_BUDGET = 1 << 24
+
+
+def _accumulate(layer: Layer, acts: list[Tensor], gs: list[Tensor], out: dict[str, Tensor]) -> None:
     """Add ``sum_c sum_n (per-example gradient)^2`` for one layer into ``out``.
 
-    ``acts`` holds the layer's input for each call in the forward pass and ``gs[c]`` the
-    output gradients of column ``c`` for each call: a layer called twice (a reused module)
-    has a per-example gradient that is the sum over its calls, squared only after summing.
+    ``acts`` holds the layer's input for each call in the forward pass and ``gs`` the output
+    gradients of each call, ``(C, N, *output)`` with one slice per column ``c``: a layer
+    called twice (a reused module) has a per-example gradient that is the sum over its
+    calls, squared only after summing.
     """
     if len(acts) == 1 and isinstance(layer.module, nn.Linear) and acts[0].dim() == 2:
         # Outer-product gradients: sum over columns of g^2 first, then one matmul.
-        g2 = sum(g[0].square() for g in gs)
+        g2 = gs[0].square().sum(0)
         out[layer.weight] += g2.T @ acts[0].square()
         if layer.bias:
             out[layer.bias] += g2.sum(0)
         return
-    for col in gs:
-        per_call = [_per_example_grads(layer, a, g) for a, g in zip(acts, col)]
-        out[layer.weight] += sum(gw for gw, _ in per_call).square().sum(0)
+    # Unfold each call once and push all columns through one batched product (in groups that
+    # fit the budget) instead of one unfold and one thin product per column.
+    rows = [_unfold(layer, a) for a in acts]
+    num_cols = gs[0].shape[0]
+    step = max(1, _GRAD_BUDGET // (acts[0].shape[0] * layer.module.weight.numel()))
+    for c0 in range(0, num_cols, step):
+        gw_sum = gb_sum = None
+        for r, g in zip(rows, gs):
+            gw, gb = _grads_from(layer, r, g[c0 : c0 + step])
+            gw_sum = gw if gw_sum is None else gw_sum + gw
+            if gb is not None:
+                gb_sum = gb if gb_sum is None else gb_sum + gb
+        out[layer.weight] += gw_sum.square().sum((0, 1))
         if layer.bias:
-            out[layer.bias] += sum(gb for _, gb in per_call).square().sum(0)
+            out[layer.bias] += gb_sum.square().sum((0, 1))
 
 
 def _structured_batch(
@@ -192,29 +225,26 @@ def _structured_batch(
     out: dict[str, Tensor],
 ) -> Tensor:
     f, calls = tapped_forward(apply_fn, params, layers, x)
-    # Grouped by layer: a module used twice in the forward pass has two taps.
-    acts: list[list[Tensor]] = [[c.input for c in calls if c.layer == i] for i in range(len(layers))]
-    taps: list[list[Tensor]] = [[c.tap for c in calls if c.layer == i] for i in range(len(layers))]
     likelihood.check(f, y)
     loss = likelihood.nll(f.detach(), y).sum()
-    tap_list = [t for layer_taps in taps for t in layer_taps]
+    taps = [c.tap for c in calls]
+    # Per tap, the output gradients of every column stacked: (C, N, *output).
     if kind == "ef":
-        cols = [torch.autograd.grad(likelihood.nll(f, y).sum(), tap_list)]
+        grads = [g[None] for g in torch.autograd.grad(likelihood.nll(f, y).sum(), taps)]
     elif kind == "ggn":
+        # All columns in one vmapped backward: one (K*N)-row product per layer instead of K thin ones.
         V = output_hessian_sqrt(likelihood, f)
-        cols = [torch.autograd.grad(f, tap_list, grad_outputs=V[c], retain_graph=True) for c in range(V.shape[0])]
+        grads = list(torch.autograd.grad(f, taps, grad_outputs=V, is_grads_batched=True))
     else:
-        cols = []
+        draws = []
         for _ in range(num_mc):
             y_hat = _sample_targets(likelihood, f, generator)
-            cols.append(torch.autograd.grad(likelihood.nll(f, y_hat).sum(), tap_list, retain_graph=True))
-        cols = [tuple(g / math.sqrt(num_mc) for g in col) for col in cols]
-    start = 0
+            draws.append(torch.autograd.grad(likelihood.nll(f, y_hat).sum(), taps, retain_graph=True))
+        grads = [torch.stack(per_tap) / math.sqrt(num_mc) for per_tap in zip(*draws)]
     for i, layer in enumerate(layers):
-        calls = len(taps[i])
-        if calls:  # a layer the forward never called has zero gradient
-            _accumulate(layer, acts[i], [list(col[start : start + calls]) for col in cols], out)
-        start += calls
+        mine = [j for j, c in enumerate(calls) if c.layer == i]
+        if mine:  # a layer the forward never called has zero gradient
+            _accumulate(layer, [calls[j].input for j in mine], [grads[j] for j in mine], out)
     return loss
 
 
