@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .._validation import check_positive_tree, positive_float, positive_int
+from ..priors import GaussianPrior
 from ..tree import Tree, check_same_structure, tree_size
 from ._kl import check_reduction, monte_carlo_kl
 
@@ -150,14 +151,9 @@ def kl(
     if method == "analytic" and not analytic_ok:
         raise ValueError(f"KL(diag_gaussian || {type(prior).__name__}) has no closed form; use method='mc'")
     if method == "analytic" or (method == "auto" and analytic_ok):
-        p_mean, p_std = prior.moments(state.mean)
-
-        def leaf(m: Tensor, rho: Tensor, pm: Tensor, ps: Tensor) -> Tensor:
-            q_std = F.softplus(rho)
-            ratio = q_std / ps
-            return (0.5 * (ratio**2 + ((m - pm) / ps) ** 2) - 0.5 - torch.log(ratio)).sum()
-
-        total = torch.stack(optree.tree_leaves(optree.tree_map(leaf, state.mean, state.rho, p_mean, p_std))).sum()
+        mean = optree.tree_leaves(state.mean)
+        std = [F.softplus(r) for r in optree.tree_leaves(state.rho)]
+        total = _analytic_kl(mean, std, prior, state.mean)
     else:
         if num_samples is None:
             raise ValueError(
@@ -167,6 +163,34 @@ def kl(
         draws = rsample(state, num_samples, generator=generator)
         total = monte_carlo_kl(log_prob(state, draws), prior, draws)
     return total / tree_size(state.mean) if reduction == "mean" else total
+
+
+def _analytic_kl(mean: list[Tensor], std: list[Tensor], prior, like: Tree) -> Tensor:
+    """``KL(N(mean, std^2) || prior)`` summed over the flattened leaves, for a prior with the
+    Gaussian closed form.
+
+    A scalar prior ``N(m0, s0^2)`` (the common case) never builds prior-sized tensors:
+    ``sum(std^2 + (mean - m0)^2) / (2 s0^2) - sum(log std) + P (log s0 - 1/2)`` with
+    the sums of squares as dot products; other Gaussian priors go leaf by leaf.
+    """
+    if isinstance(prior, GaussianPrior) and isinstance(prior.std, numbers.Real) and isinstance(prior.mean, numbers.Real):
+        s0, m0 = float(prior.std), float(prior.mean)
+        squares, logs, count = [], [], 0
+        for m, s in zip(mean, std):
+            s_flat = s.reshape(-1)
+            d_flat = (m if m0 == 0.0 else m - m0).reshape(-1)
+            squares.append(torch.dot(s_flat, s_flat) + torch.dot(d_flat, d_flat))
+            logs.append(torch.log(s).sum())
+            count += m.numel()
+        total_sq = squares[0] if len(squares) == 1 else torch.stack(squares).sum()
+        total_log = logs[0] if len(logs) == 1 else torch.stack(logs).sum()
+        return total_sq * (0.5 / (s0 * s0)) - total_log + count * (math.log(s0) - 0.5)
+    p_mean, p_std = prior.moments(like)
+    terms = []
+    for m, s, pm, ps in zip(mean, std, optree.tree_leaves(p_mean), optree.tree_leaves(p_std)):
+        ratio = s / ps
+        terms.append((0.5 * (ratio * ratio + ((m - pm) / ps) ** 2) - 0.5 - torch.log(ratio)).sum())
+    return torch.stack(terms).sum()
 
 
 class DiagGaussian(NamedTuple):
