@@ -11,11 +11,15 @@ from __future__ import annotations
 
 import argparse
 import time
+import warnings
 
 import torch
 from torch import nn
 
 import funcbnn
+
+# torch warns once when NumPy is absent; funcbnn never needs NumPy, so the demo stays quiet.
+warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
 
 
 def _blobs(n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
