@@ -374,6 +374,44 @@ def bench_samples(cfg: Config, repeats: int, stat: str, results: dict) -> None:
     results[cfg.name]["samples"] = rows
 
 
+def bench_local_reparam(cfg: Config, repeats: int, stat: str, draws: int) -> None:
+    """Variance of the minibatch gradient in the posterior means, weight sampling vs local
+    reparameterisation (Kingma et al. 2015), one draw per estimate; and the cost of one ELBO
+    forward+backward each."""
+    from funcbnn.local_reparam import local_reparameterize
+
+    torch.manual_seed(0)
+    module = mlp(cfg.sizes)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(cfg.batch, cfg.sizes[0], generator=gen)
+    y = torch.randint(0, cfg.sizes[-1], (cfg.batch,), generator=gen)
+    post, prior = funcbnn.diag_gaussian(init_std=INIT_STD), funcbnn.priors.gaussian(1.0)
+    plain_fn, params, _ = funcbnn.functionalize(module)
+    local_fn, _, _ = local_reparameterize(module)
+    state = vi.trainable(post.init(params))
+    leaves = list(state.mean.values())
+    names = [k for k in state.mean if k.endswith("weight")]
+
+    def grads(apply_fn: Any, seed: int) -> list[Tensor]:
+        loss = vi.elbo(apply_fn, post, state, prior, (x, y), NUM_DATA,
+                       generator=torch.Generator().manual_seed(seed)).loss
+        return torch.autograd.grad(loss, leaves)
+
+    print(f"\n### Local reparameterisation: {cfg.name}, batch {cfg.batch}, init std {INIT_STD}, {draws} draws\n")
+    print("| layer weight | grad var (weights) | grad var (local) | reduction |")
+    print("|---|---|---|---|")
+    var = {}
+    for label, fn in (("weights", plain_fn), ("local", local_fn)):
+        g = [grads(fn, seed) for seed in range(draws)]
+        var[label] = {k: torch.stack([gi[i] for gi in g]).var(0).mean().item()
+                      for i, k in enumerate(state.mean) if k in names}
+    for k in names:
+        print(f"| {k} | {var['weights'][k]:.3e} | {var['local'][k]:.3e} | {var['weights'][k] / var['local'][k]:.1f}x |")
+    times = measure({"weights": lambda: grads(plain_fn, 0), "local": lambda: grads(local_fn, 0)}, repeats, stat)
+    print(f"\nELBO forward+backward, 1 draw: weight sampling {ms(times['weights'])} ms, "
+          f"local reparameterisation {ms(times['local'])} ms ({times['local'] / times['weights']:.2f}x)")
+
+
 def print_targets(results: dict) -> None:
     print()
     for model, res in results.items():
@@ -427,6 +465,8 @@ def main() -> None:
     for cfg in configs:
         bench_steps(cfg, repeats, args.stat, results)
         bench_samples(cfg, repeats, args.stat, results)
+    for cfg in configs:
+        bench_local_reparam(cfg, repeats, args.stat, draws=5 if args.quick else 50)
     wall = time.perf_counter() - wall0
     own, busy1 = time.process_time() - own0, busy_cpu_seconds()
     print_targets(results)
