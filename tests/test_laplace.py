@@ -898,3 +898,18 @@ def test_glm_output_covariance_equals_J_P_inverse_J_transposed(structure):
         J = torch.cat([j.reshape(j.shape[0], -1) for j in jac], 1)
         assert_rel(got[n], J @ cov @ J.T, 1e-9)
     assert_rel(f, net(x_new).detach(), 1e-12)
+
+
+@given(
+    k=st.tuples(st.integers(1, 3), st.integers(1, 3)),
+    dil=st.tuples(st.integers(1, 2), st.integers(1, 2)),
+    pad=st.tuples(st.integers(0, 2), st.integers(0, 2)),
+    stride=st.tuples(st.integers(1, 3), st.integers(1, 2)),
+)
+def test_strided_patches_equal_torch_unfold(k, dil, pad, stride):
+    from funcbnn.laplace.curvature import _patches
+
+    x = torch.randn(2, 3, 7, 6, dtype=DT)
+    want = torch.nn.functional.unfold(x, k, dilation=dil, padding=pad, stride=stride)
+    assert torch.equal(_patches(x, k, dil, pad, stride), want)
+    assert torch.equal(_patches(x, k, dil, pad, stride, positions_first=True), want.transpose(1, 2))

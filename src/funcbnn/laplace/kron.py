@@ -45,7 +45,6 @@ from collections.abc import Mapping
 from typing import Any, Iterable, NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._validation import positive_int
@@ -53,6 +52,7 @@ from ..likelihoods import Likelihood
 from ..model import FunctionalModel
 from ._taps import Layer, structured_layers, tapped_forward
 from .curvature import (
+    _patches,
     CurvatureStats,
     Kind,
     _sample_targets,
@@ -160,8 +160,8 @@ def _input_rows(layer: Layer, a: Tensor) -> Tensor:
             shape = tuple(a.shape)
             raise ValueError(f"layer {layer.weight!r}: Conv2d inputs must be (N, C, H, W), got {shape}")
         kernel, dil, pad, stride = mod.kernel_size, mod.dilation, mod.padding, mod.stride
-    cols = F.unfold(a, kernel, dilation=dil, padding=pad, stride=stride)  # (N, C*kh*kw, L)
-    return cols.transpose(1, 2).reshape(-1, cols.shape[1])
+    rows = _patches(a, kernel, dil, pad, stride, positions_first=True)  # (N, L, C*kh*kw)
+    return rows.reshape(-1, rows.shape[-1])
 
 
 def _grad_rows(layer: Layer, g: Tensor) -> Tensor:
