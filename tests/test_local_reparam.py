@@ -238,3 +238,31 @@ def test_local_reparam_lowers_the_gradient_variance_of_the_mean_weights():
         assert ratio > 2, ratio
         se = ((gw.var(0) + gl.var(0)) / reps).sqrt()
         assert ((gw.mean(0) - gl.mean(0)).abs() / se).max() < 5
+
+
+def test_layers_whose_weights_are_read_elsewhere_are_sampled_as_weights():
+    # MultiheadAttention reads out_proj.weight directly, a tied weight serves two modules, and a
+    # Linear subclass adds its own computation: none may take the local path.
+    class SkipLinear(nn.Linear):
+        def forward(self, x):
+            return super().forward(x) + 100 * x
+
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(5, 4)
+            self.head = nn.Linear(4, 5, bias=False)
+            self.head.weight = self.emb.weight
+
+        def forward(self, idx):
+            return self.head(self.emb(idx))
+
+    mha = nn.MultiheadAttention(4, 2, batch_first=True)
+    for module in (mha, Tied(), nn.Sequential(SkipLinear(3, 3))):
+        apply_fn, _, _ = local_reparameterize(module)
+        assert apply_fn.local_layers == []
+    torch.manual_seed(0)
+    skip = nn.Sequential(SkipLinear(3, 3))
+    apply_fn, params, _ = local_reparameterize(skip)
+    x = torch.randn(2, 3)
+    torch.testing.assert_close(apply_fn(params, x), skip(x))

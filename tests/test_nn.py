@@ -500,3 +500,38 @@ def test_forced_monte_carlo_kl_agrees_with_the_analytic_kl_and_bad_methods_are_n
         )
         se = estimates.std() / math.sqrt(len(estimates))
         assert abs(estimates.mean() - model.kl_divergence()) < 4 * se + 1e-4
+
+
+def test_train_and_eval_reach_dropout_but_norm_layers_keep_their_statistics():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Dropout(0.5), nn.Linear(16, 2))
+    net.eval()
+    model = BayesianModule(net, posterior="pretrained_gaussian")
+    assert not model.training  # mirrors the wrapped module
+    x = torch.randn(8, 3)
+    torch.testing.assert_close(model(x, sample=False), net(x))
+    model.train()
+    torch.manual_seed(1)
+    a = model(x, sample=False)
+    torch.manual_seed(2)
+    b = model(x, sample=False)
+    assert not torch.equal(a, b)  # dropout is active
+    model.eval()
+    torch.testing.assert_close(model(x, sample=False), net(x))  # running statistics, no dropout
+
+
+def test_frozen_parameters_are_saved_and_loaded():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    net[0].requires_grad_(False)
+    model = BayesianModule(net, posterior="pretrained_gaussian")
+    assert {"model_frozen.0:weight", "model_frozen.0:bias"} <= set(model.state_dict())
+    torch.manual_seed(5)
+    other = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    other[0].requires_grad_(False)
+    twin = BayesianModule(other, posterior="pretrained_gaussian")
+    twin.load_state_dict(model.state_dict())
+    x = torch.randn(5, 3)
+    torch.testing.assert_close(twin(x, sample=False), model(x, sample=False))
+    twin.load_state_dict(model.state_dict(), assign=True)
+    torch.testing.assert_close(twin(x, sample=False), model(x, sample=False))

@@ -471,3 +471,19 @@ def test_bad_input_gives_clear_errors():
         vi.fit(apply_fn, post, prior, state, (x[:5], y))
     with pytest.raises(TypeError, match="state leaves must be floating-point"):
         vi.trainable({"w": torch.zeros(2, dtype=torch.long)})
+
+
+def test_fit_counts_the_examples_a_subset_loader_sees_and_reuses_one_shot_iterators():
+    from torch.utils.data import DataLoader, SubsetRandomSampler, TensorDataset
+
+    torch.manual_seed(0)
+    apply_fn, params, _ = funcbnn.functionalize(nn.Linear(3, 2))
+    post, prior = funcbnn.diag_gaussian(init_std=0.1), funcbnn.priors.gaussian(1.0)
+    x, y = torch.randn(1000, 3), torch.randint(0, 2, (1000,))
+    loader = DataLoader(TensorDataset(x, y), batch_size=50, sampler=SubsetRandomSampler(range(100)))
+    res = vi.fit(apply_fn, post, prior, post.init(params), loader, generator=torch.Generator().manual_seed(0))
+    implied = res.history.kl / (res.history.loss - res.history.nll)
+    torch.testing.assert_close(implied, torch.full_like(implied, 100.0), rtol=1e-4, atol=0)
+    batches = iter([(x[:10], y[:10]), (x[10:20], y[10:20])])
+    res = vi.fit(apply_fn, post, prior, post.init(params), batches, epochs=3, num_data=20)
+    assert len(res.history.loss) == 6

@@ -42,6 +42,7 @@ from .tree import Tree, check_same_structure
 __all__ = ["LOCAL_LAYERS", "LocalReparamModel", "local_reparameterize", "preactivation_moments"]
 
 LOCAL_LAYERS: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_BASE_FORWARD = {cls: cls.forward for cls in LOCAL_LAYERS}
 """Layer types whose pre-activations are sampled (subclasses included)."""
 
 
@@ -251,10 +252,23 @@ def local_reparameterize(module: nn.Module, *, train: TrainMode = False) -> Func
     for name, p in module.named_parameters():
         canonical.setdefault(id(p), name)
     shell = dict(functional.module.named_modules())
+    uses: dict[int, int] = {}
+    for _, p in module.named_parameters(remove_duplicate=False):
+        uses[id(p)] = uses.get(id(p), 0) + 1
+    # Layers whose weights other code reads directly (MultiheadAttention's out_proj) would see the
+    # mean instead of a draw: they are sampled as weights instead.
+    read_elsewhere = {
+        id(child) for parent in module.modules() if isinstance(parent, nn.MultiheadAttention)
+        for child in parent.modules() if child is not parent
+    }
     layers: dict[nn.Module, _Layer] = {}
     for name, sub in module.named_modules():
-        if not isinstance(sub, LOCAL_LAYERS) or "forward" in vars(sub):
+        if not isinstance(sub, LOCAL_LAYERS) or "forward" in vars(sub) or id(sub) in read_elsewhere:
             continue  # a module with its own forward override is left as it is
+        if type(sub).forward is not _BASE_FORWARD[next(c for c in LOCAL_LAYERS if isinstance(sub, c))]:
+            continue  # a subclass with its own forward: its extra computation must run
+        if any(uses.get(id(t), 0) > 1 for t in (sub.weight, sub.bias) if t is not None):
+            continue  # a tied weight is used by another module too: sample it as a weight
         weight = canonical.get(id(sub.weight)) if isinstance(sub.weight, nn.Parameter) else None
         if weight is None or weight not in params:
             continue  # a frozen weight: the layer stays deterministic

@@ -40,7 +40,7 @@ from .families._kl import check_reduction, prior_log_prob_batched
 from .families.diag_gaussian import DiagGaussianState, diag_gaussian, inverse_softplus
 from .likelihoods import Likelihood
 from .local_reparam import LocalReparamModel, local_reparameterize
-from .model import functionalize
+from .model import _STATS_LAYERS, functionalize
 from .predict import PredictiveSummary, sample_outputs, summarize
 from .priors import PRIORS
 from .tree import Tree
@@ -322,6 +322,13 @@ class BayesianModule(nn.Module):
     (:mod:`funcbnn.vi`, :func:`funcbnn.families.diag_gaussian`), so the two APIs
     give the same numbers for the same generator state.
 
+    ``train()`` / ``eval()`` reach the wrapped network's layers (dropout is active
+    in train mode), except batch- and instance-norm layers: a Bayesian forward is
+    a function of the weights alone, so they always normalise with the running
+    statistics the module had when wrapped (wrap a network whose statistics were
+    estimated). Frozen parameters (``requires_grad=False``) stay deterministic and
+    are saved in ``state_dict`` with the buffers.
+
     Parameters
     ----------
     module : nn.Module
@@ -401,6 +408,10 @@ class BayesianModule(nn.Module):
         self.model_buffers = nn.Module()
         for name, buf in self._functional.buffers.items():
             self.model_buffers.register_buffer(_key(name), buf)
+        self.model_frozen = nn.Module()
+        for name, value in self._functional.frozen.items():
+            self.model_frozen.register_buffer(_key(name), value)
+        self.train(module.training)  # start in the wrapped module's mode
         self._family = diag_gaussian()
         self._posterior_name = posterior_name
         self._module_name = type(module).__name__
@@ -427,11 +438,27 @@ class BayesianModule(nn.Module):
         fn = self.apply_fn
         return fn.functional if isinstance(fn, LocalReparamModel) else fn
 
+    def _sync(self) -> None:
+        """Point the functional model at the registered frozen parameters and buffers."""
+        functional = self._functional
+        functional.frozen = {name: getattr(self.model_frozen, _key(name)) for name in functional.frozen}
+        functional.buffers = {name: getattr(self.model_buffers, _key(name)) for name in functional.buffers}
+
     def _apply(self, fn, recurse=True):  # keeps the frozen parameters and buffers on the module's device/dtype
         super()._apply(fn, recurse)
-        functional = self._functional
-        functional.frozen = {k: fn(v) for k, v in functional.frozen.items()}
-        functional.buffers = {name: getattr(self.model_buffers, _key(name)) for name in functional.buffers}
+        self._sync()
+        return self
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False):
+        result = super().load_state_dict(state_dict, strict=strict, assign=assign)
+        self._sync()  # ``assign=True`` replaces the registered tensors
+        return result
+
+    def train(self, mode: bool = True) -> "BayesianModule":
+        super().train(mode)
+        for sub in self._functional.module.modules():
+            if not isinstance(sub, _STATS_LAYERS):
+                sub.training = mode
         return self
 
     def posterior(self, name: str) -> VariationalPosterior:

@@ -644,12 +644,20 @@ def _epoch_batches(
         raise ValueError("batch_size only applies when data is an (inputs, targets) pair of tensors")
     if not hasattr(data, "__iter__"):
         raise TypeError(f"data must be an (inputs, targets) pair or an iterable of batches, got {type(data).__name__}")
+    if iter(data) is data:  # a one-shot iterator would be empty from the second epoch on
+        batches = list(data)
+        return lambda: batches
     return lambda: data
 
 
 def _default_num_data(data: Any) -> int:
     if isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[1], Tensor):
         return data[1].shape[0]
+    sampler = getattr(data, "sampler", None)
+    if getattr(data, "dataset", None) is not None and hasattr(sampler, "__len__"):
+        # A DataLoader over a subset (SubsetRandomSampler for a train/validation split) sees
+        # len(sampler) examples, not len(dataset).
+        return len(sampler)
     dataset = getattr(data, "dataset", None)
     if dataset is not None and hasattr(dataset, "__len__"):
         return len(dataset)
