@@ -913,3 +913,92 @@ def test_strided_patches_equal_torch_unfold(k, dil, pad, stride):
     want = torch.nn.functional.unfold(x, k, dilation=dil, padding=pad, stride=stride)
     assert torch.equal(_patches(x, k, dil, pad, stride), want)
     assert torch.equal(_patches(x, k, dil, pad, stride, positions_first=True), want.transpose(1, 2))
+
+
+# --- review regressions --------------------------------------------------------------------------
+
+
+class _AuxHead(nn.Module):
+    """A Linear whose output never reaches the returned tensor."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Linear(3, 4)
+        self.aux = nn.Linear(4, 2)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.tanh(self.body(x))
+        self.aux(h)
+        return self.head(h)
+
+
+@pytest.mark.parametrize("kind", ["ef", "ggn", "mc_ggn"])
+def test_a_layer_that_does_not_reach_the_output_gets_zero_curvature(kind):
+    torch.manual_seed(0)
+    apply_fn, params, _ = functionalize(_AuxHead().double())
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(10, 3, generator=g, dtype=DT), torch.randint(0, 3, (10,), generator=g)
+    la, state = fit(apply_fn, params, [(x, y)], "categorical", curvature=kind, generator=g)
+    assert float(state.curvature["aux.weight"].abs().sum()) == 0.0
+    assert float(state.curvature["head.weight"].abs().sum()) > 0.0
+    _, cov = la.output_covariance(state, x[:2])
+    assert bool(torch.isfinite(cov).all())
+
+
+def test_fit_snapshots_the_fixed_leaves_too():
+    case = CASE_BY_NAME["mlp"]
+    apply_fn, params, _ = functionalize(case.build())
+    x, y = _data(case, n=16)
+    la, state = fit(apply_fn, params, [(x, y)], "categorical", subset="last_layer")
+    before = la.predict(state, x)
+    with torch.no_grad():
+        for v in params.values():
+            v.add_(0.5)
+    torch.testing.assert_close(la.predict(state, x), before)
+
+
+def test_hyperparameter_arguments_are_validated_like_fit():
+    la, state = _classifier_state("diag")
+    for bad in (-1.0, 0.0, float("nan"), torch.ones(5, dtype=DT)):
+        with pytest.raises(ValueError, match="prior_precision"):
+            la.log_marglik(state, prior_precision=bad)
+    with pytest.raises(ValueError, match="sigma"):
+        la.log_marglik(state, sigma=-0.5)
+    torch.testing.assert_close(la.log_marglik(state, prior_precision=0.5), la.log_marglik(state))
+
+
+def test_predict_refuses_a_likelihood_it_does_not_cover_and_a_bad_sample_count():
+    torch.manual_seed(0)
+    apply_fn, params, _ = functionalize(_seq(nn.Linear(2, 4), nn.Tanh(), nn.Linear(4, 2)))
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(12, 2, generator=g, dtype=DT), torch.randn(12, 1, generator=g, dtype=DT)
+    la, state = fit(apply_fn, params, [(x, y)], "heteroscedastic_gaussian")
+    with pytest.raises(ValueError, match="heteroscedastic_gaussian"):
+        la.predict(state, x)
+    la, state = _classifier_state("full")
+    with pytest.raises(ValueError, match="num_samples"):
+        la.predict(state, torch.randn(2, 4, dtype=DT), link_approx="mc", num_samples=0)
+
+
+@pytest.mark.parametrize("structure", ["diag", "kron", "full"])
+def test_predict_runs_under_inference_mode_and_matches(structure):
+    la, state = _classifier_state(structure, subset="all")
+    x = torch.randn(4, 4, generator=torch.Generator().manual_seed(3), dtype=DT)
+    want = la.predict(state, x)
+    with torch.inference_mode():
+        x_inf = x.clone()
+        got = la.predict(state, x_inf)
+    torch.testing.assert_close(got, want)
+
+
+def test_mc_link_survives_a_rank_deficient_output_covariance():
+    # Uncertainty only before a width-2 bottleneck: the 6-class output covariance has rank <= 2.
+    torch.manual_seed(0)
+    net = _seq(nn.Linear(3, 2), nn.Tanh(), nn.Linear(2, 6)).float()
+    apply_fn, params, _ = functionalize(net)
+    x, y = torch.randn(20, 3), torch.randint(0, 6, (20,))
+    la, state = fit(apply_fn, params, [(x, y)], "categorical", subset=["0.weight", "0.bias"])
+    probs = la.predict(state, x[:3], link_approx="mc", num_samples=64, generator=torch.Generator().manual_seed(0))
+    assert bool(torch.isfinite(probs).all())
+    torch.testing.assert_close(probs.sum(-1), torch.ones(3))

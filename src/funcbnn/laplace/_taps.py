@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
+import optree
 import torch
 from torch import Tensor, nn
 
@@ -65,7 +66,8 @@ def tapped_forward(
     """Outputs at detached ``params`` (differentiable in the taps only) and every tapped call, in call order.
 
     A module called twice gets two calls; a module never called gets none.
-    Autograd is switched on inside, so callers may hold ``torch.no_grad()``.
+    Autograd is switched on inside, so callers may hold ``torch.no_grad()`` or
+    ``torch.inference_mode()``.
     """
     calls: list[Call] = []
 
@@ -79,8 +81,10 @@ def tapped_forward(
 
     handles = [layer.module.register_forward_hook(hook(i)) for i, layer in enumerate(layers)]
     try:
-        detached = {k: v.detach() for k, v in params.items()}
-        with torch.enable_grad():
+        # Tensors made under inference_mode cannot take part in autograd: copy those.
+        detached = {k: v.clone() if v.is_inference() else v.detach() for k, v in params.items()}
+        with torch.inference_mode(False), torch.enable_grad():
+            x = optree.tree_map(lambda t: t.clone() if isinstance(t, Tensor) and t.is_inference() else t, x)
             f = apply_fn(detached, x)
     finally:
         for h in handles:

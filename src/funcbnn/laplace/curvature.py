@@ -249,19 +249,20 @@ def _structured_batch(
     taps = [c.tap for c in calls]
     # Per tap, the output gradients of every column stacked: (C, N, *output).
     if kind == "ef":
-        grads = [g[None] for g in torch.autograd.grad(likelihood.nll(f, y).sum(), taps)]
+        grads = [None if g is None else g[None] for g in torch.autograd.grad(likelihood.nll(f, y).sum(), taps, allow_unused=True)]
     elif kind == "ggn":
         # All columns in one vmapped backward: one (K*N)-row product per layer instead of K thin ones.
         V = output_hessian_sqrt(likelihood, f)
-        grads = list(torch.autograd.grad(f, taps, grad_outputs=V, is_grads_batched=True))
+        grads = list(torch.autograd.grad(f, taps, grad_outputs=V, is_grads_batched=True, allow_unused=True))
     else:
         draws = []
         for _ in range(num_mc):
             y_hat = _sample_targets(likelihood, f, generator)
-            draws.append(torch.autograd.grad(likelihood.nll(f, y_hat).sum(), taps, retain_graph=True))
-        grads = [torch.stack(per_tap) / math.sqrt(num_mc) for per_tap in zip(*draws)]
+            draws.append(torch.autograd.grad(likelihood.nll(f, y_hat).sum(), taps, retain_graph=True, allow_unused=True))
+        grads = [None if per_tap[0] is None else torch.stack(per_tap) / math.sqrt(num_mc) for per_tap in zip(*draws)]
     for i, layer in enumerate(layers):
-        mine = [j for j, c in enumerate(calls) if c.layer == i]
+        # A call whose output never reaches f (an auxiliary head) has no gradient: it adds zero.
+        mine = [j for j, c in enumerate(calls) if c.layer == i and grads[j] is not None]
         if mine:  # a layer the forward never called has zero gradient
             _accumulate(layer, [calls[j].input for j in mine], [grads[j] for j in mine], out)
     return loss

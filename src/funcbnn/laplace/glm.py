@@ -84,9 +84,12 @@ def _structured_part(
     # Examples are independent (eval mode), so the gradient of sum_n f[n, o] in a tap is, row by
     # row, each example's own gradient of its output o.
     per_output = [
-        torch.autograd.grad(flat[:, o].sum(), tap_list, retain_graph=o < num_out - 1) for o in range(num_out)
+        torch.autograd.grad(flat[:, o].sum(), tap_list, retain_graph=o < num_out - 1, allow_unused=True)
+        for o in range(num_out)
     ]
     for i, layer in enumerate(layers):
+        if per_output[0][i] is None:  # the layer's output never reaches f
+            continue
         G = torch.stack([grads[i] for grads in per_output])  # (O, N, *layer out)
         cov += weigh(layer, acts[i], G)
     return f.detach(), cov.detach()
@@ -168,7 +171,8 @@ def diag_output_covariance(
         xs = x[start : start + chunk_size]
         while True:
             try:
-                with torch.enable_grad():  # the taps need autograd even when the caller has it off
+                # The taps need autograd even when the caller has it off (no_grad or inference_mode).
+                with torch.inference_mode(False), torch.enable_grad():
                     f, cov = _structured_part(apply_fn, detached, layers, xs, _diag_weigh(variances))
                 break
             except _Unstructured as err:

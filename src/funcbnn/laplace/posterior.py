@@ -222,7 +222,7 @@ def fit(
         )
     ref = params[names[0]]
     mean = {k: params[k].detach().clone() for k in names}
-    rest = {k: v.detach() for k, v in params.items() if k not in mean}
+    rest = {k: v.detach().clone() for k, v in params.items() if k not in mean}  # a snapshot, like mean
     scale_power = 0 if lik.name != "gaussian" else (4 if curvature == "ef" else 2)
     state = LaplaceState(
         mean=mean,
@@ -242,9 +242,15 @@ def _build(
     def sub_apply(sub: dict[str, Tensor], x: Any) -> Any:
         return base_apply({**rest, **sub}, x)
 
-    def _prior_vector(state: LaplaceState, sigma: Tensor | None = None, prior_precision: Tensor | None = None):
-        pp = state.prior_precision if prior_precision is None else prior_precision
-        sd = state.sigma if sigma is None else sigma
+    def _prior_vector(state: LaplaceState, sigma: Any = None, prior_precision: Any = None):
+        ref = state.sigma
+        pp = state.prior_precision if prior_precision is None else _as_prior_precision(prior_precision, names, ref)
+        if sigma is None:
+            sd = state.sigma
+        else:
+            sd = torch.as_tensor(sigma, dtype=ref.dtype, device=ref.device)
+            if sd.dim() != 0 or not bool(torch.isfinite(sd) & (sd > 0)):
+                raise ValueError(f"sigma must be a finite positive scalar, got {sigma!r}")
         return pp, sd
 
     def _per_leaf(pp: Tensor, i: int) -> Tensor:
@@ -457,6 +463,13 @@ def _build(
             raise ValueError(f"link_approx must be 'probit', 'bridge' or 'mc', got {link_approx!r}")
         from ..predict import sample_outputs
 
+        if lik.name not in ("gaussian", "categorical", "bernoulli"):
+            raise ValueError(
+                f"predict covers the categorical, bernoulli and gaussian likelihoods, not {lik.name!r}; "
+                "use output_covariance or sample for it"
+            )
+        if link_approx == "mc" or pred_type == "nn":
+            positive_int(num_samples, "num_samples")
         regression = lik.name == "gaussian"
         if pred_type == "nn":
             outs = sample_outputs(sub_apply, sample(state, num_samples, generator=generator), x)
@@ -479,9 +492,12 @@ def _build(
             sum_exp = torch.exp(-f_flat).sum(-1, keepdim=True)
             alpha = (1 - 2 / k + f_flat.exp() / k**2 * sum_exp) / var_d
             return alpha / alpha.sum(-1, keepdim=True)
-        chol = torch.linalg.cholesky(cov + 1e-10 * torch.eye(cov.shape[-1], dtype=cov.dtype, device=cov.device))
+        # A square root through the eigendecomposition: the output covariance is often rank
+        # deficient (fewer uncertain directions than classes), where Cholesky fails.
+        evals, evecs = torch.linalg.eigh(cov)
+        root = evecs * evals.clamp_min(0).sqrt().unsqueeze(-2)
         eps = torch.empty((num_samples, *f_flat.shape), dtype=f.dtype, device=f.device).normal_(generator=generator)
-        logits = f_flat + torch.einsum("noq,snq->sno", chol, eps)
+        logits = f_flat + torch.einsum("noq,snq->sno", root, eps)
         return _link(logits, lik).reshape(f.shape)
 
     return Laplace(
