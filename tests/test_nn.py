@@ -535,3 +535,26 @@ def test_frozen_parameters_are_saved_and_loaded():
     torch.testing.assert_close(twin(x, sample=False), model(x, sample=False))
     twin.load_state_dict(model.state_dict(), assign=True)
     torch.testing.assert_close(twin(x, sample=False), model(x, sample=False))
+
+
+@pytest.mark.parametrize("local", [False, True])
+def test_deep_copies_and_whole_module_saves_are_independent_equal_models(local):
+    import copy
+    import io
+
+    torch.manual_seed(0)
+    model = BayesianModule(nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)), local_reparam=local)
+    x, y = torch.randn(6, 3), torch.randint(0, 2, (6,))
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    for twin in (copy.deepcopy(model), torch.load(buf, weights_only=False)):
+        g = lambda: torch.Generator().manual_seed(1)  # noqa: E731
+        torch.testing.assert_close(twin.elbo(x, y, 60, generator=g()).loss, model.elbo(x, y, 60, generator=g()).loss)
+        with torch.no_grad():
+            for p in twin.parameters():
+                p.add_(1.0)
+        assert not torch.equal(twin.elbo(x, y, 60, generator=g()).loss, model.elbo(x, y, 60, generator=g()).loss)
+        with torch.no_grad():
+            for p in twin.parameters():
+                p.sub_(1.0)

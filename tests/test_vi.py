@@ -487,3 +487,13 @@ def test_fit_counts_the_examples_a_subset_loader_sees_and_reuses_one_shot_iterat
     batches = iter([(x[:10], y[:10]), (x[10:20], y[10:20])])
     res = vi.fit(apply_fn, post, prior, post.init(params), batches, epochs=3, num_data=20)
     assert len(res.history.loss) == 6
+
+
+def test_step_refuses_an_optimizer_built_on_another_copy_of_the_state():
+    apply_fn, params, _ = funcbnn.functionalize(nn.Linear(3, 2))
+    post, prior = funcbnn.diag_gaussian(init_std=0.1), funcbnn.priors.gaussian(1.0)
+    state = vi.trainable(post.init(params))
+    opt = torch.optim.SGD(vi.leaves(vi.trainable(state)), lr=0.1)
+    batch = (torch.randn(4, 3), torch.randint(0, 2, (4,)))
+    with pytest.raises(ValueError, match="optimizer holds none"):
+        vi.step(apply_fn, post, prior, state, opt, batch, 10)

@@ -102,6 +102,30 @@ class _Context(NamedTuple):
     generator: torch.Generator | None
 
 
+class _LocalForward:
+    """A layer's forward while patched: plain outside a sampling context, sampled pre-activations inside.
+
+    A class rather than a closure so that models holding patched layers pickle.
+    """
+
+    def __init__(self, owner: "LocalReparamModel", layer: nn.Module, names: _Layer, plain_forward: Any) -> None:
+        self.owner, self.layer, self.names, self.plain_forward = owner, layer, names, plain_forward
+
+    def __call__(self, x: Tensor) -> Tensor:
+        ctx = self.owner._ctx
+        if ctx is None:
+            return self.plain_forward(x)
+        names = self.names
+        if names.bias is not None:
+            b_mean, b_std = ctx.mean[names.bias], ctx.std[names.bias]
+        else:
+            b_mean, b_std = (ctx.frozen[names.frozen_bias] if names.frozen_bias else None), None
+        mean, var = preactivation_moments(self.layer, x, ctx.mean[names.weight], ctx.std[names.weight], b_mean, b_std)
+        noise = torch.empty_like(mean).normal_(generator=ctx.generator)
+        # The clamp keeps the gradient finite where a variance is exactly 0 (zero input, no bias noise).
+        return mean + torch.sqrt(var.clamp_min(torch.finfo(var.dtype).tiny)) * noise
+
+
 class LocalReparamModel:
     """A :class:`~funcbnn.model.FunctionalModel` whose Linear/Conv layers can sample pre-activations.
 
@@ -124,6 +148,15 @@ class LocalReparamModel:
         for layer, names in layers.items():
             layer.forward = self._make_forward(layer, names, layer.forward)
 
+    def __getstate__(self) -> dict[str, Any]:
+        # The patched forwards close over this object; a copy re-patches its own layers.
+        return {"functional": self.functional, "layers": self.layers}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        for layer in state["layers"]:
+            layer.__dict__.pop("forward", None)
+        self.__init__(state["functional"], state["layers"])
+
     @property
     def local_layers(self) -> list[str]:
         """Names of the layers whose pre-activations are sampled."""
@@ -131,20 +164,7 @@ class LocalReparamModel:
         return [named[id(m)] for m in self.layers]
 
     def _make_forward(self, layer: nn.Module, names: _Layer, plain_forward: Any) -> Any:
-        def forward(x: Tensor) -> Tensor:
-            ctx = self._ctx
-            if ctx is None:
-                return plain_forward(x)
-            if names.bias is not None:
-                b_mean, b_std = ctx.mean[names.bias], ctx.std[names.bias]
-            else:
-                b_mean, b_std = (ctx.frozen[names.frozen_bias] if names.frozen_bias else None), None
-            mean, var = preactivation_moments(layer, x, ctx.mean[names.weight], ctx.std[names.weight], b_mean, b_std)
-            noise = torch.empty_like(mean).normal_(generator=ctx.generator)
-            # The clamp keeps the gradient finite where a variance is exactly 0 (zero input, no bias noise).
-            return mean + torch.sqrt(var.clamp_min(torch.finfo(var.dtype).tiny)) * noise
-
-        return forward
+        return _LocalForward(self, layer, names, plain_forward)
 
     def __call__(self, params: dict[str, Tensor], x: Any, buffers: dict[str, Tensor] | None = None) -> Any:
         return self.functional(params, x, buffers)

@@ -412,7 +412,6 @@ class BayesianModule(nn.Module):
         for name, value in self._functional.frozen.items():
             self.model_frozen.register_buffer(_key(name), value)
         self.train(module.training)  # start in the wrapped module's mode
-        self._family = diag_gaussian()
         self._posterior_name = posterior_name
         self._module_name = type(module).__name__
         if verbose:
@@ -432,6 +431,12 @@ class BayesianModule(nn.Module):
                 print(f"  {name}: {tuple(params[name].shape)}")
 
     # -- plumbing -------------------------------------------------------------------------------
+
+    @property
+    def _family(self):
+        # Built on use rather than stored: the family's functions are closures, which would make
+        # the module unpicklable.
+        return diag_gaussian()
 
     @property
     def _functional(self):

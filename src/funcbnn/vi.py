@@ -529,6 +529,12 @@ def step(
         raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
     state_leaves = optree.tree_leaves(state)
     _check_trainable(state_leaves)
+    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    if not any(id(leaf) in held for leaf in state_leaves):
+        # An optimiser built on another copy of the state would make every step a silent no-op.
+        raise ValueError(
+            "optimizer holds none of the state's leaves; build it from vi.leaves(state) of this state"
+        )
     for leaf in state_leaves:
         leaf.grad = None
     info = elbo(
