@@ -1002,3 +1002,20 @@ def test_mc_link_survives_a_rank_deficient_output_covariance():
     probs = la.predict(state, x[:3], link_approx="mc", num_samples=64, generator=torch.Generator().manual_seed(0))
     assert bool(torch.isfinite(probs).all())
     torch.testing.assert_close(probs.sum(-1), torch.ones(3))
+
+
+def test_last_layer_means_the_linear_called_last_not_the_one_registered_last():
+    class HeadFirst(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.head = nn.Linear(4, 3)
+            self.body = nn.Linear(2, 4)
+
+        def forward(self, x: Tensor) -> Tensor:
+            return self.head(torch.tanh(self.body(x)))
+
+    torch.manual_seed(0)
+    apply_fn, params, _ = functionalize(HeadFirst().double())
+    x, y = torch.randn(8, 2, dtype=DT), torch.randint(0, 3, (8,))
+    la, _ = fit(apply_fn, params, [(x, y)], "categorical", subset="last_layer")
+    assert la.names == ("head.weight", "head.bias")

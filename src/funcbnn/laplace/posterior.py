@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from .._validation import positive_int
 from ..likelihoods import Likelihood, get_likelihood
 from ..model import FunctionalModel
-from .curvature import Kind, dense_curvature, diag_curvature
+from .curvature import Kind, check_data, dense_curvature, diag_curvature
 from .glm import diag_output_covariance
 from .kron import (
     kron_covariance_diag,
@@ -69,18 +69,35 @@ class LaplaceState(NamedTuple):
     num_outputs: Tensor
 
 
-def last_layer_names(apply_fn: FunctionalModel, params: dict[str, Tensor]) -> list[str]:
-    """Leaf names of the last ``nn.Linear`` (in module order) whose weight is trainable."""
+def last_layer_names(apply_fn: FunctionalModel, params: dict[str, Tensor], x: Any = None) -> list[str]:
+    """Leaf names of the last ``nn.Linear`` with a trainable weight.
+
+    "Last" is in call order when example inputs ``x`` are given (one forward with
+    hooks; ``fit`` passes its first batch), else in registration order (which
+    differs when a model defines its head before its body).
+    """
     if not isinstance(apply_fn, FunctionalModel):
         raise TypeError("subset='last_layer' needs apply_fn from funcbnn.functionalize")
-    found: list[str] = []
+    candidates: dict[nn.Module, list[str]] = {}
     for name, mod in apply_fn.module.named_modules():
         prefix = f"{name}." if name else ""
         if isinstance(mod, nn.Linear) and prefix + "weight" in params:
-            found = [prefix + "weight"] + ([prefix + "bias"] if prefix + "bias" in params else [])
-    if not found:
+            candidates[mod] = [prefix + "weight"] + ([prefix + "bias"] if prefix + "bias" in params else [])
+    if not candidates:
         raise ValueError("subset='last_layer': the model has no nn.Linear layer with trainable weights")
-    return found
+    if x is None:
+        return list(candidates.values())[-1]
+    called: list[nn.Module] = []
+    handles = [m.register_forward_hook(lambda m, i, o: called.append(m)) for m in candidates]
+    try:
+        with torch.no_grad():
+            apply_fn({k: v.detach() for k, v in params.items()}, x)
+    finally:
+        for h in handles:
+            h.remove()
+    if not called:
+        raise ValueError("subset='last_layer': no nn.Linear with trainable weights runs in the forward pass")
+    return candidates[called[-1]]
 
 
 def _as_prior_precision(value: Any, names: list[str], ref: Tensor) -> Tensor:
@@ -183,7 +200,8 @@ def fit(
     if subset == "all":
         names = list(params)
     elif subset == "last_layer":
-        names = last_layer_names(apply_fn, params)
+        data = check_data(data)  # materialised once: the first batch finds the layer called last
+        names = last_layer_names(apply_fn, params, data[0][0])
     elif callable(subset):
         names = [k for k, v in params.items() if subset(k, v)]
     else:
