@@ -409,3 +409,15 @@ def test_bad_curvature_inputs_are_rejected():
     with pytest.raises(ValueError, match="Conv2d inputs must be"):
         conv_fn, conv_params, _ = functionalize(nn.Sequential(nn.Conv2d(1, 2, 2), nn.Flatten(0)))
         kron_curvature(conv_fn, conv_params, (torch.randn(1, 3, 3), torch.randn(8)), "gaussian")
+
+
+def test_a_layer_with_a_frozen_bias_keeps_a_weight_only_kronecker_block():
+    from funcbnn.laplace import fit
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    net[2].bias.requires_grad_(False)
+    apply_fn, params, _ = functionalize(net)
+    x, y = torch.randn(12, 3, dtype=torch.float64), torch.randint(0, 2, (12,))
+    la, state = fit(apply_fn, params, [(x, y)], "categorical", structure="kron")
+    assert ("2.weight",) in state.curvature.blocks and not state.curvature.diag

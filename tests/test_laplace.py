@@ -1019,3 +1019,19 @@ def test_last_layer_means_the_linear_called_last_not_the_one_registered_last():
     x, y = torch.randn(8, 2, dtype=DT), torch.randint(0, 3, (8,))
     la, _ = fit(apply_fn, params, [(x, y)], "categorical", subset="last_layer")
     assert la.names == ("head.weight", "head.bias")
+
+
+@pytest.mark.parametrize("kind", ["ef", "ggn"])
+def test_a_frozen_bias_leaves_the_weight_on_the_structured_path_with_the_same_numbers(kind):
+    torch.manual_seed(0)
+    net = _seq(nn.Conv2d(1, 2, 3), nn.Tanh(), nn.Flatten(), nn.Linear(8, 3))
+    net[0].bias.requires_grad_(False)
+    net[3].bias.requires_grad_(False)
+    apply_fn, params, _ = functionalize(net)
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(6, 1, 4, 4, generator=g, dtype=DT), torch.randint(0, 3, (6,), generator=g)
+    fast, _ = diag_curvature(apply_fn, params, [(x, y)], "categorical", kind=kind, method="structured")
+    slow, _ = diag_curvature(apply_fn, params, [(x, y)], "categorical", kind=kind, method="generic")
+    assert set(fast) == {"0.weight", "3.weight"}
+    for k in fast:
+        assert_rel(fast[k], slow[k])

@@ -38,7 +38,7 @@ class Call(NamedTuple):
 
 
 def structured_layers(apply_fn: FunctionalModel, names: set[str]) -> list[Layer]:
-    """Linear / Conv1d / Conv2d layers whose trainable weight (and bias) are all in ``names``.
+    """Linear / Conv1d / Conv2d layers whose weight is in ``names`` (their bias counts if it is too).
 
     Convolutions with groups, non-zero padding modes or string padding, and
     weights tied to another leaf slot, are left to the generic engine.
@@ -54,9 +54,11 @@ def structured_layers(apply_fn: FunctionalModel, names: set[str]) -> list[Layer]
             continue
         w, b = prefix + "weight", prefix + "bias"
         tied = any(len(apply_fn._slots.get(n, [])) > 1 for n in (w, b))
-        if not ok or tied or w not in names or (mod.bias is not None and b not in names):
+        if not ok or tied or w not in names:
             continue
-        layers.append(Layer(mod, w, b if mod.bias is not None else None))
+        # A bias outside ``names`` (frozen, or not in the subset) is a constant: the layer is
+        # handled as bias-free, its weight still structured.
+        layers.append(Layer(mod, w, b if mod.bias is not None and b in names else None))
     return layers
 
 
