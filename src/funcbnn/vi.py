@@ -244,7 +244,9 @@ def _sampled_outputs(
         cache = _PATHS.setdefault(apply_fn, {})
     except TypeError:  # not weak-referenceable: measure every call
         cache = {}
-    key = _signature(samples, x, num)
+    # Buffers are part of the key: explicit (e.g. train-mode BatchNorm) buffers can change
+    # whether the forward runs under vmap at all.
+    key = _signature(samples, (x, buffers), num)
     use_vmap = cache.get(key)
     if use_vmap is None:
         use_vmap = cache[key] = _calibrate(apply_fn, samples, x, buffers, num)
