@@ -93,6 +93,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from _load import LoadMeter  # a sibling script module: the benchmarks run as scripts from benchmarks/
+
 GROUPS = ("funcbnn", "laplace-torch", "posteriors")
 CHECK_TOL = 1e-3  # relative max-abs difference above which a row is flagged
 TARGET_EF = 1.5  # funcbnn diag EF <= 1.5x baseline
@@ -624,16 +626,6 @@ def child(group: str, models: list[str], quick: bool, repeats: int, budget: floa
 # the parent: spawn one child per library, print the table and the targets
 
 
-def busy_cpu_seconds() -> float | None:
-    try:
-        with open("/proc/stat") as f:
-            fields = f.readline().split()
-    except OSError:
-        return None
-    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in fields[1:9])
-    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
-
-
 def spawn(group: str, args: argparse.Namespace, repeats: int, budget: float) -> list[dict]:
     cmd = [
         sys.executable,
@@ -766,17 +758,11 @@ def main() -> None:
         f"N={sizes.num_data} in batches of {sizes.batch} | min of <= {repeats} rounds (budget {budget:g} s/row) | "
         f"x base = row / baseline timed alongside it"
     )
-    busy0, wall0 = busy_cpu_seconds(), time.perf_counter()
-    own0 = os.times()
+    load = LoadMeter()  # counts the child processes' CPU as this run's own
     rows: list[dict] = []
     for group in GROUPS:
         rows += spawn(group, args, repeats, budget)
-    wall = time.perf_counter() - wall0
-    own1 = os.times()
-    own = (own1.children_user + own1.children_system + own1.user + own1.system) - (
-        own0.children_user + own0.children_system + own0.user + own0.system
-    )
-    busy1 = busy_cpu_seconds()
+    footer = load.footer()
 
     name_w = max(len(s.name) for s in ROWS)
     header = f"| {'method':<{name_w}} | {'time ms':>9} | {'x base':>7} | {'reps':>4} | {'peak MB':>8} | {'check':>7} | note |"
@@ -795,14 +781,7 @@ def main() -> None:
     print_targets(rows, names)
     if args.quick:
         print("(--quick: tiny models and 1 repeat; the PASS/MISS lines above say nothing about the targets)")
-    footer = f"\ntotal {wall:.1f} s"
-    if busy0 is not None and busy1 is not None:
-        others = max(busy1 - busy0 - own, 0.0) / wall
-        footer += f" | other processes used {others:.2f} of {os.cpu_count()} cores meanwhile"
-        if others > 0.1:
-            footer += " (contended: timings unreliable, rerun on a quiet machine)"
-    print(footer)
-
+    print("\n" + footer)
 
 if __name__ == "__main__":
     main()

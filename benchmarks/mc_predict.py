@@ -43,7 +43,6 @@ Run with::
 from __future__ import annotations
 
 import argparse
-import os
 import random
 import statistics
 import time
@@ -52,6 +51,8 @@ from typing import Callable
 
 import torch
 from torch import Tensor, nn
+
+from _load import LoadMeter  # a sibling script module: the benchmarks run as scripts from benchmarks/
 
 import funcbnn
 from funcbnn import predict as _predict
@@ -150,17 +151,6 @@ def measure(fns: dict[str, Callable[[], object]], repeats: int, stat: str) -> di
         for name in names:
             times[name].append(time_once(fns[name]))
     return {name: STATS[stat](ts) for name, ts in times.items()}
-
-
-def busy_cpu_seconds() -> float | None:
-    """CPU time (seconds, all cores) the whole machine has spent busy, from ``/proc/stat``; Linux only."""
-    try:
-        with open("/proc/stat") as f:
-            fields = f.readline().split()
-    except OSError:
-        return None
-    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in fields[1:9])
-    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
 
 
 def chosen_path(apply_fn: object) -> str:
@@ -278,22 +268,14 @@ def main() -> None:
     print(HEADER)
     print("-" * len(HEADER))
     rows: list[Row] = []
-    busy_start, own_start, start = busy_cpu_seconds(), time.process_time(), time.perf_counter()
+    load = LoadMeter()
     with torch.no_grad():
         for config in CONFIGS:
             for num_samples in SAMPLE_COUNTS:
                 rows.append(bench(config, num_samples, repeats, args.stat))
                 print(format_row(rows[-1]), flush=True)
-    wall = time.perf_counter() - start
-    own, busy_end = time.process_time() - own_start, busy_cpu_seconds()
     print_targets(rows)
-    footer = f"total {wall:.1f} s"
-    if busy_start is not None and busy_end is not None:
-        others = max(busy_end - busy_start - own, 0.0) / wall
-        footer += f" | other processes used {others:.2f} of {os.cpu_count()} cores meanwhile"
-        if others > 0.1:
-            footer += " (contended: timings unreliable, rerun on a quiet machine)"
-    print(footer)
+    print(load.footer())
 
 
 if __name__ == "__main__":

@@ -41,7 +41,6 @@ from __future__ import annotations
 import argparse
 import copy
 import math
-import os
 import random
 import statistics
 import time
@@ -53,6 +52,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from _load import LoadMeter  # a sibling script module: the benchmarks run as scripts from benchmarks/
 
 import funcbnn
 from funcbnn import vi
@@ -288,16 +289,6 @@ def chosen_path(apply_fn: Any, s: int) -> str:
     return "?"
 
 
-def busy_cpu_seconds() -> float | None:
-    try:
-        with open("/proc/stat") as f:
-            fields = f.readline().split()
-    except OSError:
-        return None
-    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in fields[1:9])
-    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
-
-
 def ms(seconds: float) -> str:
     return f"{seconds * 1e3:9.3f}"
 
@@ -460,25 +451,17 @@ def main() -> None:
         f"funcbnn {funcbnn.__version__} | torch {torch.__version__} | threads {torch.get_num_threads()} | "
         f"{args.stat} of {repeats} after {WARMUP} warm-up calls | N={NUM_DATA} | times in ms"
     )
-    busy0, own0, wall0 = busy_cpu_seconds(), time.process_time(), time.perf_counter()
+    load = LoadMeter()
     results: dict = {}
     for cfg in configs:
         bench_steps(cfg, repeats, args.stat, results)
         bench_samples(cfg, repeats, args.stat, results)
     for cfg in configs:
         bench_local_reparam(cfg, repeats, args.stat, draws=5 if args.quick else 50)
-    wall = time.perf_counter() - wall0
-    own, busy1 = time.process_time() - own0, busy_cpu_seconds()
     print_targets(results)
     if args.quick:
         print("(--quick: tiny models and 1 repeat; the PASS/MISS lines above say nothing about the targets)")
-    footer = f"\ntotal {wall:.1f} s"
-    if busy0 is not None and busy1 is not None:
-        others = max(busy1 - busy0 - own, 0.0) / wall
-        footer += f" | other processes used {others:.2f} of {os.cpu_count()} cores meanwhile"
-        if others > 0.1:
-            footer += " (contended: timings unreliable, rerun on a quiet machine)"
-    print(footer)
+    print("\n" + load.footer())
 
 
 if __name__ == "__main__":

@@ -56,3 +56,16 @@ def multi_leaf_tree(dtype: torch.dtype = torch.float32) -> dict[str, torch.Tenso
 @pytest.fixture
 def tree() -> dict[str, torch.Tensor]:
     return multi_leaf_tree()
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for modules of tiny-model tests: more threads only add contention."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def gen(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)

@@ -8,23 +8,14 @@ import torch.nn.functional as F
 from torch import nn
 
 import funcbnn
+from conftest import gen as _gen
 from funcbnn import priors, vi
 from funcbnn.local_reparam import LocalReparamModel, local_reparameterize, preactivation_moments
 
 from conftest import make_cnn, make_mlp
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These models are tiny: intra-op threads only add contention on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def _gen(seed: int = 0) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _moments(shape_w, shape_b, seed=0, dtype=torch.float64):

@@ -18,20 +18,11 @@ from funcbnn.families.diag_gaussian import kl as diag_kl
 from funcbnn.families.diag_gaussian import rsample as diag_rsample
 from funcbnn.predict import VmapFallbackWarning
 
+from conftest import gen as _gen
 from conftest import make_mlp
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These models are tiny: intra-op threads only add contention on a shared machine (10x slower here)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def _gen(seed: int = 0) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _setup(sizes=(4, 8, 3), init_std=0.2, n=12, seed=0):
