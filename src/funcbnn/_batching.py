@@ -11,6 +11,8 @@ is used: same results, more overhead.
 
 from __future__ import annotations
 
+import math
+import time
 from typing import Any, Callable
 
 import optree
@@ -54,3 +56,20 @@ def vmap_leading(
         return optree.tree_unflatten(out_spec, [_remove_batch_dim(o, level, size, 0) for o in out_leaves])
     finally:
         _vmap_decrement_nesting()
+
+
+def vmap_is_faster(run_vmap: Callable[[], Any], run_loop: Callable[[], Any], rounds: int = 2) -> bool:
+    """Whether ``run_vmap`` took no longer than ``run_loop``, best of ``rounds`` alternating timings.
+
+    Both should already have run once (warm-up). Alternating and taking each path's
+    best keeps one noisy measurement from fixing a bad choice.
+    """
+    t_vmap = t_loop = math.inf
+    for _ in range(rounds):
+        start = time.perf_counter()
+        run_vmap()
+        t_vmap = min(t_vmap, time.perf_counter() - start)
+        start = time.perf_counter()
+        run_loop()
+        t_loop = min(t_loop, time.perf_counter() - start)
+    return t_vmap <= t_loop

@@ -10,7 +10,6 @@ epistemic/aleatoric split.
 from __future__ import annotations
 
 import math
-import time
 import warnings
 import weakref
 from typing import Any, Callable, Literal, NamedTuple
@@ -20,7 +19,7 @@ import torch
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
-from ._batching import vmap_leading
+from ._batching import vmap_is_faster, vmap_leading
 from ._validation import positive_float, positive_int
 from .model import FunctionalModel
 from .tree import Tree, leaf_names
@@ -94,12 +93,6 @@ def _signature(x: Any, samples: Tree, randomness: str) -> tuple:
     leaves, spec = optree.tree_flatten(samples)
     ps = tuple((tuple(t.shape[1:]), t.dtype, t.device) if isinstance(t, Tensor) else None for t in leaves)
     return x_spec, xs, spec, ps, randomness
-
-
-def _timed(fn: Callable[[], Any]) -> tuple[float, Any]:
-    start = time.perf_counter()
-    out = fn()
-    return time.perf_counter() - start, out
 
 
 def _batch_size(x: Any) -> int | None:
@@ -321,13 +314,12 @@ def sample_outputs(
         except Exception as err:
             return _fall_back(err, cache, key, probe, apply_fn, samples, x, num_samples, randomness)
         _loop(apply_fn, part, x, 1)  # warm-up
-        # Best of two, alternating, so one noisy measurement cannot fix a bad choice.
-        t_vmap, t_loop = math.inf, math.inf
-        for _ in range(2):
-            t_vmap = min(t_vmap, _timed(lambda: _vmapped(apply_fn, part, x, chunk_size, chunk_size, randomness))[0])
-            t_loop = min(t_loop, _timed(lambda: _loop(apply_fn, part, x, chunk_size))[0])
-        probe.vmap_faster[decision] = t_vmap <= t_loop
-        if t_vmap > t_loop:
+        faster = vmap_is_faster(
+            lambda: _vmapped(apply_fn, part, x, chunk_size, chunk_size, randomness),
+            lambda: _loop(apply_fn, part, x, chunk_size),
+        )
+        probe.vmap_faster[decision] = faster
+        if not faster:
             return _loop(apply_fn, samples, x, num_samples)
     return _vmapped(apply_fn, samples, x, num_samples, chunk_size, randomness)
 

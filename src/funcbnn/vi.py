@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import math
 import sys
-import time
 import warnings
 import weakref
 from typing import Any, Callable, Iterable, Literal, NamedTuple, TextIO
@@ -49,7 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._batching import vmap_leading
+from ._batching import vmap_is_faster, vmap_leading
 from ._validation import positive_int
 from .families.diag_gaussian import DiagGaussian, DiagGaussianState
 from .families.diag_gaussian import _analytic_kl
@@ -189,14 +188,16 @@ def _signature(samples: Tree, x: Any, num: int) -> tuple:
     return (num, torch.is_grad_enabled(), x_spec, tuple(map(sig, x_leaves)), p_spec, tuple(map(sig, p_leaves)))
 
 
-def _timed_run(fn: Callable[[], Tensor], leaves: list[Tensor]) -> float:
-    """Seconds for ``fn()`` and, with autograd on, the backward pass to ``leaves``."""
-    start = time.perf_counter()
-    out = fn()
-    if torch.is_grad_enabled():
-        # allow_unused: a parameter the output does not depend on is no reason to leave vmap.
-        torch.autograd.grad(out.float().sum(), leaves, allow_unused=True)
-    return time.perf_counter() - start
+def _with_backward(fn: Callable[[], Tensor], leaves: list[Tensor]) -> Callable[[], None]:
+    """``fn()`` and, with autograd on, the backward pass to ``leaves``: what a training step pays."""
+
+    def run() -> None:
+        out = fn()
+        if torch.is_grad_enabled():
+            # allow_unused: a parameter the output does not depend on is no reason to leave vmap.
+            torch.autograd.grad(out.float().sum(), leaves, allow_unused=True)
+
+    return run
 
 
 def _calibrate(apply_fn: Callable, samples: Tree, x: Any, buffers: Any, num: int) -> bool:
@@ -209,10 +210,10 @@ def _calibrate(apply_fn: Callable, samples: Tree, x: Any, buffers: Any, num: int
     grad = torch.is_grad_enabled()
     copies = optree.tree_map(lambda t: t.detach().requires_grad_(grad), samples)
     leaves = optree.tree_leaves(copies)
-    vmap_fn = lambda: _vmapped(apply_fn, copies, x, buffers)  # noqa: E731
-    loop_fn = lambda: _loop(apply_fn, copies, x, buffers, num)  # noqa: E731
+    vmap_fn = _with_backward(lambda: _vmapped(apply_fn, copies, x, buffers), leaves)
+    loop_fn = _with_backward(lambda: _loop(apply_fn, copies, x, buffers, num), leaves)
     try:
-        _timed_run(vmap_fn, leaves)
+        vmap_fn()  # warm-up, and the test whether the forward runs under vmap at all
     except Exception as err:  # the forward cannot run under vmap: loop from now on
         warnings.warn(
             f"the model's forward failed under torch.func.vmap ({type(err).__name__}: {err}); "
@@ -222,12 +223,8 @@ def _calibrate(apply_fn: Callable, samples: Tree, x: Any, buffers: Any, num: int
             stacklevel=4,
         )
         return False
-    _timed_run(loop_fn, leaves)
-    t_vmap = t_loop = math.inf
-    for _ in range(2):
-        t_vmap = min(t_vmap, _timed_run(vmap_fn, leaves))
-        t_loop = min(t_loop, _timed_run(loop_fn, leaves))
-    return t_vmap <= t_loop
+    loop_fn()  # warm-up
+    return vmap_is_faster(vmap_fn, loop_fn)
 
 
 def _sampled_outputs(
