@@ -11,13 +11,18 @@ them and predict with many weight samples in one batched call::
     summary = funcbnn.summarize(outputs, "classification")
 """
 
-from . import families, laplace, likelihoods, priors, tree, vi
-from .families import FAMILIES, DiagGaussianState, diag_gaussian
-from .likelihoods import LIKELIHOODS
-from .model import Functional, FunctionalModel, functionalize
-from .predict import PredictiveSummary, VmapFallbackWarning, sample_outputs, summarize
-from .nn import BayesianModule
-from .priors import PRIORS
+import warnings as _warnings
+
+with _warnings.catch_warnings():
+    # torch.func's first import warns when NumPy is absent; funcbnn never uses NumPy.
+    _warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
+    from . import families, laplace, likelihoods, priors, tree, vi
+    from .families import FAMILIES, DiagGaussianState, diag_gaussian
+    from .likelihoods import LIKELIHOODS
+    from .model import Functional, FunctionalModel, functionalize
+    from .predict import PredictiveSummary, VmapFallbackWarning, sample_outputs, summarize
+    from .nn import BayesianModule
+    from .priors import PRIORS
 
 __version__ = "0.1.0"
 

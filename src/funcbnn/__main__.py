@@ -11,15 +11,11 @@ from __future__ import annotations
 
 import argparse
 import time
-import warnings
 
-# torch warns once when NumPy is absent; funcbnn never needs NumPy, so the demo stays quiet.
-warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
+import torch
+from torch import nn
 
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
-
-import funcbnn  # noqa: E402
+import funcbnn
 
 
 def _blobs(n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
