@@ -195,7 +195,7 @@ def test_regression_summaries_split_the_variance():
 
 
 def test_summarize_rejects_bad_arguments():
-    with pytest.raises(ValueError, match="likelihood must be one of"):
+    with pytest.raises(ValueError, match="unknown likelihood"):
         summarize(torch.randn(3, 4, 2), "poisson")
     with pytest.raises(ValueError, match="noise_std"):
         summarize(torch.randn(3, 4), "regression", noise_std=-1.0)

@@ -24,6 +24,7 @@ class Registry(Generic[F]):
     def __init__(self, kind: str) -> None:
         self.kind = kind
         self._factories: dict[str, Callable[..., Any]] = {}
+        self._aliases: dict[str, str] = {}
 
     def register(self, name: str, *, overwrite: bool = False) -> Callable[[F], F]:
         """Decorator that registers ``factory`` under ``name``."""
@@ -37,6 +38,17 @@ class Registry(Generic[F]):
             return factory
 
         return decorate
+
+    def alias(self, alias: str, name: str) -> None:
+        """Make ``alias`` another name for the factory registered as ``name``."""
+        factory = self.get(name)
+        self.register(alias)(factory)
+        self._aliases[alias] = name
+
+    def canonical(self, name: str) -> str:
+        """The name ``name`` is an alias of (itself if it is no alias); raises for unknown names."""
+        self.get(name)
+        return self._aliases.get(name, name)
 
     def names(self) -> list[str]:
         """Registered names, sorted."""

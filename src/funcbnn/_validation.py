@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import operator
 from typing import Any
 
@@ -44,3 +45,25 @@ def check_positive_tree(tree: Any, name: str) -> None:
         if bool(bad.any()):
             worst = value[bad].reshape(-1)[0].item()
             raise ValueError(f"{name} must be finite and positive, got {worst} in leaf '{leaf_name}'")
+
+
+def positive_scalar(value: Any, name: str) -> float | Tensor:
+    """A positive finite hyperparameter as a Python float or a 0-d tensor.
+
+    Accepts Python numbers, 0-d tensors and shape-``(1,)`` tensors (laplace-torch's
+    habit), so ``sigma=0.5``, ``sigma=torch.tensor(0.5)`` and ``sigma=torch.ones(1)``
+    mean the same. A tensor stays a tensor (reshaped to 0-d, a view), so
+    gradients flow through it; a number is returned as a float.
+    """
+    if isinstance(value, Tensor):
+        if value.numel() != 1 or value.dim() > 1:
+            raise ValueError(f"{name} must be a scalar (a number, a 0-d or a shape-(1,) tensor), got shape {tuple(value.shape)}")
+        if not (value.is_floating_point() or value.dtype in (torch.int32, torch.int64)) or value.dtype == torch.bool:
+            raise TypeError(f"{name} must be a real number, got a tensor of dtype {value.dtype}")
+        number = float(value.detach())
+        if not (number > 0 and math.isfinite(number)):
+            raise ValueError(f"{name} must be finite and positive, got {number}")
+        return value.reshape(())
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be a positive number, got {value!r}")
+    return positive_float(value, name)

@@ -22,6 +22,8 @@ from torch.overrides import TorchFunctionMode
 from ._batching import vmap_is_faster, vmap_leading
 from ._validation import positive_float, positive_int
 from .model import FunctionalModel
+from .likelihoods import Likelihood, get_likelihood
+from .summary import PredictiveSummary
 from .tree import Tree, leaf_names
 
 __all__ = [
@@ -29,7 +31,6 @@ __all__ = [
     "sample_outputs",
     "PredictiveSummary",
     "summarize",
-    "LIKELIHOODS",
     "CHUNK_BUDGET_BYTES",
 ]
 
@@ -338,103 +339,39 @@ def _fall_back(err, cache, key, probe, apply_fn, samples, x, num_samples, random
     return _loop(apply_fn, samples, x, num_samples, randomness)
 
 
-LIKELIHOODS = ("classification", "binary", "regression", "heteroscedastic")
-
-
-class PredictiveSummary(NamedTuple):
-    """Summary of Monte-Carlo predictions; fields a likelihood does not define are ``None``.
-
-    For every likelihood ``total_var == aleatoric_var + epistemic_var`` (law of
-    total variance, with population variances over samples).
-
-    Attributes
-    ----------
-    mean : Tensor
-        Predictive mean: mean probabilities (classification, binary) or mean
-        prediction (regression).
-    epistemic_var, aleatoric_var, total_var : Tensor
-        Variance split. For classification these are per class, of the one-hot
-        label: epistemic = Var_s[p_s], aleatoric = E_s[p_s (1 - p_s)],
-        total = p (1 - p).
-    probs, probs_var : Tensor or None
-        Mean probabilities and their variance over samples (classification).
-    entropy : Tensor or None
-        Predictive entropy ``H[E_s p_s]`` in nats (total uncertainty).
-    expected_entropy : Tensor or None
-        ``E_s H[p_s]``, the aleatoric part.
-    mutual_info : Tensor or None
-        ``entropy - expected_entropy`` (epistemic part, the BALD score), >= 0.
-    num_samples : int
-    """
-
-    mean: Tensor
-    epistemic_var: Tensor
-    aleatoric_var: Tensor
-    total_var: Tensor
-    probs: Tensor | None = None
-    probs_var: Tensor | None = None
-    entropy: Tensor | None = None
-    expected_entropy: Tensor | None = None
-    mutual_info: Tensor | None = None
-    num_samples: int = 0
-
-
-def _classification(log_probs: Tensor) -> PredictiveSummary:
-    """From per-sample log-probabilities ``(S, ..., C)``."""
-    num = log_probs.shape[0]
-    probs_s = log_probs.exp()
-    mean = probs_s.mean(0)
-    log_mean = torch.logsumexp(log_probs, 0) - math.log(num)
-    # xlogy-style products: 0 * log 0 is 0, never NaN, for saturated probabilities.
-    entropy = -(mean * log_mean.clamp_min(torch.finfo(log_mean.dtype).min)).sum(-1)
-    expected_entropy = -(probs_s * log_probs.clamp_min(torch.finfo(log_probs.dtype).min)).sum(-1).mean(0)
-    probs_var = probs_s.var(0, correction=0)
-    aleatoric = (probs_s * (1 - probs_s)).mean(0)
-    return PredictiveSummary(
-        mean=mean,
-        epistemic_var=probs_var,
-        aleatoric_var=aleatoric,
-        total_var=aleatoric + probs_var,
-        probs=mean,
-        probs_var=probs_var,
-        entropy=entropy,
-        expected_entropy=expected_entropy,
-        mutual_info=(entropy - expected_entropy).clamp_min(0.0),
-        num_samples=num,
-    )
-
-
 def summarize(
     outputs: Tensor | tuple[Tensor, Tensor],
-    likelihood: Literal["classification", "binary", "regression", "heteroscedastic"],
+    likelihood: str | Likelihood,
     *,
     noise_std: float | Tensor | None = None,
-    outputs_are: Literal["logits", "probs"] = "logits",
-    log_variance: bool = True,
+    outputs_are: Literal["logits", "probs"] | None = None,
+    log_variance: bool | None = None,
 ) -> PredictiveSummary:
-    """Summarize Monte-Carlo outputs ``(S, N, ...)`` into a :class:`PredictiveSummary`.
+    """Summarize Monte-Carlo outputs ``(S, N, ...)`` into a :class:`~funcbnn.summary.PredictiveSummary`.
 
     Parameters
     ----------
     outputs : Tensor or (Tensor, Tensor)
         Per-sample model outputs with the sample axis first.
-    likelihood : {"classification", "binary", "regression", "heteroscedastic"}
-        - ``"classification"``: last axis holds class logits (or probabilities).
-        - ``"binary"``: one logit (or probability) of the positive class per
+    likelihood : str or Likelihood
+        Any name of :data:`funcbnn.likelihoods.LIKELIHOODS` or its alias:
+
+        - ``"categorical"`` / ``"classification"``: last axis holds class logits (or probabilities).
+        - ``"bernoulli"`` / ``"binary"``: one logit (or probability) of the positive class per
           output; ``probs`` is then ``(..., 2)`` over (negative, positive).
-        - ``"regression"``: outputs are means; ``noise_std`` gives the
-          aleatoric std (0 if omitted).
-        - ``"heteroscedastic"``: outputs are ``(mean, log_var)`` as a tuple, or
-          one tensor whose last axis holds the means in its first half and the
-          log-variances in its second.
+        - ``"gaussian"`` / ``"regression"``: outputs are means; ``noise_std`` gives the
+          aleatoric std (by default the likelihood object's ``sigma``, 0 for a name).
+        - ``"heteroscedastic_gaussian"`` / ``"heteroscedastic_regression"`` /
+          ``"heteroscedastic"``: outputs are ``(mean, log_var)`` as a tuple, or one tensor
+          whose last axis holds the means in its first half and the log-variances in its second.
     noise_std : float or Tensor, optional
-        Observation noise std for ``"regression"``.
-    outputs_are : {"logits", "probs"}
+        Observation noise std for the Gaussian likelihood.
+    outputs_are : {"logits", "probs"}, optional
         For the classification likelihoods: whether a softmax/sigmoid is still
-        to be applied.
-    log_variance : bool, default True
-        For ``"heteroscedastic"``: whether the second output is a log-variance
-        (else a variance).
+        to be applied (default ``"logits"``).
+    log_variance : bool, optional
+        For the heteroscedastic likelihood: whether the second output is a
+        log-variance (the default) or a variance.
 
     Examples
     --------
@@ -443,71 +380,8 @@ def summarize(
     >>> s.probs.shape, s.mutual_info.shape
     (torch.Size([10, 3]), torch.Size([10]))
     """
-    if likelihood not in LIKELIHOODS:
-        raise ValueError(f"likelihood must be one of {list(LIKELIHOODS)}, got {likelihood!r}")
-    if outputs_are not in ("logits", "probs"):
-        raise ValueError(f"outputs_are must be 'logits' or 'probs', got {outputs_are!r}")
-    if likelihood == "heteroscedastic" and isinstance(outputs, (tuple, list)):
-        if len(outputs) != 2:
-            raise ValueError(f"outputs for 'heteroscedastic' must be (mean, log_var), got {len(outputs)} tensors")
-        mean_s, second = outputs
-        if mean_s.shape != second.shape:
-            raise ValueError(f"outputs: mean {tuple(mean_s.shape)} and variance {tuple(second.shape)} differ in shape")
-    elif not isinstance(outputs, Tensor):
-        raise TypeError(f"outputs must be a Tensor with a leading sample axis, got {type(outputs).__name__}")
-    first = outputs[0] if isinstance(outputs, (tuple, list)) else outputs
-    if first.dim() < 1 or first.shape[0] < 1:
-        raise ValueError(f"outputs must have a leading sample axis with at least one sample, got {tuple(first.shape)}")
-    if not first.is_floating_point():
-        raise TypeError(f"outputs must be floating point, got {first.dtype}")
-
-    if likelihood == "classification":
-        if first.dim() < 2:
-            raise ValueError(f"classification outputs must be (S, ..., C), got {tuple(first.shape)}")
-        if outputs_are == "logits":
-            log_probs = torch.log_softmax(first, -1)
-        else:
-            if bool(((first < 0) | ((first.sum(-1) - 1).abs() > 1e-3)).any()):
-                raise ValueError("outputs_are='probs' needs non-negative rows that sum to 1 over the last axis")
-            log_probs = first.log()
-        return _classification(log_probs)
-    if likelihood == "binary":
-        z = first[..., 0] if first.dim() >= 3 and first.shape[-1] == 1 else first
-        if outputs_are == "logits":
-            log_probs = torch.stack([torch.nn.functional.logsigmoid(-z), torch.nn.functional.logsigmoid(z)], -1)
-        else:
-            log_probs = torch.stack([torch.log1p(-z.clamp(0, 1)), z.clamp(0, 1).log()], -1)
-        return _classification(log_probs)
-
-    if likelihood == "regression":
-        mean_s = first
-        if noise_std is None:
-            aleatoric = torch.zeros_like(mean_s[0])
-        else:
-            if isinstance(noise_std, Tensor):
-                if not bool((torch.isfinite(noise_std) & (noise_std > 0)).all()):
-                    raise ValueError("noise_std must be finite and positive")
-                sd = noise_std.to(mean_s)
-            else:
-                sd = positive_float(noise_std, "noise_std")
-            aleatoric = torch.broadcast_to(torch.as_tensor(sd, dtype=mean_s.dtype, device=mean_s.device) ** 2, mean_s[0].shape)
-    else:
-        if not isinstance(outputs, (tuple, list)):
-            if first.shape[-1] % 2:
-                raise ValueError(
-                    "heteroscedastic outputs need an even last axis (means, then log-variances), "
-                    f"got {tuple(first.shape)}"
-                )
-            mean_s, second = first.chunk(2, dim=-1)
-        var_s = second.exp() if log_variance else second
-        if not log_variance and bool((var_s < 0).any()):
-            raise ValueError("heteroscedastic variances must be non-negative; pass log_variance=True for log-variances")
-        aleatoric = var_s.mean(0)
-    epistemic = mean_s.var(0, correction=0)
-    return PredictiveSummary(
-        mean=mean_s.mean(0),
-        epistemic_var=epistemic,
-        aleatoric_var=aleatoric,
-        total_var=aleatoric + epistemic,
-        num_samples=mean_s.shape[0],
-    )
+    lik = get_likelihood(likelihood)
+    if noise_std is None and isinstance(likelihood, Likelihood) and lik.sigma is not None:
+        noise_std = lik.sigma
+    options = {"noise_std": noise_std, "outputs_are": outputs_are, "log_variance": log_variance}
+    return lik.summarize(outputs, **{k: v for k, v in options.items() if v is not None})

@@ -65,55 +65,24 @@ class CurvatureStats(NamedTuple):
 
 
 def unit_likelihood(likelihood: str | Likelihood) -> Likelihood:
-    """The likelihood with Gaussian noise fixed at 1 (curvature is rescaled later)."""
+    """The likelihood with Gaussian noise fixed at 1 (curvature is rescaled later by ``sigma^-2``)."""
     lik = get_likelihood(likelihood)
-    return get_likelihood("gaussian", sigma=1.0) if lik.name == "gaussian" else lik
+    return lik._replace(sigma=1.0, nll=get_likelihood("gaussian", sigma=1.0).nll) if lik.sigma is not None else lik
 
 
 def output_hessian_sqrt(likelihood: Likelihood, outputs: Tensor) -> Tensor:
-    """Columns ``V`` with ``sum_c V[c] V[c]^T = H``, the NLL's Hessian in the outputs.
+    """Columns ``V`` with ``sum_c V[c] V[c]^T = H``, the NLL's Hessian in the outputs (at unit noise).
 
     Returns a tensor of shape ``(K, *outputs.shape)``: ``K`` cotangents, each
-    shaped like the outputs.
-
-    - categorical: ``H = diag(p) - p p^T``; column ``c`` is ``sqrt(p_c) (e_c - p)``.
-    - gaussian (sigma 1): ``H = I``; the unit vectors.
-    - bernoulli: ``H = p (1 - p)``.
-    - heteroscedastic Gaussian: the Fisher in (mean, log-variance),
-      ``diag(exp(-log_var), 1/2)``.
+    shaped like the outputs; the likelihood's ``hessian_sqrt`` (categorical:
+    ``sqrt(p_c) (e_c - p)``; gaussian: unit vectors; bernoulli: ``sqrt(p (1 - p))``;
+    heteroscedastic Gaussian: the Fisher in (mean, log-variance)).
     """
-    outputs = outputs.detach()
-    if likelihood.name == "categorical":
-        p = outputs.softmax(-1)
-        eye = torch.eye(p.shape[-1], dtype=p.dtype, device=p.device)
-        # cols[c, n, :] = sqrt(p[n, c]) * (e_c - p[n])
-        return p.T.sqrt()[:, :, None] * (eye[:, None, :] - p[None])
-    if likelihood.name == "bernoulli":
-        p = torch.sigmoid(outputs)
-        return (p * (1 - p)).sqrt()[None]
-    if likelihood.name == "heteroscedastic_gaussian":
-        # Means and log-variances are halves of the *last* axis: split there, before flattening,
-        # or (N, T, 2D) outputs would interleave them.
-        _, log_var = outputs.chunk(2, dim=-1)
-        scale = torch.cat([torch.exp(-0.5 * log_var), torch.full_like(log_var, math.sqrt(0.5))], -1)
-    else:
-        scale = torch.ones_like(outputs)
-    flat = scale.reshape(outputs.shape[0], -1)
-    d = flat.shape[1]
-    cols = torch.diag_embed(flat).permute(2, 0, 1)  # (d, N, d)
-    return cols.reshape(d, *outputs.shape)
+    return likelihood.hessian_sqrt(outputs.detach())
 
 
 def _sample_targets(likelihood: Likelihood, outputs: Tensor, generator: torch.Generator | None) -> Tensor:
-    outputs = outputs.detach()
-    if likelihood.name == "categorical":
-        return torch.multinomial(outputs.softmax(-1), 1, generator=generator)[:, 0]
-    if likelihood.name == "bernoulli":
-        return torch.bernoulli(torch.sigmoid(outputs), generator=generator)
-    if likelihood.name == "gaussian":
-        return outputs + torch.randn(outputs.shape, dtype=outputs.dtype, device=outputs.device, generator=generator)
-    mean, log_var = outputs.chunk(2, dim=-1)
-    return mean + (0.5 * log_var).exp() * torch.randn(mean.shape, dtype=mean.dtype, device=mean.device, generator=generator)
+    return likelihood.sample_targets(outputs.detach(), generator)
 
 
 def check_data(data: Any) -> list[tuple[Any, Tensor]]:
@@ -431,7 +400,7 @@ def diag_curvature(
                 _generic_batch(apply_fn, sub, rest, x, y, lik, kind, num_mc, generator, chunk_size, generic_out)
             loss = batch_loss if loss is None else loss + batch_loss
             num_data += y.shape[0]
-            num_outputs += y.numel() if lik.name != "categorical" else y.shape[0]
+            num_outputs += lik.num_outputs(y)
     out.update(generic_out)
     return {k: out[k] for k in params if k in active}, CurvatureStats(loss.detach(), num_data, num_outputs)
 
@@ -493,7 +462,7 @@ def dense_curvature(
         batch_loss = lik.nll(f_all, y).sum()
         loss = batch_loss if loss is None else loss + batch_loss
         num_data += y.shape[0]
-        num_outputs += y.numel() if lik.name != "categorical" else y.shape[0]
+        num_outputs += lik.num_outputs(y)
         for start in range(0, x.shape[0], chunk_size):
             xs, ys, fs = x[start : start + chunk_size], y[start : start + chunk_size], f_all[start : start + chunk_size]
             if kind == "ggn":

@@ -366,7 +366,7 @@ def kron_curvature(
                 )
                 loss = batch_loss if loss is None else loss + batch_loss
                 num_data += y.shape[0]
-                num_outputs += y.numel() if lik.name != "categorical" else y.shape[0]
+                num_outputs += lik.num_outputs(y)
         stats = CurvatureStats(loss.detach(), num_data, num_outputs)
 
     diag: dict[str, Tensor] = {}
