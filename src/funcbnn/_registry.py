@@ -25,9 +25,15 @@ class Registry(Generic[F]):
         self.kind = kind
         self._factories: dict[str, Callable[..., Any]] = {}
         self._aliases: dict[str, str] = {}
+        self._examples: dict[str, Callable[..., Any]] = {}
 
-    def register(self, name: str, *, overwrite: bool = False) -> Callable[[F], F]:
-        """Decorator that registers ``factory`` under ``name``."""
+    def register(self, name: str, *, overwrite: bool = False, example: Callable[..., Any] | None = None) -> Callable[[F], F]:
+        """Decorator that registers ``factory`` under ``name``.
+
+        ``example`` is an optional function giving a small instance for tests
+        (for posterior families: ``(params, generator) -> (family, state)``,
+        which the contract suite runs on).
+        """
         if not isinstance(name, str) or not name:
             raise ValueError(f"{self.kind} name must be a non-empty str, got {name!r}")
 
@@ -35,6 +41,8 @@ class Registry(Generic[F]):
             if name in self._factories and not overwrite:
                 raise ValueError(f"a {self.kind} named {name!r} is already registered; pass overwrite=True")
             self._factories[name] = factory
+            if example is not None:
+                self._examples[name] = example
             return factory
 
         return decorate
@@ -49,6 +57,10 @@ class Registry(Generic[F]):
         """The name ``name`` is an alias of (itself if it is no alias); raises for unknown names."""
         self.get(name)
         return self._aliases.get(name, name)
+
+    def examples(self) -> dict[str, Callable[..., Any]]:
+        """Name -> example builder, for every entry registered with one."""
+        return dict(self._examples)
 
     def names(self) -> list[str]:
         """Registered names, sorted."""

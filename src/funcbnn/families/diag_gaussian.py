@@ -18,7 +18,7 @@ from torch import Tensor
 
 from .._validation import check_positive_tree, positive_float, positive_int
 from ..priors import GaussianPrior
-from ..tree import Tree, check_same_structure, tree_size
+from ..tree import Tree, check_same_structure, diag_normal, tree_size
 from ._kl import check_reduction, monte_carlo_kl
 
 __all__ = ["DiagGaussianState", "DiagGaussian", "diag_gaussian", "inverse_softplus"]
@@ -59,12 +59,7 @@ def sample(
     _check_state(state)
     positive_int(num_samples, "num_samples")
     with torch.no_grad():
-
-        def draw(m: Tensor, rho: Tensor) -> Tensor:
-            eps = torch.empty((num_samples, *m.shape), dtype=m.dtype, device=m.device)
-            return eps.normal_(generator=generator).mul_(F.softplus(rho)).add_(m)
-
-        return optree.tree_map(draw, state.mean, state.rho)
+        return diag_normal(state.mean, _std(state), num_samples, generator=generator, differentiable=False)
 
 
 def rsample(
@@ -75,13 +70,7 @@ def rsample(
     For the same generator state it returns the same values as :func:`sample`.
     """
     _check_state(state)
-    positive_int(num_samples, "num_samples")
-
-    def draw(m: Tensor, rho: Tensor) -> Tensor:
-        eps = torch.empty((num_samples, *m.shape), dtype=m.dtype, device=m.device).normal_(generator=generator)
-        return m + F.softplus(rho) * eps
-
-    return optree.tree_map(draw, state.mean, state.rho)
+    return diag_normal(state.mean, _std(state), positive_int(num_samples, "num_samples"), generator=generator)
 
 
 def log_prob(state: DiagGaussianState, params: Tree) -> Tensor:
@@ -193,11 +182,42 @@ def _analytic_kl(mean: list[Tensor], std: list[Tensor], prior, like: Tree) -> Te
     return torch.stack(terms).sum()
 
 
+def variance(state: DiagGaussianState) -> Tree:
+    """Marginal variances ``softplus(rho)^2``, shaped like the mean."""
+    _check_state(state)
+    return optree.tree_map(lambda rho: F.softplus(rho).square(), state.rho)
+
+
+def logdet_precision(state: DiagGaussianState) -> Tensor:
+    """``log det Sigma^-1 = -2 sum_i log sigma_i``."""
+    _check_state(state)
+    return -2 * torch.stack([torch.log(F.softplus(r)).sum() for r in optree.tree_leaves(state.rho)]).sum()
+
+
+def functional_variance(state: DiagGaussianState, jac: Tree) -> Tensor:
+    """``J diag(sigma^2) J^T``, ``(N, O, O)``, for per-leaf Jacobians ``(N, O, *leaf.shape)``.
+
+    ``jac`` may cover a subset of the state's leaves only where the others are
+    held fixed by the caller; every leaf of ``jac`` must be in the state.
+    """
+    _check_state(state)
+    var = variance(state)
+    total = None
+    for name, J in (jac.items() if isinstance(jac, dict) else []):
+        Jf = J.reshape(*J.shape[:2], -1)
+        cov = torch.einsum("nop,p,nqp->noq", Jf, var[name].reshape(-1), Jf)
+        total = cov if total is None else total + cov
+    if total is None:
+        raise ValueError("jac must be a non-empty dict {leaf name: (N, O, *leaf.shape) Jacobian}")
+    return total
+
+
 class DiagGaussian(NamedTuple):
     """The diagonal-Gaussian posterior: pure functions over a :class:`DiagGaussianState`.
 
     ``init``, ``sample`` and ``kl`` form the posterior protocol; the rest are the
-    extras this family supports.
+    capabilities this family declares (:mod:`funcbnn.families.base`) and two
+    extras of its own, ``std`` and ``from_moments``.
     """
 
     init: Callable[..., DiagGaussianState]
@@ -209,6 +229,9 @@ class DiagGaussian(NamedTuple):
     mean: Callable[[DiagGaussianState], Tree]
     std: Callable[[DiagGaussianState], Tree]
     from_moments: Callable[[Tree, Tree], DiagGaussianState]
+    variance: Callable[[DiagGaussianState], Tree] = variance
+    logdet_precision: Callable[[DiagGaussianState], Tensor] = logdet_precision
+    functional_variance: Callable[..., Tensor] = functional_variance
 
 
 def from_moments(mean: Tree, std: Tree | float) -> DiagGaussianState:
