@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from ._registry import Registry
-from ._validation import check_positive_tree, positive_float, positive_int
+from ._validation import check_positive_tree, positive_float, positive_int, positive_scalar
 from .tree import Tree, leaf_names
 
 __all__ = [
@@ -190,12 +190,15 @@ def gaussian(std: float | Tree = 1.0, mean: float | Tree = 0.0) -> GaussianPrior
     >>> prior.log_prob({"w": torch.zeros(2)})
     tensor(-1.8379)
     """
-    if isinstance(std, numbers.Real):
-        std = positive_float(std, "std")
+    if isinstance(std, (numbers.Real, Tensor)) and not (isinstance(std, Tensor) and std.numel() != 1):
+        # a number, a 0-d or a shape-(1,) tensor: one std for every weight (tensors keep their gradient)
+        std = positive_scalar(std, "std")
     else:
         check_positive_tree(std, "std")
     if isinstance(mean, numbers.Real):
         mean = float(mean)
+    elif isinstance(mean, Tensor) and mean.numel() == 1 and mean.dim() <= 1:
+        mean = mean.reshape(())
     return GaussianPrior(std=std, mean=mean)
 
 
