@@ -1,0 +1,470 @@
+"""SWAG: a Gaussian posterior from the moments of an SGD trajectory (Maddox et al. 2019).
+
+"A Simple Baseline for Bayesian Uncertainty in Deep Learning": run SGD with a
+constant (or cyclical) learning rate and, every ``c`` steps after a burn-in,
+record the iterate ``theta_i``. With ``n`` iterates recorded,
+
+- ``theta_SWA = mean_i theta_i`` (SWA, Izmailov et al. 2018),
+- ``Sigma_diag = diag(mean_i theta_i^2 - theta_SWA^2)``,
+- ``D = [theta_i - theta_SWA^(i)]`` for the last ``K`` iterates (the deviation
+  from the running mean *after* iterate ``i``, as the reference code does),
+
+and the posterior is ``N(theta_SWA, scale (Sigma_diag + D D^T / (k - 1)))``
+with ``k = min(n, K)`` columns and ``scale = 1/2`` (the paper's
+``1/2 (Sigma_diag + Sigma_low-rank)``). The reference code divides by ``K - 1``
+even before ``K`` columns exist; here it is ``k - 1``, the unbiased sample
+covariance of the columns held.
+
+Everything is a pure function of a :class:`SWAGState` (a pytree):
+
+    state = swag.init(params, max_rank=20)
+    for epoch in range(epochs):
+        ...                                  # any training loop, any optimiser
+        state = swag.update(state, params)   # after a burn-in, every c steps or epochs
+    post, q = swag.posterior(state)          # lowrank_gaussian family and its state
+    samples = post.sample(q, 30, generator=g)
+
+:func:`bn_update` recomputes BatchNorm statistics for every weight sample, and
+:func:`fit` runs SGD and collects in one call.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from typing import Any, Callable, Iterable, Literal, NamedTuple
+
+import optree
+import torch
+from torch import Tensor, nn
+
+from ._validation import positive_float, positive_int
+from .families.diag_gaussian import DiagGaussian, DiagGaussianState, diag_gaussian
+from .families.lowrank_gaussian import LowRankGaussian, LowRankGaussianState, lowrank_gaussian
+from .families.mixture import Mixture, MixtureState, mixture
+from .likelihoods import Likelihood, get_likelihood
+from .model import _STATS_LAYERS, FunctionalModel
+from .tree import Tree, check_same_structure
+
+__all__ = [
+    "SWAGState",
+    "SWAGResult",
+    "init",
+    "update",
+    "posterior",
+    "swa",
+    "deviations",
+    "multiswag",
+    "bn_update",
+    "with_buffers",
+    "fit",
+]
+
+
+class SWAGState(NamedTuple):
+    """The running moments of an SGD trajectory.
+
+    Attributes
+    ----------
+    mean : Tree
+        ``mean_i theta_i``.
+    sq_mean : Tree
+        ``mean_i theta_i^2``.
+    deviations : Tree
+        A ring buffer of the last ``K`` deviation columns: leaves shaped
+        ``(K, *leaf.shape)``; iterate ``i`` (1-based) sits in row ``(i - 1) % K``.
+    num_models : Tensor
+        0-d int64, the number of iterates recorded.
+    """
+
+    mean: Tree
+    sq_mean: Tree
+    deviations: Tree
+    num_models: Tensor
+
+
+def _check_params(params: Tree, name: str) -> None:
+    leaves = optree.tree_leaves(params)
+    if not leaves or not all(isinstance(t, Tensor) and t.is_floating_point() for t in leaves):
+        raise TypeError(f"{name} must be a non-empty tree of floating-point tensors")
+
+
+def _check_state(state: Any) -> SWAGState:
+    if not isinstance(state, SWAGState):
+        raise TypeError(f"state must be a SWAGState from swag.init, got {type(state).__name__}")
+    return state
+
+
+def init(params: Tree, *, max_rank: int = 20) -> SWAGState:
+    """An empty SWAG state for parameters shaped like ``params``, keeping at most ``max_rank`` deviations.
+
+    Examples
+    --------
+    >>> state = init({"w": torch.zeros(3)}, max_rank=5)
+    >>> state = update(state, {"w": torch.ones(3)})
+    >>> int(state.num_models), state.deviations["w"].shape
+    (1, torch.Size([5, 3]))
+    """
+    _check_params(params, "params")
+    max_rank = positive_int(max_rank, "max_rank")
+    zeros = optree.tree_map(lambda t: torch.zeros_like(t.detach()), params)
+    return SWAGState(
+        mean=zeros,
+        sq_mean=optree.tree_map(torch.zeros_like, zeros),
+        deviations=optree.tree_map(lambda t: t.new_zeros((max_rank, *t.shape)), zeros),
+        num_models=torch.zeros((), dtype=torch.int64),
+    )
+
+
+def update(state: SWAGState, params: Tree) -> SWAGState:
+    """Record one iterate: a new state with the running moments and the newest deviation column.
+
+    Pure: neither ``state`` nor ``params`` is changed (the ring buffer is copied,
+    ``K x P`` numbers, which is small next to an epoch of SGD).
+    """
+    state = _check_state(state)
+    check_same_structure(state.mean, params, "params")
+    n = int(state.num_models) + 1
+    with torch.no_grad():
+        theta = optree.tree_map(lambda t: t.detach().to(dtype=t.dtype), params)
+        mean = optree.tree_map(lambda m, t: m + (t - m) / n, state.mean, theta)
+        sq_mean = optree.tree_map(lambda s, t: s + (t * t - s) / n, state.sq_mean, theta)
+        row = (n - 1) % optree.tree_leaves(state.deviations)[0].shape[0]
+
+        def put(dev: Tensor, t: Tensor, m: Tensor) -> Tensor:
+            out = dev.clone()
+            out[row] = t - m
+            return out
+
+        devs = optree.tree_map(put, state.deviations, theta, mean)
+    return SWAGState(mean, sq_mean, devs, torch.tensor(n, dtype=torch.int64))
+
+
+def _require_models(state: SWAGState) -> int:
+    n = int(_check_state(state).num_models)
+    if n < 1:
+        raise ValueError("the SWAG state holds no iterates yet; call swag.update(state, params) first")
+    return n
+
+
+def swa(state: SWAGState) -> Tree:
+    """The SWA solution ``mean_i theta_i`` (Izmailov et al. 2018), a parameter tree."""
+    _require_models(state)
+    return optree.tree_map(torch.clone, state.mean)
+
+
+def deviations(state: SWAGState) -> Tree:
+    """The deviation columns held, oldest first: leaves ``(k, *leaf.shape)`` with ``k = min(n, K)``."""
+    n = _require_models(state)
+    cap = optree.tree_leaves(state.deviations)[0].shape[0]
+    k = min(n, cap)
+    order = [(n - k + j) % cap for j in range(k)]  # chronological rows of the ring buffer
+    return optree.tree_map(lambda d: d[order], state.deviations)
+
+
+def posterior(
+    state: SWAGState,
+    *,
+    form: Literal["lowrank", "diag"] = "lowrank",
+    scale: float = 0.5,
+    var_clamp: float = 1e-30,
+) -> tuple[LowRankGaussian | DiagGaussian, LowRankGaussianState | DiagGaussianState]:
+    """The SWAG posterior as a family and its state.
+
+    Parameters
+    ----------
+    state : SWAGState
+    form : {"lowrank", "diag"}
+        ``"lowrank"``: ``N(theta_SWA, scale (Sigma_diag + D D^T/(k-1)))`` as a
+        :func:`~funcbnn.families.lowrank_gaussian` state; ``"diag"``: SWAG-diagonal,
+        ``N(theta_SWA, scale Sigma_diag)`` as a :func:`~funcbnn.families.diag_gaussian` state.
+    scale : float, default 0.5
+        Multiplies the covariance (the paper's 1/2).
+    var_clamp : float, default 1e-30
+        Floor of the diagonal variance (``mean(theta^2) - mean(theta)^2`` can
+        round below 0), as in the reference code.
+
+    Returns
+    -------
+    (family, family_state)
+    """
+    n = _require_models(state)
+    scale = positive_float(scale, "scale")
+    var_clamp = positive_float(var_clamp, "var_clamp")
+    if form not in ("lowrank", "diag"):
+        raise ValueError(f"form must be 'lowrank' or 'diag', got {form!r}")
+    var = optree.tree_map(lambda s, m: (s - m * m).clamp_min(var_clamp), state.sq_mean, state.mean)
+    mean = optree.tree_map(torch.clone, state.mean)
+    if form == "diag":
+        post = diag_gaussian()
+        return post, post.from_moments(mean, optree.tree_map(lambda v: (scale * v).sqrt(), var))
+    cols = deviations(state)
+    k = min(n, optree.tree_leaves(state.deviations)[0].shape[0])
+    if k < 2:  # one column is theta_1 - theta_1 = 0: no low-rank part yet
+        cols = optree.tree_map(lambda d: d[:0], cols)
+    factor = optree.tree_map(lambda d: d * math.sqrt(scale / max(k - 1, 1)), cols)
+    return lowrank_gaussian(), LowRankGaussianState(mean, optree.tree_map(lambda v: scale * v, var), factor)
+
+
+def multiswag(
+    states: Iterable[SWAGState], *, form: Literal["lowrank", "diag"] = "lowrank", scale: float = 0.5
+) -> tuple[Mixture, MixtureState]:
+    """MultiSWAG (Wilson & Izmailov 2020): the equal-weight mixture of several SWAG posteriors.
+
+    Returns a :func:`~funcbnn.families.mixture` family over the components'
+    family and its state; ``sample`` draws from every component in turn.
+    """
+    states = list(states)
+    if not states:
+        raise ValueError("states must hold at least one SWAGState")
+    pairs = [posterior(s, form=form, scale=scale) for s in states]
+    return mixture(pairs[0][0]), MixtureState(tuple(q for _, q in pairs))
+
+
+# --- BatchNorm statistics -----------------------------------------------------------------------
+
+
+def bn_update(
+    apply_fn: FunctionalModel,
+    samples: Tree,
+    data: Iterable,
+    *,
+    buffers: dict[str, Tensor] | None = None,
+) -> dict[str, Tensor]:
+    """BatchNorm running statistics recomputed for every weight sample, with one pass over ``data`` each.
+
+    What the SWAG reference code does before predicting (``bn_update``): the
+    statistics are reset and re-estimated with the network in training mode,
+    as the average of the batch statistics weighted by batch size (batch means
+    and unbiased batch variances), which with equal batches is what
+    ``torch.optim.swa_utils.update_bn`` computes. Functional: ``apply_fn`` and
+    its module are never changed.
+
+    Parameters
+    ----------
+    apply_fn : FunctionalModel
+        From :func:`funcbnn.functionalize`.
+    samples : Tree
+        Weight samples with a leading axis ``S``.
+    data : iterable of batches
+        ``x`` or ``(x, y)`` batches (targets are ignored).
+    buffers : dict, optional
+        Buffers to start from (default ``apply_fn.buffers``); other buffers are kept.
+
+    Returns
+    -------
+    dict[str, Tensor]
+        Buffers with a leading axis ``S``; pass them with :func:`with_buffers`.
+    """
+    if not isinstance(apply_fn, FunctionalModel):
+        raise TypeError(f"apply_fn must come from funcbnn.functionalize, got {type(apply_fn).__name__}")
+    apply_fn.check_params(samples, "samples", leading=1)
+    base = dict(apply_fn.buffers if buffers is None else buffers)
+    batches = [b[0] if isinstance(b, (tuple, list)) else b for b in data]
+    if not batches:
+        raise ValueError("data is empty: bn_update needs at least one batch")
+    layers = {
+        name: m
+        for name, m in apply_fn.module.named_modules()
+        if isinstance(m, _STATS_LAYERS) and m.track_running_stats
+    }
+    num = optree.tree_leaves(samples)[0].shape[0]
+    if not layers:
+        return {k: v.expand(num, *v.shape).clone() for k, v in base.items()}
+
+    # The same module code with the statistics layers in training mode: they normalise
+    # with batch statistics (what downstream layers see during the pass) and a hook records them.
+    train_fn = FunctionalModel(
+        _train_mode_copy(apply_fn.module, set(layers)), apply_fn.params_template, apply_fn.frozen, apply_fn.buffers
+    )
+    shell_layers = {n: m for n, m in train_fn.module.named_modules() if n in layers}
+    sums: dict[str, list[Tensor]] = {}
+
+    def record(name: str) -> Callable:
+        def hook(module: nn.Module, inputs: tuple) -> None:
+            x = inputs[0].detach()
+            dims = [d for d in range(x.dim()) if d != 1]
+            count = x.numel() // x.shape[1]
+            mean = x.mean(dims)
+            var = x.var(dims, correction=1) if count > 1 else torch.zeros_like(mean)
+            acc = sums.setdefault(name, [torch.zeros_like(mean), torch.zeros_like(var), 0])
+            b = x.shape[0]
+            acc[0] += b * mean
+            acc[1] += b * var
+            acc[2] += b
+
+        return hook
+
+    handles = [m.register_forward_pre_hook(record(n)) for n, m in shell_layers.items()]
+    out: list[dict[str, Tensor]] = []
+    try:
+        leaves, spec = optree.tree_flatten(samples)
+        for s in range(num):
+            params = optree.tree_unflatten(spec, [t[s] for t in leaves])
+            sums.clear()
+            with torch.no_grad():
+                for x in batches:
+                    train_fn(params, x, base)
+            new = dict(base)
+            for name, (m_sum, v_sum, count) in sums.items():
+                prefix = f"{name}." if name else ""
+                new[prefix + "running_mean"] = (m_sum / count).to(base[prefix + "running_mean"].dtype)
+                new[prefix + "running_var"] = (v_sum / count).to(base[prefix + "running_var"].dtype)
+                if prefix + "num_batches_tracked" in new:
+                    new[prefix + "num_batches_tracked"] = torch.tensor(len(batches), dtype=torch.int64)
+            out.append(new)
+    finally:
+        for h in handles:
+            h.remove()
+    return {k: torch.stack([o[k] for o in out]) for k in base}
+
+
+def _train_mode_copy(module: nn.Module, names: set[str]) -> nn.Module:
+    from .model import _structural_copy
+
+    shell = _structural_copy(module)
+    for name, m in shell.named_modules():
+        if name in names:
+            m.training = True
+    return shell
+
+
+def with_buffers(apply_fn: FunctionalModel) -> Callable[[dict[str, Tree], Any], Any]:
+    """``f({"params": p, "buffers": b}, x) = apply_fn(p, x, b)``, so per-sample buffers ride along with
+    per-sample weights through :func:`funcbnn.sample_outputs`.
+
+    Examples
+    --------
+    >>> # outputs = sample_outputs(with_buffers(apply_fn), {"params": samples, "buffers": bn_update(...)}, x)
+    """
+    if not isinstance(apply_fn, FunctionalModel):
+        raise TypeError(f"apply_fn must come from funcbnn.functionalize, got {type(apply_fn).__name__}")
+
+    def f(tree: dict[str, Tree], x: Any) -> Any:
+        return apply_fn(tree["params"], x, tree["buffers"])
+
+    return f
+
+
+# --- SGD and collection in one call -------------------------------------------------------------
+
+
+class SWAGResult(NamedTuple):
+    """What :func:`fit` returns: the SWAG state, the last SGD iterate and the loss of every step."""
+
+    state: SWAGState
+    params: Tree
+    history: Tensor
+
+
+def _lr_at(step_in_cycle: int, cycle: int, lr: float, lr_min: float, schedule: str) -> float:
+    if schedule == "constant":
+        return lr
+    # cyclical (Izmailov et al. 2018): linear from lr down to lr_min within each cycle, collecting at its end
+    frac = (step_in_cycle + 1) / cycle
+    return (1 - frac) * lr + frac * lr_min
+
+
+def fit(
+    apply_fn: Callable[..., Any],
+    params: Tree,
+    data: Iterable,
+    likelihood: str | Likelihood = "categorical",
+    *,
+    epochs: int = 10,
+    burn_in: int = 0,
+    lr: float = 0.01,
+    lr_min: float | None = None,
+    schedule: Literal["constant", "cyclical"] = "constant",
+    momentum: float = 0.9,
+    weight_decay: float = 0.0,
+    collect_every: int | None = None,
+    max_rank: int = 20,
+    buffers: dict[str, Tensor] | None = None,
+    progress: bool = False,
+) -> SWAGResult:
+    """Run SGD from ``params`` and collect a SWAG state along the way.
+
+    ``burn_in`` epochs of SGD at ``lr``, then ``epochs`` epochs during which an
+    iterate is recorded every ``collect_every`` steps (default: once per epoch,
+    as in the paper). ``schedule="cyclical"`` lowers the rate linearly from
+    ``lr`` to ``lr_min`` within every collection cycle and records at the cycle's
+    end (the low point). The loss is the batch-mean NLL of ``likelihood``;
+    ``weight_decay`` is SGD's (an isotropic Gaussian prior).
+
+    Parameters
+    ----------
+    apply_fn, params
+        From :func:`funcbnn.functionalize` (``params`` is not changed).
+    data : iterable of (x, y)
+        Re-iterated every epoch (a ``DataLoader`` reshuffles if told to).
+    likelihood : str or Likelihood
+    progress : bool, default False
+        Print one line per epoch to stderr.
+
+    Returns
+    -------
+    SWAGResult
+        ``(state, params, history)``.
+
+    Examples
+    --------
+    >>> import funcbnn
+    >>> apply_fn, params, _ = funcbnn.functionalize(torch.nn.Linear(2, 1))
+    >>> x = torch.randn(32, 2); y = x @ torch.tensor([[1.0], [-1.0]])
+    >>> res = fit(apply_fn, params, [(x, y)], "regression", epochs=5, lr=0.05, collect_every=1)
+    >>> int(res.state.num_models)
+    5
+    """
+    lik = get_likelihood(likelihood)
+    epochs = positive_int(epochs, "epochs")
+    if isinstance(burn_in, bool) or not isinstance(burn_in, int) or burn_in < 0:
+        raise ValueError(f"burn_in must be an int >= 0 (epochs), got {burn_in!r}")
+    lr = positive_float(lr, "lr")
+    if schedule not in ("constant", "cyclical"):
+        raise ValueError(f"schedule must be 'constant' or 'cyclical', got {schedule!r}")
+    lr_min = lr * 0.01 if lr_min is None else positive_float(lr_min, "lr_min")
+    batches = list(data) if not hasattr(data, "__len__") else data
+    steps_per_epoch = len(batches)
+    if steps_per_epoch == 0:
+        raise ValueError("data is empty: the loader yielded no batches")
+    cycle = steps_per_epoch if collect_every is None else positive_int(collect_every, "collect_every")
+    _check_params(params, "params")
+    theta = optree.tree_map(lambda t: t.detach().clone().requires_grad_(True), params)
+    leaves = optree.tree_leaves(theta)
+    opt = torch.optim.SGD(leaves, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    state = init(theta, max_rank=max_rank)
+    history: list[Tensor] = []
+    step = 0
+    for epoch in range(burn_in + epochs):
+        collecting = epoch >= burn_in
+        for batch in batches:
+            if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
+                raise ValueError(f"data batches must be (x, y) pairs, got {type(batch).__name__}")
+            x, y = batch
+            if collecting:
+                for group in opt.param_groups:
+                    group["lr"] = _lr_at(step % cycle, cycle, lr, lr_min, schedule)
+            opt.zero_grad()
+            out = apply_fn(theta, x) if buffers is None else apply_fn(theta, x, buffers)
+            loss = lik.nll(out, y).mean()
+            if not torch.isfinite(loss):
+                raise FloatingPointError(
+                    f"the SGD loss became {loss.item()} at epoch {epoch}; lower lr (now {lr}) or check the data"
+                )
+            loss.backward()
+            opt.step()
+            history.append(loss.detach())
+            if collecting:
+                step += 1
+                if step % cycle == 0:
+                    state = update(state, theta)
+        if progress:
+            phase = "swag" if collecting else "burn-in"
+            print(
+                f"epoch {epoch + 1}/{burn_in + epochs} ({phase}): loss {history[-1].item():.4f}, "
+                f"collected {int(state.num_models)}",
+                file=sys.stderr,
+            )
+    final = optree.tree_map(lambda t: t.detach().clone(), theta)
+    return SWAGResult(state, final, torch.stack(history))
