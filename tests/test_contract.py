@@ -83,25 +83,34 @@ def test_family_has_the_required_functions(case):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", FAMILY_CASES)
 def test_family_sample_shapes_and_dtypes(case, dtype):
+    """Every leaf of a draw leads with the sample axis; where the family has a mean, draws live in
+    its space (the parameters' structure, shapes and dtypes). Draws of other families (dropout
+    masks) are whatever their model takes."""
     params, post, state = _build(case, dtype)
     draws = [post.sample] + ([post.rsample] if "rsample" in capabilities(post) else [])
     for draw in draws:
         samples = draw(state, 7, generator=_g())
-        assert optree.tree_structure(samples) == optree.tree_structure(params)
-        for name in params:
-            assert samples[name].shape == (7, *params[name].shape), name
-            assert samples[name].dtype == dtype
+        assert all(leaf.shape[0] == 7 for leaf in optree.tree_leaves(samples))
+        assert all(leaf.dtype == dtype for leaf in optree.tree_leaves(samples) if leaf.is_floating_point())
+        if "mean" in capabilities(post):
+            assert optree.tree_structure(samples) == optree.tree_structure(params)
+            for name in params:
+                assert samples[name].shape == (7, *params[name].shape), name
 
 
 @pytest.mark.parametrize("name", FAMILIES.names())
 def test_family_init_with_defaults_centres_on_params(name):
     params = multi_leaf_tree(torch.float64)
-    post = FAMILIES.build(name)
+    try:
+        post = FAMILIES.build(name)
+    except TypeError:
+        pytest.skip(f"{name} has required factory arguments (e.g. a component family)")
     state = post.init(params)
     if "mean" in capabilities(post):
-        for name, value in post.mean(state).items():
-            assert torch.equal(value, params[name]), name
-    assert post.sample(state, 3, generator=_g())["fc.weight"].shape == (3, 3, 2)
+        for leaf, value in post.mean(state).items():
+            assert torch.allclose(value, params[leaf]), leaf
+    draws = post.sample(state, 3, generator=_g())
+    assert all(leaf.shape[0] == 3 for leaf in optree.tree_leaves(draws))
 
 
 @pytest.mark.parametrize("case", FAMILY_CASES)
@@ -110,22 +119,26 @@ def test_family_same_generator_state_gives_same_samples(case):
     a = post.sample(state, 5, generator=_g(42))
     b = post.sample(state, 5, generator=_g(42))
     c = post.sample(state, 5, generator=_g(43))
-    for name in a:
-        assert torch.equal(a[name], b[name])
-        assert not torch.equal(a[name], c[name])
+    assert all(torch.equal(x, y) for x, y in zip(optree.tree_leaves(a), optree.tree_leaves(b)))
+    assert not all(torch.equal(x, y) for x, y in zip(optree.tree_leaves(a), optree.tree_leaves(c)))
     if "rsample" in capabilities(post):
         r = post.rsample(state, 5, generator=_g(42))
         for name in a:
             assert torch.allclose(a[name], r[name]), name
 
 
+@pytest.mark.parametrize("case", [c for c in FAMILY_CASES if c not in _cases_with("log_prob")])
+def test_family_without_a_density_refuses_kl_clearly(case):
+    params, post, state = _build(case)
+    with pytest.raises(ValueError, match="KL"):
+        post.kl(state, priors.gaussian(1.0), num_samples=8)
+
+
 @pytest.mark.parametrize("prior_case", PRIOR_CASES)
-@pytest.mark.parametrize("case", FAMILY_CASES)
+@pytest.mark.parametrize("case", _cases_with("log_prob"))
 def test_family_kl_is_non_negative_and_reduces(case, prior_case):
     params, post, state = _build(case)
     prior = PRIOR_CASES[prior_case](params)
-    if "gaussian" not in prior.closed_forms and "log_prob" not in capabilities(post):
-        pytest.skip("Monte-Carlo KL needs log_prob")
     kl = post.kl(state, prior, num_samples=4000, generator=_g())
     assert kl.dim() == 0 and torch.isfinite(kl)
     assert kl >= 0
@@ -133,7 +146,7 @@ def test_family_kl_is_non_negative_and_reduces(case, prior_case):
     assert torch.allclose(mean_kl * sum(v.numel() for v in params.values()), kl)
 
 
-@pytest.mark.parametrize("case", _cases_with("mean", "variance"))
+@pytest.mark.parametrize("case", _cases_with("mean", "variance", "log_prob"))
 def test_family_kl_is_zero_against_its_own_init_distribution(case):
     """``init`` gives a diagonal Gaussian centred on the params: KL to that prior is 0."""
     params, post, _ = _build(case)
@@ -143,7 +156,7 @@ def test_family_kl_is_zero_against_its_own_init_distribution(case):
     assert kl.abs() < 1e-9
 
 
-@pytest.mark.parametrize("case", FAMILY_CASES)
+@pytest.mark.parametrize("case", _cases_with("log_prob"))
 def test_family_kl_needs_num_samples_without_a_closed_form(case):
     params, post, state = _build(case)
     with pytest.raises((ValueError, TypeError), match="num_samples|closed form|Gaussian prior"):
@@ -170,7 +183,7 @@ def test_family_state_saves_and_loads_with_weights_only(case):
     loaded = torch.load(buf)  # torch's default weights_only=True: no safe_globals from the user
     assert type(loaded) is type(state)
     a, b = post.sample(state, 4, generator=_g(1)), post.sample(loaded, 4, generator=_g(1))
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert all(torch.equal(x, y) for x, y in zip(optree.tree_leaves(a), optree.tree_leaves(b)))
 
 
 # --- capabilities -------------------------------------------------------------------------------
