@@ -70,16 +70,18 @@ class SWAGState(NamedTuple):
         ``mean_i theta_i``.
     sq_mean : Tree
         ``mean_i theta_i^2``.
-    deviations : Tree
-        A ring buffer of the last ``K`` deviation columns: leaves shaped
-        ``(K, *leaf.shape)``; iterate ``i`` (1-based) sits in row ``(i - 1) % K``.
+    deviations : tuple of Tree
+        A ring buffer of the last ``K`` deviation columns, each a tree like the
+        parameters; iterate ``i`` (1-based) sits at position ``(i - 1) % K``.
+        (A tuple of trees, not one stacked tree, so that :func:`update` replaces
+        one column without copying the other ``K - 1``.)
     num_models : Tensor
         0-d int64, the number of iterates recorded.
     """
 
     mean: Tree
     sq_mean: Tree
-    deviations: Tree
+    deviations: tuple
     num_models: Tensor
 
 
@@ -102,8 +104,8 @@ def init(params: Tree, *, max_rank: int = 20) -> SWAGState:
     --------
     >>> state = init({"w": torch.zeros(3)}, max_rank=5)
     >>> state = update(state, {"w": torch.ones(3)})
-    >>> int(state.num_models), state.deviations["w"].shape
-    (1, torch.Size([5, 3]))
+    >>> int(state.num_models), len(state.deviations), state.deviations[0]["w"].shape
+    (1, 5, torch.Size([3]))
     """
     _check_params(params, "params")
     max_rank = positive_int(max_rank, "max_rank")
@@ -111,7 +113,7 @@ def init(params: Tree, *, max_rank: int = 20) -> SWAGState:
     return SWAGState(
         mean=zeros,
         sq_mean=optree.tree_map(torch.zeros_like, zeros),
-        deviations=optree.tree_map(lambda t: t.new_zeros((max_rank, *t.shape)), zeros),
+        deviations=tuple(optree.tree_map(torch.zeros_like, zeros) for _ in range(max_rank)),
         num_models=torch.zeros((), dtype=torch.int64),
     )
 
@@ -119,25 +121,20 @@ def init(params: Tree, *, max_rank: int = 20) -> SWAGState:
 def update(state: SWAGState, params: Tree) -> SWAGState:
     """Record one iterate: a new state with the running moments and the newest deviation column.
 
-    Pure: neither ``state`` nor ``params`` is changed (the ring buffer is copied,
-    ``K x P`` numbers, which is small next to an epoch of SGD).
+    Pure: neither ``state`` nor ``params`` is changed; the new state shares the
+    ``K - 1`` untouched deviation columns with the old one, so an update costs a
+    few passes over the parameters.
     """
     state = _check_state(state)
     check_same_structure(state.mean, params, "params")
     n = int(state.num_models) + 1
     with torch.no_grad():
-        theta = optree.tree_map(lambda t: t.detach().to(dtype=t.dtype), params)
+        theta = optree.tree_map(lambda t: t.detach(), params)
         mean = optree.tree_map(lambda m, t: m + (t - m) / n, state.mean, theta)
         sq_mean = optree.tree_map(lambda s, t: s + (t * t - s) / n, state.sq_mean, theta)
-        row = (n - 1) % optree.tree_leaves(state.deviations)[0].shape[0]
-
-        def put(dev: Tensor, t: Tensor, m: Tensor) -> Tensor:
-            out = dev.clone()
-            out[row] = t - m
-            return out
-
-        devs = optree.tree_map(put, state.deviations, theta, mean)
-    return SWAGState(mean, sq_mean, devs, torch.tensor(n, dtype=torch.int64))
+        devs = list(state.deviations)
+        devs[(n - 1) % len(devs)] = optree.tree_map(torch.sub, theta, mean)
+    return SWAGState(mean, sq_mean, tuple(devs), torch.tensor(n, dtype=torch.int64))
 
 
 def _require_models(state: SWAGState) -> int:
@@ -156,10 +153,10 @@ def swa(state: SWAGState) -> Tree:
 def deviations(state: SWAGState) -> Tree:
     """The deviation columns held, oldest first: leaves ``(k, *leaf.shape)`` with ``k = min(n, K)``."""
     n = _require_models(state)
-    cap = optree.tree_leaves(state.deviations)[0].shape[0]
+    cap = len(state.deviations)
     k = min(n, cap)
-    order = [(n - k + j) % cap for j in range(k)]  # chronological rows of the ring buffer
-    return optree.tree_map(lambda d: d[order], state.deviations)
+    columns = [state.deviations[(n - k + j) % cap] for j in range(k)]  # chronological order of the ring
+    return optree.tree_map(lambda *c: torch.stack(c), *columns)
 
 
 def posterior(
@@ -199,7 +196,7 @@ def posterior(
         post = diag_gaussian()
         return post, post.from_moments(mean, optree.tree_map(lambda v: (scale * v).sqrt(), var))
     cols = deviations(state)
-    k = min(n, optree.tree_leaves(state.deviations)[0].shape[0])
+    k = min(n, len(state.deviations))
     if k < 2:  # one column is theta_1 - theta_1 = 0: no low-rank part yet
         cols = optree.tree_map(lambda d: d[:0], cols)
     factor = optree.tree_map(lambda d: d * math.sqrt(scale / max(k - 1, 1)), cols)
