@@ -30,7 +30,7 @@ import optree
 import torch
 from torch import Tensor, nn
 
-from ._validation import positive_float, positive_int
+from ._validation import positive_int
 from .families.empirical import EmpiricalState
 from .likelihoods import Likelihood, get_likelihood
 from .model import functionalize

@@ -120,7 +120,7 @@ def mixture(component: Any, num_components: int = 1) -> Mixture:
         generator: torch.Generator | None = None,
     ) -> Tensor:
         """Monte-Carlo ``KL(q || prior)`` from ``num_samples`` stratified draws (no closed form exists)."""
-        comps = _check(state)
+        _check(state)
         check_reduction(reduction)
         require(component, "log_prob", "the KL of a mixture")
         if num_samples is None:
