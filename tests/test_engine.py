@@ -4,7 +4,7 @@ from hypothesis import strategies as st
 
 from conftest import make_mlp
 from funcbnn import functionalize
-from funcbnn._batching import HAVE_LOW_LEVEL_VMAP, vmap_leading
+from funcbnn._engine import HAVE_LOW_LEVEL_VMAP, vmap_leading
 from funcbnn.families import diag_gaussian
 
 

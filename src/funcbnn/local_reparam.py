@@ -182,14 +182,18 @@ class LocalReparamModel:
         *,
         generator: torch.Generator | None = None,
         buffers: dict[str, Tensor] | None = None,
+        mean: Tree | None = None,
         std: Tree | None = None,
     ) -> Tensor:
         """Outputs ``(S, N, ...)`` with the local layers' pre-activations sampled, differentiable in ``state``.
 
         Parameters
         ----------
-        state : DiagGaussianState
-            Mean-field Gaussian over the model's parameters.
+        state : DiagGaussianState or any diagonal state
+            Mean-field Gaussian over the model's parameters. Its moments are
+            read from ``state.mean`` and ``softplus(state.rho)`` unless given
+            as ``mean`` and ``std``, which is how :func:`funcbnn.vi.elbo` passes
+            them for any family declaring ``mean`` and ``variance``.
         x : Tensor or tree
             Input batch.
         num_samples : int
@@ -202,20 +206,24 @@ class LocalReparamModel:
             the layers' noise in forward order).
         buffers : dict, optional
             Model buffers.
-        std : tree, optional
-            ``softplus(state.rho)`` if the caller already has it.
+        mean, std : tree, optional
+            The posterior means and standard deviations of the parameters
+            (both or neither), when the caller has them from the family.
         """
-        if not isinstance(state, DiagGaussianState):
-            raise TypeError(
-                "local reparameterisation needs a diagonal-Gaussian state (DiagGaussianState), "
-                f"got {type(state).__name__}"
-            )
-        num = positive_int(num_samples, "num_samples")
-        self.functional.check_params(state.mean, "state.mean")
-        if std is None:
+        if (mean is None) != (std is None):
+            raise ValueError("pass both mean and std (the diagonal state's moments) or neither")
+        if mean is None:
+            if not isinstance(state, DiagGaussianState):
+                raise TypeError(
+                    "local reparameterisation needs a diagonal-Gaussian state (DiagGaussianState), "
+                    f"got {type(state).__name__}; for another diagonal family pass its mean= and std="
+                )
             check_same_structure(state.mean, state.rho, "state.rho")
-            std = {k: F.softplus(v) for k, v in state.rho.items()}
-        mean = state.mean
+            mean, std = state.mean, {k: F.softplus(v) for k, v in state.rho.items()}
+        num = positive_int(num_samples, "num_samples")
+        self.functional.check_params(mean, "state.mean")
+        if optree.tree_structure(mean) != optree.tree_structure(std):
+            check_same_structure(mean, std, "std")  # raises the detailed error
         ctx = _Context(mean, std, self.functional.frozen, generator)
         others = [k for k in mean if k not in self._local_names]
         with self._lock:

@@ -19,17 +19,24 @@ bayesian-torch averages the KL over weights (about ``1e5`` times too small on
 real nets); deepuq divides it by the number of batches, i.e. multiplies ours by
 the batch size.
 
-The expected NLL is a Monte-Carlo average over ``num_samples``
-reparameterised weight draws (``post.rsample``), evaluated as one vmapped
-forward over the draws or as a loop over them, whichever was measured faster
-for the model, input shape and sample count (see :func:`elbo`). Layers can
-instead sample their pre-activations (local reparameterisation, Kingma et al.
-2015): pass an ``apply_fn`` built by :func:`funcbnn.local_reparam.local_reparameterize`.
+**What VI asks of a family** (the protocol of :mod:`funcbnn.families.base`,
+nothing else): ``kl`` and reparameterised draws, either the declared fused
+capability ``sample_and_kl`` (draws and KL in one pass sharing intermediates;
+:func:`~funcbnn.families.diag_gaussian` computes one softplus per leaf for
+both) or ``rsample``. Local reparameterisation (Kingma et al. 2015, an
+``apply_fn`` built by :func:`funcbnn.local_reparam.local_reparameterize`) also
+needs the capabilities ``mean`` and ``variance`` (or the family's ``std``).
+
+The expected NLL is a Monte-Carlo average over ``num_samples`` reparameterised
+weight draws, evaluated by the library's one engine (``funcbnn._engine``) as
+one vmapped forward over the draws or as a loop over them, whichever measured
+faster for the model, input shape and sample count, backward pass included
+(see :func:`elbo`). One draw skips the sample axis altogether.
 
 A training loop is three lines::
 
     state = vi.trainable(post.init(params))
-    opt = torch.optim.Adam(vi.leaves(state), lr=1e-2)
+    opt = torch.optim.Adam(vi.param_groups(state), lr=1e-2)
     step = vi.build_step(apply_fn, post, prior, num_data=len(x_train))
     for x, y in loader:
         state, info = step(state, opt, (x, y), generator=g)   # info = (loss, nll, kl)
@@ -39,25 +46,17 @@ from __future__ import annotations
 
 import math
 import sys
-import warnings
-import weakref
-from typing import Any, Callable, Iterable, Literal, NamedTuple, TextIO
+from typing import Any, Callable, Iterable, Literal, NamedTuple, Sequence, TextIO
 
 import optree
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from ._batching import vmap_is_faster, vmap_leading
+from ._engine import apply_samples
 from ._validation import positive_int
-from .families.diag_gaussian import DiagGaussian, DiagGaussianState
-from .families.diag_gaussian import _analytic_kl
-from .families.diag_gaussian import _check_state as _check_diag_state
-from .families.diag_gaussian import kl as _diag_kl
-from .families.diag_gaussian import rsample as _diag_rsample
+from .families.base import capabilities, check_family, require
 from .likelihoods import Likelihood, get_likelihood
 from .local_reparam import LocalReparamModel
-from .predict import VmapFallbackWarning
 from .tree import Tree
 
 __all__ = [
@@ -70,6 +69,7 @@ __all__ = [
     "fit",
     "trainable",
     "leaves",
+    "param_groups",
 ]
 
 Method = Literal["auto", "vmap", "loop"]
@@ -135,14 +135,31 @@ def _check_num_data(num_data: Any, batch_size: int) -> int:
     return num_data
 
 
-def _check_kl_weight(kl_weight: Any) -> float:
-    try:
-        value = float(kl_weight)
-    except (TypeError, ValueError):
-        raise TypeError(f"kl_weight must be a number, got {kl_weight!r}") from None
+def _check_kl_weight(kl_weight: Any) -> float | Tensor:
+    """``kl_weight`` as a float, or as a 0-d tensor (a view, so gradients reach it) if it is one.
+
+    Python numbers, 0-d and shape-``(1,)`` tensors are accepted; it must be finite and ``>= 0``.
+    """
+    if isinstance(kl_weight, Tensor):
+        if kl_weight.numel() != 1 or kl_weight.dim() > 1:
+            raise ValueError(
+                f"kl_weight must be a scalar (a number, a 0-d or a shape-(1,) tensor), got shape "
+                f"{tuple(kl_weight.shape)}"
+            )
+        if kl_weight.dtype == torch.bool or kl_weight.is_complex():
+            raise TypeError(f"kl_weight must be a real number, got a tensor of dtype {kl_weight.dtype}")
+        value = float(kl_weight.detach())
+        weight: float | Tensor = kl_weight.reshape(())
+    else:
+        if isinstance(kl_weight, bool):
+            raise TypeError(f"kl_weight must be a number, got {kl_weight!r}")
+        try:
+            value = weight = float(kl_weight)
+        except (TypeError, ValueError):
+            raise TypeError(f"kl_weight must be a number, got {kl_weight!r}") from None
     if not (value >= 0 and math.isfinite(value)):
-        raise ValueError(f"kl_weight must be finite and >= 0, got {kl_weight!r}")
-    return value
+        raise ValueError(f"kl_weight must be finite and >= 0, got {value!r}")
+    return weight
 
 
 def _check_method(method: Any) -> None:
@@ -158,98 +175,28 @@ def _call(apply_fn: Callable, params: Tree, x: Any, buffers: Any) -> Any:
     return apply_fn(params, x) if buffers is None else apply_fn(params, x, buffers)
 
 
-def _loop(apply_fn: Callable, samples: Tree, x: Any, buffers: Any, num: int) -> Tensor:
-    leaves, spec = optree.tree_flatten(samples)
-    outs = [_call(apply_fn, optree.tree_unflatten(spec, [t[i] for t in leaves]), x, buffers) for i in range(num)]
-    return torch.stack(outs)
-
-
-def _vmapped(apply_fn: Callable, samples: Tree, x: Any, buffers: Any) -> Tensor:
-    return vmap_leading(lambda p, xb: _call(apply_fn, p, xb[0], xb[1]), samples, (x, buffers), randomness="different")
-
-
-# apply_fn -> {signature: use vmap?}; the measurement runs once per model, shapes and sample count.
-# False also records a forward that failed under vmap (so the fallback warns once).
-_PATHS: "weakref.WeakKeyDictionary[Any, dict[tuple, bool]]" = weakref.WeakKeyDictionary()
-
-
-def _signature(samples: Tree, x: Any, num: int) -> tuple:
-    def sig(t: Any) -> Any:
-        if isinstance(t, Tensor):
-            return (tuple(t.shape), t.dtype, t.device)
-        try:
-            hash(t)
-            return t
-        except TypeError:
-            return ("unhashable", id(t))
-
-    x_leaves, x_spec = optree.tree_flatten(x)
-    p_leaves, p_spec = optree.tree_flatten(samples)
-    return (num, torch.is_grad_enabled(), x_spec, tuple(map(sig, x_leaves)), p_spec, tuple(map(sig, p_leaves)))
-
-
-def _with_backward(fn: Callable[[], Tensor], leaves: list[Tensor]) -> Callable[[], None]:
-    """``fn()`` and, with autograd on, the backward pass to ``leaves``: what a training step pays."""
-
-    def run() -> None:
-        out = fn()
-        if torch.is_grad_enabled():
-            # allow_unused: a parameter the output does not depend on is no reason to leave vmap.
-            torch.autograd.grad(out.float().sum(), leaves, allow_unused=True)
-
-    return run
-
-
-def _calibrate(apply_fn: Callable, samples: Tree, x: Any, buffers: Any, num: int) -> bool:
-    """Time the vmapped and the looped evaluation (forward and, under autograd, backward); True if vmap wins.
-
-    The draws are detached copies, so the measurement leaves no gradient anywhere.
-    Best of two alternating runs after a warm-up of each, so one noisy
-    measurement cannot fix a bad choice.
-    """
-    grad = torch.is_grad_enabled()
-    copies = optree.tree_map(lambda t: t.detach().requires_grad_(grad), samples)
-    leaves = optree.tree_leaves(copies)
-    vmap_fn = _with_backward(lambda: _vmapped(apply_fn, copies, x, buffers), leaves)
-    loop_fn = _with_backward(lambda: _loop(apply_fn, copies, x, buffers, num), leaves)
-    try:
-        vmap_fn()  # warm-up, and the test whether the forward runs under vmap at all
-    except Exception as err:  # the forward cannot run under vmap: loop from now on
-        warnings.warn(
-            f"the model's forward failed under torch.func.vmap ({type(err).__name__}: {err}); "
-            "evaluating the weight draws of the ELBO in a Python loop instead. Pass method='loop' to "
-            "silence this warning.",
-            VmapFallbackWarning,
-            stacklevel=4,
-        )
-        return False
-    loop_fn()  # warm-up
-    return vmap_is_faster(vmap_fn, loop_fn)
-
-
 def _sampled_outputs(
-    apply_fn: Callable, samples: Tree, x: Any, buffers: Any, num: int, method: Method
+    apply_fn: Callable,
+    samples: Tree,
+    x: Any,
+    buffers: Any,
+    num: int,
+    method: Method,
+    backward_to: Sequence[Tensor] | None = None,
 ) -> Tensor:
-    """``(S, N, ...)`` outputs at every draw in ``samples`` (leaves with a leading axis ``S``)."""
+    """``(S, N, ...)`` outputs at every draw in ``samples`` (leaves with a leading axis ``S``), by the engine.
+
+    ``backward_to``: the tensors the caller's loss will be differentiated to (the
+    state), so that ``"auto"`` times the backward pass too; by default, under
+    autograd, the samples themselves.
+    """
     if num == 1:
         return _call(apply_fn, optree.tree_map(lambda t: t[0], samples), x, buffers).unsqueeze(0)
-    if method == "loop":
-        return _loop(apply_fn, samples, x, buffers, num)
-    if method == "vmap":
-        return _vmapped(apply_fn, samples, x, buffers)
-    try:
-        cache = _PATHS.setdefault(apply_fn, {})
-    except TypeError:  # not weak-referenceable: measure every call
-        cache = {}
-    # Buffers are part of the key: explicit (e.g. train-mode BatchNorm) buffers can change
-    # whether the forward runs under vmap at all.
-    key = _signature(samples, (x, buffers), num)
-    use_vmap = cache.get(key)
-    if use_vmap is None:
-        use_vmap = cache[key] = _calibrate(apply_fn, samples, x, buffers, num)
-    if use_vmap:
-        return _vmapped(apply_fn, samples, x, buffers)
-    return _loop(apply_fn, samples, x, buffers, num)
+    if backward_to is None and torch.is_grad_enabled():
+        backward_to = [t for t in optree.tree_leaves(samples) if t.requires_grad]
+    return apply_samples(
+        apply_fn, samples, x, args=() if buffers is None else (buffers,), method=method, backward_to=backward_to
+    )
 
 
 def _mean_nll(lik: Likelihood, outputs: Tensor, y: Tensor, validate: bool, single: bool = False) -> Tensor:
@@ -270,39 +217,56 @@ def _mean_nll(lik: Likelihood, outputs: Tensor, y: Tensor, validate: bool, singl
     return lik.nll(flat, targets).mean()
 
 
-# ---------------------------------------------------------------------------------------------
-# the diagonal-Gaussian fast path: one softplus per leaf shared by the draws and the KL
+def _trained_leaves(state: Any) -> list[Tensor]:
+    """The state's leaves a backward pass will reach (what the path timing differentiates to)."""
+    return [t for t in optree.tree_leaves(state) if isinstance(t, Tensor) and t.requires_grad]
 
 
-def _is_plain_diag_gaussian(post: Any, state: Any) -> bool:
-    """``post`` is the library's diagonal Gaussian (not a user's variant of it) and ``state`` fits it."""
-    return (
-        isinstance(post, DiagGaussian)
-        and isinstance(state, DiagGaussianState)
-        and post.rsample is _diag_rsample
-        and post.kl is _diag_kl
-    )
+def _local_moments(post: Any, state: Any) -> tuple[Tree, Tree]:
+    """Mean and std trees of a diagonal state, through the family's declared capabilities."""
+    mean = require(post, "mean", "local reparameterisation")(state)
+    std_fn = getattr(post, "std", None)
+    if callable(std_fn):  # the diagonal family's own std: one softplus, no square and root
+        return mean, std_fn(state)
+    variance = require(post, "variance", "local reparameterisation")(state)
+    return mean, optree.tree_map(torch.sqrt, variance)
 
 
-def _diag_std(state: DiagGaussianState) -> tuple[list[Tensor], list[Tensor], list[Tensor], Any]:
-    """Flattened ``(mean, rho, std)`` leaves and the tree spec, after a cheap structure check."""
-    mean, spec = optree.tree_flatten(state.mean)
-    rho, rho_spec = optree.tree_flatten(state.rho)
-    if rho_spec != spec or any(m.shape != r.shape for m, r in zip(mean, rho)):
-        _check_diag_state(state)  # raises the detailed error
-    return mean, rho, [F.softplus(r) for r in rho], spec
+class _Terms(NamedTuple):
+    nll: Tensor
+    kl: Tensor | None
 
 
-def _diag_draws(
-    mean: list[Tensor], std: list[Tensor], spec: Any, num: int, generator: torch.Generator | None
-) -> Tree:
-    """``mean + std * eps`` with a leading axis ``num``; the same numbers as ``diag_gaussian.rsample``."""
-
-    def draw(m: Tensor, s: Tensor) -> Tensor:
-        eps = torch.empty((num, *m.shape), dtype=m.dtype, device=m.device).normal_(generator=generator)
-        return m + s * eps
-
-    return optree.tree_unflatten(spec, [draw(m, s) for m, s in zip(mean, std)])
+def _nll_and_kl(
+    apply_fn, post, state, prior, x, y, lik, num_samples, generator, method, buffers, validate, kl_samples
+) -> _Terms:
+    """The Monte-Carlo NLL and, if ``prior`` is given, the KL, drawing from ``generator`` in one fixed order:
+    the weight draws (or the local layers' noise) first, then any Monte-Carlo KL draws."""
+    want_kl = prior is not None
+    kl_draws = kl_samples or num_samples
+    if isinstance(apply_fn, LocalReparamModel):
+        mean, std = _local_moments(post, state)
+        outputs = apply_fn.sample_outputs_local(
+            state, x, num_samples, generator=generator, buffers=buffers, mean=mean, std=std
+        )
+        nll = _mean_nll(lik, outputs, y, validate)
+        kl = post.kl(state, prior, num_samples=kl_draws, generator=generator) if want_kl else None
+        return _Terms(nll, kl)
+    if want_kl and "sample_and_kl" in capabilities(post):
+        # One pass for draws and KL; with one draw no sample axis at all.
+        draws, kl = post.sample_and_kl(
+            state, prior, None if num_samples == 1 else num_samples, generator=generator, kl_samples=kl_draws
+        )
+        if num_samples == 1:
+            return _Terms(_mean_nll(lik, _call(apply_fn, draws, x, buffers), y, validate, single=True), kl)
+    else:
+        draws = require(post, "rsample", "vi")(state, num_samples, generator=generator)
+        kl = None
+    outputs = _sampled_outputs(apply_fn, draws, x, buffers, num_samples, method, _trained_leaves(state))
+    nll = _mean_nll(lik, outputs, y, validate)
+    if want_kl and kl is None:
+        kl = post.kl(state, prior, num_samples=kl_draws, generator=generator)
+    return _Terms(nll, kl)
 
 
 def expected_nll(
@@ -320,35 +284,27 @@ def expected_nll(
 ) -> Tensor:
     """Monte-Carlo estimate of ``mean_n E_q[-log p(y_n | f(w, x_n))]``, differentiable in ``state``.
 
-    Parameters are as in :func:`elbo`. Returns a scalar tensor.
+    Parameters are as in :func:`elbo`; the family needs ``rsample`` (or, for a
+    locally reparameterised ``apply_fn``, ``mean`` and ``variance``). Returns a
+    scalar tensor; for the same generator state it equals ``elbo(...).nll``.
+
+    Examples
+    --------
+    >>> import funcbnn
+    >>> apply_fn, params, _ = funcbnn.functionalize(torch.nn.Linear(3, 2))
+    >>> post = funcbnn.diag_gaussian(init_std=0.1)
+    >>> batch = (torch.randn(8, 3), torch.randint(0, 2, (8,)))
+    >>> expected_nll(apply_fn, post, post.init(params), batch, likelihood="classification").shape
+    torch.Size([])
     """
     x, y = _check_batch(batch)
     num_samples = positive_int(num_samples, "num_samples")
     _check_method(method)
+    check_family(post, "post")
     lik = get_likelihood(likelihood)
-    return _expected_nll(apply_fn, post, state, x, y, lik, num_samples, generator, method, buffers, validate, None)
-
-
-def _expected_nll(
-    apply_fn, post, state, x, y, lik, num_samples, generator, method, buffers, validate, diag
-) -> Tensor:
-    """``diag`` is ``(mean, rho, std, spec)`` from :func:`_diag_std` on the fast path, else ``None``."""
-    if isinstance(apply_fn, LocalReparamModel):
-        std = None if diag is None else optree.tree_unflatten(diag[3], diag[2])
-        outputs = apply_fn.sample_outputs_local(state, x, num_samples, generator=generator, buffers=buffers, std=std)
-    elif diag is not None and num_samples == 1:
-        # One draw: no sample axis at all (the same numbers as rsample(state, 1)[0]).
-        mean, _, std, spec = diag
-        draws = [m + s * torch.empty_like(m).normal_(generator=generator) for m, s in zip(mean, std)]
-        outputs = _call(apply_fn, optree.tree_unflatten(spec, draws), x, buffers)
-        return _mean_nll(lik, outputs, y, validate, single=True)
-    else:
-        if diag is not None:
-            samples = _diag_draws(diag[0], diag[2], diag[3], num_samples, generator)
-        else:
-            samples = post.rsample(state, num_samples, generator=generator)
-        outputs = _sampled_outputs(apply_fn, samples, x, buffers, num_samples, method)
-    return _mean_nll(lik, outputs, y, validate)
+    return _nll_and_kl(
+        apply_fn, post, state, None, x, y, lik, num_samples, generator, method, buffers, validate, None
+    ).nll
 
 
 def elbo(
@@ -361,7 +317,7 @@ def elbo(
     *,
     likelihood: str | Likelihood = "categorical",
     num_samples: int = 1,
-    kl_weight: float = 1.0,
+    kl_weight: float | Tensor = 1.0,
     generator: torch.Generator | None = None,
     method: Method = "auto",
     kl_samples: int | None = None,
@@ -381,10 +337,11 @@ def elbo(
         ``apply_fn(params, x) -> outputs``, e.g. from :func:`funcbnn.functionalize`;
         or a model from :func:`funcbnn.local_reparam.local_reparameterize`, whose
         Linear and Conv layers then sample pre-activations instead of weights
-        (Kingma et al. 2015; needs a diagonal-Gaussian ``state``).
+        (Kingma et al. 2015; needs a family declaring ``mean`` and ``variance``).
     post : posterior family
-        Provides ``rsample(state, S, generator=...)`` and ``kl(state, prior, ...)``,
-        e.g. :func:`funcbnn.families.diag_gaussian`.
+        Any family of :mod:`funcbnn.families` with ``kl`` and either the fused
+        ``sample_and_kl`` capability (used when declared) or ``rsample``, e.g.
+        :func:`funcbnn.families.diag_gaussian`.
     state : pytree
         The family's state; gradients flow to its leaves.
     prior : prior
@@ -395,20 +352,26 @@ def elbo(
     num_data : int
         Size ``N`` of the whole training set (>= the batch size).
     likelihood : str or Likelihood, default "categorical"
-        A name from :data:`funcbnn.likelihoods.LIKELIHOODS` (``"categorical"``,
-        ``"gaussian"`` with ``sigma=1``, ``"heteroscedastic_gaussian"``,
-        ``"bernoulli"``) or a built :class:`~funcbnn.likelihoods.Likelihood`
-        (``likelihoods.gaussian(sigma=0.1)``).
+        A name from :data:`funcbnn.likelihoods.LIKELIHOODS` or its alias
+        (``"categorical"``/``"classification"``, ``"gaussian"``/``"regression"``
+        with ``sigma=1``, ``"heteroscedastic_gaussian"``/``"heteroscedastic_regression"``,
+        ``"bernoulli"``/``"binary"``) or a built
+        :class:`~funcbnn.likelihoods.Likelihood` (``likelihoods.gaussian(sigma=0.1)``).
     num_samples : int, default 1
         Reparameterised weight draws for the expected NLL.
-    kl_weight : float, default 1.0
+    kl_weight : float or Tensor, default 1.0
         Multiplies the KL term (KL annealing, cold posteriors); 1 is the ELBO.
+        A Python number, a 0-d or a shape-``(1,)`` tensor (gradients flow to a
+        tensor); finite and ``>= 0``.
     generator : torch.Generator, optional
-        Source of all the randomness; the same generator state gives the same loss.
+        Source of all the randomness; the same generator state gives the same
+        loss. Draws come first, then any Monte-Carlo KL draws; the path timing
+        of ``method="auto"`` draws nothing.
     method : {"auto", "vmap", "loop"}
         How the ``num_samples`` forwards run. ``"auto"`` measures both paths
-        (forward and backward) the first time it meets a model, input shape and
-        sample count, and keeps the faster; a forward that fails under ``vmap``
+        (forward and backward to ``state``) the first time it meets a model,
+        input shape and sample count, and keeps the faster; both give the same
+        numbers up to float rounding. A forward that fails under ``vmap``
         makes it warn once (:class:`~funcbnn.predict.VmapFallbackWarning`) and loop.
     kl_samples : int, optional
         Draws for a Monte-Carlo KL, used only when the (family, prior) pair has
@@ -427,8 +390,8 @@ def elbo(
     ------
     TypeError, ValueError
         On a malformed batch, a non-positive ``num_data``/``num_samples``, a
-        negative ``kl_weight``, an unknown likelihood or method, or outputs that
-        do not fit the targets.
+        negative ``kl_weight``, an unknown likelihood or method, a family
+        without the capabilities above, or outputs that do not fit the targets.
 
     Examples
     --------
@@ -448,13 +411,11 @@ def elbo(
     if kl_samples is not None:
         kl_samples = positive_int(kl_samples, "kl_samples")
     _check_method(method)
+    check_family(post, "post")
     lik = get_likelihood(likelihood)
-    diag = _diag_std(state) if _is_plain_diag_gaussian(post, state) else None
-    nll = _expected_nll(apply_fn, post, state, x, y, lik, num_samples, generator, method, buffers, validate, diag)
-    if diag is not None and "gaussian" in getattr(prior, "closed_forms", ()):
-        kl = _analytic_kl(diag[0], diag[2], prior, state.mean)
-    else:
-        kl = post.kl(state, prior, num_samples=kl_samples or num_samples, generator=generator)
+    nll, kl = _nll_and_kl(
+        apply_fn, post, state, prior, x, y, lik, num_samples, generator, method, buffers, validate, kl_samples
+    )
     return ELBOInfo(nll + (weight / num_data) * kl, nll, kl)
 
 
@@ -465,6 +426,40 @@ def elbo(
 def leaves(state: Any) -> list[Tensor]:
     """The tensor leaves of ``state``: what to hand to a ``torch.optim`` optimiser."""
     return optree.tree_leaves(state)
+
+
+def param_groups(state: Any) -> list[dict[str, Any]]:
+    """``torch.optim`` parameter groups of ``state``, one per field of its ``NamedTuple``, named after it.
+
+    For a :class:`~funcbnn.families.DiagGaussianState` that is
+    ``[{"params": [...], "name": "mean"}, {"params": [...], "name": "rho"}]``, so
+    means and scales can get different learning rates; a state that is not a
+    ``NamedTuple`` gives one group named ``"state"``. Fields without tensors are
+    left out. Every ``torch.optim`` optimiser takes the list as it is (the
+    ``name`` key is kept in ``optimizer.param_groups``).
+
+    Examples
+    --------
+    >>> import funcbnn
+    >>> post = funcbnn.diag_gaussian(init_std=0.1)
+    >>> state = trainable(post.init({"w": torch.zeros(3, 2)}))
+    >>> groups = param_groups(state)
+    >>> [g["name"] for g in groups]
+    ['mean', 'rho']
+    >>> for g in groups:
+    ...     g["lr"] = 1e-2 if g["name"] == "mean" else 1e-3
+    >>> opt = torch.optim.Adam(groups)
+    """
+    fields = getattr(type(state), "_fields", None)
+    if isinstance(state, tuple) and fields:
+        parts = [(name, optree.tree_leaves(value)) for name, value in zip(fields, state)]
+    else:
+        parts = [("state", optree.tree_leaves(state))]
+    return [
+        {"params": [t for t in part if isinstance(t, Tensor)], "name": name}
+        for name, part in parts
+        if any(isinstance(t, Tensor) for t in part)
+    ]
 
 
 def trainable(state: Any) -> Any:
@@ -504,7 +499,7 @@ def step(
     generator: torch.Generator | None = None,
     likelihood: str | Likelihood = "categorical",
     num_samples: int = 1,
-    kl_weight: float = 1.0,
+    kl_weight: float | Tensor = 1.0,
     method: Method = "auto",
     kl_samples: int | None = None,
     buffers: dict[str, Tensor] | None = None,
@@ -568,7 +563,7 @@ def build_step(
     *,
     likelihood: str | Likelihood = "categorical",
     num_samples: int = 1,
-    kl_weight: float = 1.0,
+    kl_weight: float | Tensor = 1.0,
     method: Method = "auto",
     kl_samples: int | None = None,
     buffers: dict[str, Tensor] | None = None,
@@ -679,11 +674,11 @@ def fit(
     epochs: int = 1,
     batch_size: int | None = None,
     num_data: int | None = None,
-    optimizer: Callable[[list[Tensor]], torch.optim.Optimizer] | None = None,
+    optimizer: Callable[[list[dict[str, Any]]], torch.optim.Optimizer] | None = None,
     lr: float = 1e-2,
     likelihood: str | Likelihood = "categorical",
     num_samples: int = 1,
-    kl_weight: float = 1.0,
+    kl_weight: float | Tensor = 1.0,
     generator: torch.Generator | None = None,
     method: Method = "auto",
     kl_samples: int | None = None,
@@ -708,9 +703,12 @@ def fit(
     num_data : int, optional
         Training-set size; inferred from tensors or from ``data.dataset``.
     optimizer : callable, optional
-        ``optimizer(leaves) -> torch.optim.Optimizer``, e.g.
-        ``functools.partial(torch.optim.SGD, lr=0.1, momentum=0.9)``; default
-        ``Adam(lr=lr)``.
+        ``optimizer(groups) -> torch.optim.Optimizer``, called with
+        :func:`param_groups` of the state: one named group per state field
+        (``"mean"`` and ``"rho"`` for a diagonal Gaussian), e.g.
+        ``functools.partial(torch.optim.SGD, lr=0.1, momentum=0.9)``. Set a
+        group's own ``"lr"`` to train means and scales at different rates (see
+        the example). Default ``Adam(groups, lr=lr)``.
     progress : bool, default False
         Draw a one-line progress bar with the last loss terms on
         ``progress_file`` (default ``sys.stderr``) after every epoch.
@@ -721,16 +719,31 @@ def fit(
     -------
     FitResult
         The trained state (detached) and the per-step history of ``(loss, nll, kl)``.
+
+    Examples
+    --------
+    Means at ten times the scales' learning rate:
+
+    >>> import funcbnn
+    >>> apply_fn, params, _ = funcbnn.functionalize(torch.nn.Linear(3, 2))
+    >>> post, prior = funcbnn.diag_gaussian(init_std=0.1), funcbnn.priors.gaussian(1.0)
+    >>> def adam(groups):
+    ...     lrs = {"mean": 1e-2, "rho": 1e-3}
+    ...     return torch.optim.Adam([{**g, "lr": lrs[g["name"]]} for g in groups])
+    >>> data = (torch.randn(32, 3), torch.randint(0, 2, (32,)))
+    >>> result = fit(apply_fn, post, prior, post.init(params), data, epochs=2, optimizer=adam)
+    >>> result.history.loss.shape
+    torch.Size([2])
     """
     epochs = positive_int(epochs, "epochs")
     batches = _epoch_batches(data, batch_size, generator)
     num_data = _default_num_data(data) if num_data is None else num_data
     train_state = trainable(state)
-    params = leaves(train_state)
+    groups = param_groups(train_state)
     if optimizer is None:
-        opt = torch.optim.Adam(params, lr=lr)
+        opt = torch.optim.Adam(groups, lr=lr)
     else:
-        opt = optimizer(params)
+        opt = optimizer(groups)
         if not isinstance(opt, torch.optim.Optimizer):
             raise TypeError(f"optimizer must return a torch.optim.Optimizer, got {type(opt).__name__}")
     train_step = build_step(
