@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import copy
 import sys
+import time
 from typing import Any, Callable, Literal, NamedTuple
 
 import optree
@@ -116,7 +117,7 @@ def fit(
     optimizer: Callable[[list[Tensor]], torch.optim.Optimizer] | None = None,
     adversarial_eps: float = 0.0,
     generator: torch.Generator | None = None,
-    method: Literal["vmap", "loop"] = "vmap",
+    method: Literal["auto", "vmap", "loop"] = "auto",
     progress: bool = False,
 ) -> EnsembleResult:
     """Train every member of ``state`` on ``data``, all at once.
@@ -142,9 +143,12 @@ def fit(
         1% of the input range).
     generator : torch.Generator, optional
         Data orders (one permutation per member per epoch, member by member).
-    method : {"vmap", "loop"}
-        One vmapped step over the members, or a loop of per-member steps on the
-        same batches (same numbers; for forwards vmap cannot run).
+    method : {"auto", "vmap", "loop"}
+        One vmapped forward and backward over the members, or a loop of
+        per-member ones on the same batches (same numbers up to float rounding;
+        the loop also serves forwards vmap cannot run). ``"auto"`` times both on
+        the first batch (forward and backward, no optimiser step, no randomness
+        consumed) and keeps the faster; a forward that fails under vmap loops.
 
     Returns
     -------
@@ -168,8 +172,8 @@ def fit(
     x, y = _check_data(data)
     epochs = positive_int(epochs, "epochs")
     batch_size = positive_int(batch_size, "batch_size")
-    if method not in ("vmap", "loop"):
-        raise ValueError(f"method must be 'vmap' or 'loop', got {method!r}")
+    if method not in ("auto", "vmap", "loop"):
+        raise ValueError(f"method must be 'auto', 'vmap' or 'loop', got {method!r}")
     eps = float(adversarial_eps)
     if not eps >= 0:
         raise ValueError(f"adversarial_eps must be >= 0, got {adversarial_eps!r}")
@@ -190,6 +194,14 @@ def fit(
         return _member_loss(apply_fn, lik, eps, params, xb, yb)
 
     batched = torch.func.vmap(one, in_dims=(0, 0, 0), randomness="different")
+
+    def looped(params: Tree, xb: Any, yb: Tensor) -> Tensor:
+        mleaves, spec = optree.tree_flatten(params)
+        return torch.stack([
+            one(optree.tree_unflatten(spec, [t[j] for t in mleaves]), optree.tree_map(lambda t: t[j], xb), yb[j])
+            for j in range(k)
+        ])
+
     history: list[Tensor] = []
     for epoch in range(epochs):
         orders = torch.stack([torch.randperm(n, generator=generator) for _ in range(k)]).to(device)  # (K, N)
@@ -197,15 +209,10 @@ def fit(
             idx = orders[:, start : start + batch_size]  # (K, B): every member its own batch
             xb = optree.tree_map(lambda t: t[idx], x)
             yb = y[idx]
+            if method == "auto":
+                method = _pick_path(batched, looped, members, xb, yb)
             opt.zero_grad()
-            if method == "vmap":
-                losses = batched(members, xb, yb)
-            else:
-                mleaves, spec = optree.tree_flatten(members)
-                losses = torch.stack([
-                    one(optree.tree_unflatten(spec, [t[j] for t in mleaves]), optree.tree_map(lambda t: t[j], xb), yb[j])
-                    for j in range(k)
-                ])
+            losses = (batched if method == "vmap" else looped)(members, xb, yb)
             if not bool(torch.isfinite(losses).all()):
                 raise FloatingPointError(
                     f"member losses became non-finite at epoch {epoch}: {losses.tolist()}; lower the learning rate"
@@ -216,6 +223,32 @@ def fit(
         if progress:
             print(f"epoch {epoch + 1}/{epochs}: member losses {[round(v, 4) for v in history[-1].tolist()]}", file=sys.stderr)
     return EnsembleResult(EmpiricalState(optree.tree_map(lambda t: t.detach(), members)), torch.stack(history))
+
+
+def _pick_path(batched: Callable, looped: Callable, members: Tree, xb: Any, yb: Tensor) -> str:
+    """``"vmap"`` or ``"loop"``: the faster forward+backward on this batch (best of 3, alternating).
+
+    Gradients go to detached copies, so the timing leaves no trace in the
+    members or the optimiser; a forward that fails under vmap gives ``"loop"``.
+    """
+    copies = optree.tree_map(lambda t: t.detach().requires_grad_(True), members)
+    leaves = optree.tree_leaves(copies)
+
+    def run(fn: Callable) -> Callable[[], None]:
+        return lambda: torch.autograd.grad(fn(copies, xb, yb).sum(), leaves, allow_unused=True)
+
+    try:
+        run(batched)()  # warm-up, and the test whether the forward runs under vmap at all
+    except Exception:  # noqa: BLE001 - any failure under vmap means: loop
+        return "loop"
+    run(looped)()
+    best = {"vmap": float("inf"), "loop": float("inf")}
+    for _ in range(3):
+        for name, fn in (("vmap", batched), ("loop", looped)):
+            start = time.perf_counter()
+            run(fn)()
+            best[name] = min(best[name], time.perf_counter() - start)
+    return "vmap" if best["vmap"] <= best["loop"] else "loop"
 
 
 # --- diversity ----------------------------------------------------------------------------------
