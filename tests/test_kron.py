@@ -1,4 +1,5 @@
-"""KFAC curvature and the Kronecker Laplace algebra, against dense brute force in float64."""
+"""KFAC curvature (funcbnn.laplace.kron) and the Kronecker algebra of its family
+(funcbnn.families.kron_gaussian), against dense brute force in float64."""
 
 from __future__ import annotations
 
@@ -8,17 +9,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from funcbnn import functionalize
-from funcbnn.laplace.curvature import diag_curvature
-from funcbnn.laplace.kron import (
-    KronCurvature,
+from funcbnn.families.kron_gaussian import (
     kron_covariance_diag,
-    kron_curvature,
-    kron_decompose,
     kron_functional_variance,
     kron_logdet,
     kron_precision_dense,
     kron_sample,
 )
+from funcbnn.laplace.curvature import diag_curvature
+from funcbnn.laplace.kron import KronCurvature, kron_curvature, kron_decompose
 
 DT = torch.float64
 

@@ -769,7 +769,7 @@ def test_unknown_names_are_refused(small):
 
 def test_bad_hyperparameters_and_prediction_options_are_refused(small):
     apply_fn, params, data = small
-    with pytest.raises(ValueError, match="sigma must be positive"):
+    with pytest.raises(ValueError, match="sigma must be (a )?finite (and )?positive"):
         fit(apply_fn, params, [(data[0], torch.randn(N, 3, dtype=DT))], "gaussian", sigma=-0.1)
     with pytest.raises(ValueError, match="sigma applies to the 'gaussian' likelihood only"):
         fit(apply_fn, params, [data], "categorical", sigma=0.5)
@@ -1035,3 +1035,141 @@ def test_a_frozen_bias_leaves_the_weight_on_the_structured_path_with_the_same_nu
     assert set(fast) == {"0.weight", "3.weight"}
     for k in fast:
         assert_rel(fast[k], slow[k])
+
+
+# --- the posterior is a family state ---------------------------------------------------------------
+
+
+def test_the_diagonal_laplace_posterior_is_a_diag_gaussian_state():
+    from funcbnn.families import DiagGaussianState, diag_gaussian
+    from funcbnn.priors import gaussian
+
+    la, state = _classifier_state("diag", subset="all")
+    post = la.posterior(state)
+    assert isinstance(post, DiagGaussianState) and la.family.sample is diag_gaussian().sample
+    ref = diag_gaussian()
+    a = la.sample(state, 7, generator=torch.Generator().manual_seed(4))
+    b = ref.sample(post, 7, generator=torch.Generator().manual_seed(4))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    prior = gaussian(std=0.9)
+    assert torch.equal(la.kl(state, prior), ref.kl(post, prior))
+    own = gaussian(std={k: state.prior_precision.rsqrt() for k in state.mean})
+    assert torch.equal(la.kl(state), ref.kl(post, own))
+    # its variances are the inverse diagonal precision
+    for k, v in ref.variance(post).items():
+        assert_rel(v, la.precision(state)[k].reciprocal(), 1e-12)
+
+
+@pytest.mark.parametrize("structure,family", [("kron", "KronGaussianState"), ("full", "DenseGaussianState")])
+def test_kron_and_full_posteriors_are_family_states_with_the_laplace_numbers(structure, family):
+    la, state = _classifier_state(structure, subset="all" if structure == "kron" else "last_layer")
+    post = la.posterior(state)
+    assert type(post).__name__ == family
+    a = la.sample(state, 5, generator=torch.Generator().manual_seed(1))
+    b = la.family.sample(post, 5, generator=torch.Generator().manual_seed(1))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    if structure == "full":
+        mu = _flat(state.mean)
+        q = torch.distributions.MultivariateNormal(mu, precision_matrix=la.precision(state))
+        var = torch.diagonal(q.covariance_matrix)
+        assert_rel(_flat({k: la.family.variance(post)[k] for k in state.mean}), var, 1e-10)
+        assert_rel(la.family.logdet_precision(post), torch.logdet(la.precision(state)), 1e-10)
+
+
+# --- one linearisation, many hyperparameters (a prior-precision search) --------------------------
+
+
+@pytest.mark.parametrize("structure", ["diag", "kron", "full"])
+def test_predictions_from_one_linearization_equal_fresh_predictions(structure):
+    la, state = _classifier_state(structure, subset="last_layer" if structure == "full" else "all")
+    x = torch.randn(7, 4, generator=torch.Generator().manual_seed(3), dtype=DT)
+    lin = la.linearize(state, x, chunk_size=3)
+    for pp in (0.01, 0.5, 30.0):
+        fresh = state._replace(prior_precision=torch.tensor(pp, dtype=DT))
+        for link in ("probit", "bridge"):
+            assert_rel(la.predict(state, lin, prior_precision=pp, link_approx=link),
+                       la.predict(fresh, x, link_approx=link), 1e-10)
+        f, cov = la.output_covariance(state, lin, prior_precision=pp)
+        f2, cov2 = la.output_covariance(fresh, x)
+        assert torch.equal(f, f2)
+        assert_rel(cov, cov2, 1e-10)
+    probs = la.predict(state, lin, pred_type="nn", num_samples=5, generator=torch.Generator().manual_seed(0))
+    assert probs.shape == (7, 3)
+
+
+def test_a_linearization_for_another_structure_is_refused():
+    la, state = _classifier_state("full")
+    kron, kron_state = _classifier_state("kron")
+    x = torch.randn(2, 4, dtype=DT)
+    with pytest.raises(ValueError, match="Linearization for structure 'kron'"):
+        la.predict(state, kron.linearize(kron_state, x))
+
+
+# --- likelihood names and hyperparameter forms ----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "alias,name", [("classification", "categorical"), ("regression", "gaussian"), ("binary", "bernoulli"),
+                   ("heteroscedastic_regression", "heteroscedastic_gaussian")],
+)
+def test_every_likelihood_alias_is_accepted_by_fit_and_the_approximation(alias, name):
+    from funcbnn.laplace import LaplaceApproximation
+
+    torch.manual_seed(0)
+    out = {"categorical": 3, "gaussian": 2, "bernoulli": 1, "heteroscedastic_gaussian": 4}[name]
+    net = _seq(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, out))
+    apply_fn, params, _ = functionalize(net)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(10, 3, generator=g, dtype=DT)
+    y = {"categorical": torch.randint(0, 3, (10,), generator=g),
+         "gaussian": torch.randn(10, 2, generator=g, dtype=DT),
+         "bernoulli": torch.randint(0, 2, (10, 1), generator=g).to(DT),
+         "heteroscedastic_gaussian": torch.randn(10, 2, generator=g, dtype=DT)}[name]
+    la, state = fit(apply_fn, params, [(x, y)], alias)
+    _, canonical = fit(apply_fn, params, [(x, y)], name)
+    assert state.likelihood == name and la.likelihood.name == name
+    assert_rel(la.log_marglik(state), la.log_marglik(canonical), 1e-14)
+    approx = LaplaceApproximation(net, alias).fit([(x, y)])
+    assert approx.likelihood.name == name
+    assert_rel(approx.log_marglik(), la.log_marglik(state), 1e-12)
+
+
+@pytest.mark.parametrize("structure", ["diag", "kron", "full"])
+def test_hyperparameters_as_numbers_0d_and_shape_1_tensors_give_the_same_numbers(structure):
+    case = CASE_BY_NAME["linear_on_sequence"]
+    apply_fn, params, _ = functionalize(case.build())
+    data = [_data(case)]
+    forms = [(0.7, 0.5), (torch.tensor(0.7, dtype=DT), torch.tensor(0.5, dtype=DT)),
+             (torch.full((1,), 0.7, dtype=DT), torch.full((1,), 0.5, dtype=DT))]
+    results = []
+    for pp, sd in forms:
+        la, state = fit(apply_fn, params, data, "gaussian", structure=structure, prior_precision=pp, sigma=sd)
+        assert state.prior_precision.dim() == 0 and state.sigma.dim() == 0
+        x = data[0][0][:3]
+        results.append((la.log_marglik(state), la.log_marglik(state, pp, sd), *la.predict(state, x),
+                        la.predict(state, x, prior_precision=pp, sigma=sd)[1]))
+    for other in results[1:]:
+        for got, want in zip(other, results[0]):
+            assert_rel(got, want, 1e-14)
+    # laplace-torch's README loop: shape-(1,) hyperparameters straight into the marginal likelihood
+    ones = la.log_marglik(state, torch.ones(1, dtype=DT), torch.ones(1, dtype=DT))
+    assert_rel(ones, la.log_marglik(state, 1.0, 1.0), 1e-14)
+
+
+@pytest.mark.parametrize("structure", ["diag", "kron", "full"])
+def test_gradients_flow_to_tensor_hyperparameters(structure):
+    case = CASE_BY_NAME["linear_on_sequence"]
+    apply_fn, params, _ = functionalize(case.build())
+    data = [_data(case)]
+    log_pp = torch.zeros(1, dtype=DT, requires_grad=True)
+    log_sd = torch.zeros(1, dtype=DT, requires_grad=True)
+    la, state = fit(apply_fn, params, data, "regression", structure=structure, prior_precision=log_pp.exp(),
+                    sigma=log_sd.exp())
+    grads = torch.autograd.grad(la.log_marglik(state), (log_pp, log_sd))
+    assert all(bool(torch.isfinite(g).all() and (g != 0).all()) for g in grads)
+    # the linearised predictive too, through a reused linearisation
+    pp = torch.tensor(2.0, dtype=DT, requires_grad=True)
+    lin = la.linearize(state, data[0][0][:3])
+    _, var = la.predict(state, lin, prior_precision=pp)
+    (grad,) = torch.autograd.grad(var.sum(), pp)
+    assert grad < 0  # a stronger prior shrinks the predictive variance

@@ -48,7 +48,7 @@ def test_state_equals_the_functional_fit():
     _, state = fit(apply_fn, params, [(x, y)], "categorical", curvature="ef", prior_precision=2.0)
     for k in state.curvature:
         torch.testing.assert_close(la.state.curvature[k], state.curvature[k], rtol=1e-12, atol=0)
-    torch.testing.assert_close(la.log_marglik(), la.posterior.log_marglik(state))
+    torch.testing.assert_close(la.log_marglik(), la.laplace.log_marglik(state))
 
 
 def test_curvature_does_not_depend_on_the_batching():
@@ -75,7 +75,7 @@ def test_classification_predict_is_the_mean_and_variance_of_sampled_probabilitie
     torch.testing.assert_close(mean.sum(-1), torch.ones(5, dtype=torch.float64))
     # The same draws by hand: the posterior's samples through the model.
     draws = la.sample(32, generator=torch.Generator().manual_seed(3))
-    by_hand = torch.stack([la.posterior.apply_fn({k: v[s] for k, v in draws.items()}, x[:5]) for s in range(32)])
+    by_hand = torch.stack([la.laplace.apply_fn({k: v[s] for k, v in draws.items()}, x[:5]) for s in range(32)])
     torch.testing.assert_close(samples, by_hand.softmax(-1))
 
 
@@ -90,7 +90,7 @@ def test_regression_variance_adds_the_noise_and_matches_the_linearised_predictiv
     la = LaplaceApproximation(net, "regression", prior_precision=1.0, structure="full", sigma=0.3).fit([(x, y)])
     n = 4000
     mean, var = la.predict(x[:4], n, generator=torch.Generator().manual_seed(2))
-    exact_mean, exact_var = la.posterior.predict(la.state, x[:4])
+    exact_mean, exact_var = la.laplace.predict(la.state, x[:4])
     noise = 0.3**2
     epistemic = exact_var - noise
     # sd of a sample variance of a Gaussian is var * sqrt(2 / n); of a sample mean sqrt(var / n).
@@ -144,6 +144,6 @@ def test_kron_structure_and_a_gaussian_likelihood_object_are_passed_through():
     x = torch.randn(30, 3, dtype=torch.float64)
     y = x[:, :1] + 0.1 * torch.randn(30, 1, dtype=torch.float64)
     la = LaplaceApproximation(net, gaussian(sigma=0.5), structure="kron").fit([(x, y)])
-    assert la.state.sigma.item() == 0.5 and la.posterior.structure == "kron"
+    assert la.state.sigma.item() == 0.5 and la.laplace.structure == "kron"
     mean, var = la.predict(x[:3], 8)
     assert mean.shape == var.shape == (3, 1) and bool((var > 0.25).all())

@@ -1,13 +1,38 @@
-"""Laplace approximations on a fast per-example curvature engine.
+"""Laplace approximations on a fast per-example curvature engine (Daxberger et al. 2021).
 
->>> la, state = funcbnn.laplace.fit(apply_fn, params_map, loader, "categorical")  # doctest: +SKIP
->>> state = la.tune(state)                                   # marginal-likelihood prior precision
->>> probs = la.predict(state, x)                             # linearised predictive, probit link
+>>> la, state = funcbnn.laplace.fit(apply_fn, params_map, loader, "classification")  # doctest: +SKIP
+>>> state = la.tune(state)                          # marginal-likelihood prior precision (Immer et al. 2021)
+>>> probs = la.predict(state, x)                    # linearised predictive, probit link
+>>> post = la.posterior(state)                      # a family state: la.family.sample(post, 64), la.family.kl(...)
+>>> torch.save(state, "la.pt")                      # later, elsewhere, without the data:
+>>> la = funcbnn.laplace.from_state(apply_fn, params_map, torch.load("la.pt"))
+
+The fitter only; one concept per module: :mod:`~funcbnn.laplace.curvature`
+(diagonal and dense per-example curvature), :mod:`~funcbnn.laplace.kron` (KFAC
+factors), :mod:`~funcbnn.laplace.state` (the fitted state and its family
+state), :mod:`~funcbnn.laplace.fit` (``fit``, ``from_state``),
+:mod:`~funcbnn.laplace.marglik` (marginal likelihood, tuning),
+:mod:`~funcbnn.laplace.predictive` (GLM and sampled predictive),
+:mod:`~funcbnn.laplace.glm` (the diagonal output covariance without Jacobians),
+:mod:`~funcbnn.laplace.approximation` (an object-style front end). Sampling,
+KL, variances and log-determinants belong to the posterior families
+(:mod:`funcbnn.families`).
+
+Importing this package registers :class:`LaplaceState` and the Kronecker
+factor types with ``torch.serialization.add_safe_globals``, so plain
+``torch.load(path)`` (``weights_only=True``) reads a saved state.
 """
+
+import torch
 
 from .approximation import LaplaceApproximation, NotFittedError
 from .curvature import CurvatureStats, dense_curvature, diag_curvature, output_hessian_sqrt
-from .posterior import Laplace, LaplaceState, fit, last_layer_names
+from .fit import Laplace, fit, from_state, last_layer_names
+from .kron import KronBlock, KronCurvature
+from .predictive import Linearization
+from .state import LaplaceState
+
+torch.serialization.add_safe_globals([LaplaceState, KronBlock, KronCurvature])
 
 __all__ = [
     "LaplaceApproximation",
@@ -18,6 +43,8 @@ __all__ = [
     "output_hessian_sqrt",
     "Laplace",
     "LaplaceState",
+    "Linearization",
     "fit",
+    "from_state",
     "last_layer_names",
 ]

@@ -3,7 +3,8 @@
 The functional API (``fit`` returning a :class:`~funcbnn.laplace.Laplace` of pure
 functions and a :class:`~funcbnn.laplace.LaplaceState`) is the core; this class
 only holds the pair between ``fit`` and ``predict`` for people who prefer
-``model.fit(loader); model.predict(x)``.
+``model.fit(loader); model.predict(x)``. Its posterior is a family state
+(:attr:`LaplaceApproximation.posterior`), sampled by the structure's family.
 
 Differences from incerto worth knowing: incerto builds its diagonal from
 squared *batch-mean* gradients and never multiplies by the number of examples,
@@ -24,11 +25,10 @@ from ..likelihoods import Likelihood, get_likelihood
 from ..model import functionalize
 from ..predict import sample_outputs
 from .curvature import Kind
-from .posterior import Laplace, LaplaceState, fit
+from .fit import Laplace, fit
+from .state import LaplaceState
 
 __all__ = ["LaplaceApproximation", "NotFittedError"]
-
-_TASKS = {"classification": "categorical", "regression": "gaussian"}
 
 
 class NotFittedError(RuntimeError):
@@ -43,10 +43,12 @@ class LaplaceApproximation:
     model : nn.Module
         A trained network; its current parameters are the MAP estimate. It is
         never modified (the approximation works on a functional copy).
-    likelihood : {"classification", "regression"} or a likelihood name / Likelihood
-        ``"classification"`` is the categorical likelihood over logits,
-        ``"regression"`` a Gaussian with noise std ``sigma``.
-    prior_precision : float or Tensor, default 1.0
+    likelihood : str or Likelihood
+        Any likelihood name or alias: ``"classification"`` (categorical over
+        logits), ``"regression"`` (Gaussian with noise std ``sigma``),
+        ``"binary"`` (Bernoulli), ``"heteroscedastic_regression"``, or the
+        distribution names (``"categorical"``, ``"gaussian"``, ...).
+    prior_precision : number or Tensor, default 1.0
         Precision of the zero-mean Gaussian prior (scalar or one per leaf);
         :meth:`tune` fits it by marginal likelihood.
     subset : {"all", "last_layer"}, names or predicate, default "all"
@@ -55,9 +57,9 @@ class LaplaceApproximation:
         Shape of the posterior precision (diagonal, Kronecker-factored per layer, dense).
     curvature : {"ggn", "ef", "mc_ggn"}, default "ggn"
         Curvature estimate (exact GGN, empirical Fisher, sampled-label GGN).
-    sigma : float, optional
-        Observation noise std for regression; by default the likelihood's own (1
-        for ``"regression"``).
+    sigma : number or Tensor, optional
+        Observation noise std for regression (a number, 0-d or shape-``(1,)``
+        tensor); by default the likelihood's own (1 for ``"regression"``).
 
     Examples
     --------
@@ -77,12 +79,11 @@ class LaplaceApproximation:
         subset: Literal["all", "last_layer"] | Iterable[str] | Callable[[str, Tensor], bool] = "all",
         structure: Literal["diag", "kron", "full"] = "diag",
         curvature: Kind = "ggn",
-        sigma: float | None = None,
+        sigma: float | Tensor | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-        name = _TASKS.get(likelihood, likelihood) if isinstance(likelihood, str) else likelihood
-        self.likelihood: Likelihood = get_likelihood(name)
+        self.likelihood: Likelihood = get_likelihood(likelihood)
         self.model = model
         self.prior_precision = prior_precision
         self.subset = subset
@@ -125,9 +126,20 @@ class LaplaceApproximation:
         return self._laplace, self._state
 
     @property
-    def posterior(self) -> Laplace:
-        """The functional :class:`~funcbnn.laplace.Laplace` family behind this object."""
+    def laplace(self) -> Laplace:
+        """The functional :class:`~funcbnn.laplace.Laplace` behind this object."""
         return self._fitted()[0]
+
+    @property
+    def family(self) -> Any:
+        """The posterior family of the structure (diagonal, Kronecker-factored or dense Gaussian)."""
+        return self._fitted()[0].family
+
+    @property
+    def posterior(self) -> Any:
+        """The posterior as a family state (``self.family.sample(self.posterior, n)`` draws from it)."""
+        la, state = self._fitted()
+        return la.posterior(state)
 
     @property
     def state(self) -> LaplaceState:
@@ -177,19 +189,17 @@ class LaplaceApproximation:
         """
         la, state = self._fitted()
         n_samples = positive_int(n_samples, "n_samples")
+        lik = self.likelihood
+        if lik.link not in ("identity", "softmax", "sigmoid"):
+            raise ValueError(
+                f"predict supports classification, bernoulli and regression, not {lik.name!r} (link {lik.link!r})"
+            )
         with torch.no_grad():
             outs = sample_outputs(la.apply_fn, la.sample(state, n_samples, generator=generator), x)
-        if self.likelihood.name == "gaussian":
-            samples = outs
-            var = outs.var(0, correction=0) + state.sigma**2
-        elif self.likelihood.name == "bernoulli":
-            samples = torch.sigmoid(outs)
-            var = samples.var(0, correction=0)
-        elif self.likelihood.name == "categorical":
-            samples = outs.softmax(-1)
-            var = samples.var(0, correction=0)
-        else:
-            raise ValueError(f"predict supports classification, bernoulli and regression, not {self.likelihood.name!r}")
+        samples = lik.inverse_link(outs)  # probabilities (classification) or the outputs themselves
+        var = samples.var(0, correction=0)
+        if not lik.is_classification:
+            var = var + state.sigma**2
         mean = samples.mean(0)
         return (mean, var, samples) if return_samples else (mean, var)
 

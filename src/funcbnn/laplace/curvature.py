@@ -26,7 +26,7 @@ accumulating squares chunk by chunk; it never holds N x P numbers. Leaves the
 structured engine does not know (norm layers, embeddings, tied weights) take
 this path within the same model.
 
-Regression curvature is computed at noise std 1; :mod:`funcbnn.laplace.posterior`
+Regression curvature is computed at noise std 1; :mod:`funcbnn.laplace.state`
 rescales it (GGN by ``sigma^-2``, EF by ``sigma^-4``) so sigma can be tuned.
 """
 
@@ -44,6 +44,7 @@ from torch import Tensor, nn
 from .._validation import positive_int
 from ..likelihoods import Likelihood, get_likelihood
 from ..model import FunctionalModel
+from ._subset import Subset, split
 from ._taps import Layer, structured_layers, tapped_forward
 
 __all__ = ["CurvatureStats", "diag_curvature", "dense_curvature", "output_hessian_sqrt", "check_data", "unit_likelihood"]
@@ -243,7 +244,7 @@ def _structured_batch(
 def _generic_batch(
     apply_fn: Any,
     sub: Any,
-    rest: Any,
+    subset: Subset,
     x: Tensor,
     y: Tensor,
     likelihood: Likelihood,
@@ -253,13 +254,13 @@ def _generic_batch(
     chunk_size: int,
     out: Any,
 ) -> None:
-    """Squares of per-example gradients of the leaves in ``sub``; ``rest`` holds the other leaves."""
+    """Squares of per-example gradients of the leaves in ``sub``; ``subset`` holds the other leaves."""
 
     def f_one(p, xi):
-        return apply_fn({**rest, **p}, xi[None])[0]
+        return apply_fn(subset.merge(p), xi[None])[0]
 
     def nll_one(p, xi, yi):
-        return likelihood.nll(apply_fn({**rest, **p}, xi[None]), yi[None]).sum()
+        return likelihood.nll(apply_fn(subset.merge(p), xi[None]), yi[None]).sum()
 
     n = x.shape[0]
     for start in range(0, n, chunk_size):
@@ -378,8 +379,7 @@ def diag_curvature(
     if method == "structured" and active - covered:
         raise ValueError(f"method='structured' cannot handle leaves {sorted(active - covered)}; use method='auto'")
     generic_names = active - covered
-    sub = {k: v.detach() for k, v in params.items() if k in generic_names}
-    rest = {k: v.detach() for k, v in params.items() if k not in generic_names}
+    sub, subset = split(params, generic_names)
 
     out = {k: torch.zeros_like(v) for k, v in params.items() if k in covered}
     generic_out = optree.tree_map(torch.zeros_like, sub)
@@ -397,7 +397,7 @@ def diag_curvature(
                 lik.check(f, y)
                 batch_loss = lik.nll(f, y).sum()
             if generic_names:
-                _generic_batch(apply_fn, sub, rest, x, y, lik, kind, num_mc, generator, chunk_size, generic_out)
+                _generic_batch(apply_fn, sub, subset, x, y, lik, kind, num_mc, generator, chunk_size, generic_out)
             loss = batch_loss if loss is None else loss + batch_loss
             num_data += y.shape[0]
             num_outputs += lik.num_outputs(y)
@@ -440,14 +440,13 @@ def dense_curvature(
             f"smaller subset (or raise max_size={max_size})"
         )
     lik = unit_likelihood(likelihood)
-    sub = {k: params[k].detach() for k in names}
-    rest = {k: v.detach() for k, v in params.items() if k not in sub}
+    sub, subset = split(params, names)
 
     def f_one(p, xi):
-        return apply_fn({**rest, **p}, xi[None])[0]
+        return apply_fn(subset.merge(p), xi[None])[0]
 
     def nll_one(p, xi, yi):
-        return lik.nll(apply_fn({**rest, **p}, xi[None]), yi[None]).sum()
+        return lik.nll(apply_fn(subset.merge(p), xi[None]), yi[None]).sum()
 
     def flat(tree: dict[str, Tensor], lead: int) -> Tensor:
         return torch.cat([tree[k].reshape(*tree[k].shape[:lead], -1) for k in names], dim=-1)
@@ -457,7 +456,7 @@ def dense_curvature(
     loss, num_data, num_outputs = None, 0, 0
     for x, y in check_data(data):
         with torch.no_grad():
-            f_all = apply_fn({**rest, **sub}, x)
+            f_all = apply_fn(subset.merge(sub), x)
         lik.check(f_all, y)
         batch_loss = lik.nll(f_all, y).sum()
         loss = batch_loss if loss is None else loss + batch_loss

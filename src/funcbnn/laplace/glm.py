@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from .._validation import positive_int
+from ._subset import split
 from ._taps import Layer, structured_layers, tapped_forward
 from .curvature import _per_example_grads
 
@@ -92,17 +93,16 @@ def _structured_part(
             continue
         G = torch.stack([grads[i] for grads in per_output])  # (O, N, *layer out)
         cov += weigh(layer, acts[i], G)
-    return f.detach(), cov.detach()
+    return f.detach(), cov  # a graph to the variances only (the output gradients are constants)
 
 
 def _generic_part(
     apply_fn: Any, params: dict[str, Tensor], variances: dict[str, Tensor], names: list[str], x: Tensor
 ) -> Tensor:
-    sub = {k: params[k] for k in names}
-    rest = {k: v for k, v in params.items() if k not in sub}
+    sub, subset = split(params, names)
 
     def f_one(p: dict[str, Tensor], xi: Tensor) -> Tensor:
-        return apply_fn({**rest, **p}, xi[None])[0].reshape(-1)
+        return apply_fn(subset.merge(p), xi[None])[0].reshape(-1)
 
     jac = torch.func.vmap(torch.func.jacrev(f_one), in_dims=(None, 0))(sub, x)  # leaf: (N, O, *leaf)
     cov = 0
@@ -141,9 +141,11 @@ def diag_output_covariance(
     Returns
     -------
     f : Tensor
-        ``(N, *out)`` outputs at ``params``.
+        ``(N, *out)`` outputs at ``params`` (detached).
     cov : Tensor
-        ``(N, O, O)`` with ``O`` the number of scalar outputs per example.
+        ``(N, O, O)`` with ``O`` the number of scalar outputs per example;
+        differentiable in ``variances`` (so in a prior precision or noise std
+        they were computed from), never in ``params``.
 
     Examples
     --------
@@ -164,7 +166,6 @@ def diag_output_covariance(
         if v.shape != params[k].shape:
             raise ValueError(f"variances[{k!r}] has shape {tuple(v.shape)}, expected {tuple(params[k].shape)}")
     detached = {k: v.detach() for k, v in params.items()}
-    variances = {k: v.detach() for k, v in variances.items()}
     layers = structured_layers(apply_fn, set(variances)) if hasattr(apply_fn, "module") else []
     fs, covs = [], []
     for start in range(0, x.shape[0], chunk_size):
@@ -180,7 +181,7 @@ def diag_output_covariance(
         covered = {n for layer in layers for n in (layer.weight, layer.bias) if n}
         generic = [k for k in variances if k not in covered]
         if generic:
-            cov = cov + _generic_part(apply_fn, detached, variances, generic, xs).detach()
+            cov = cov + _generic_part(apply_fn, detached, variances, generic, xs)
         fs.append(f)
         covs.append(cov)
     return torch.cat(fs), torch.cat(covs)

@@ -1,4 +1,4 @@
-"""Kronecker-factored (KFAC) curvature and the algebra of a Kronecker Laplace posterior.
+"""Kronecker-factored (KFAC) curvature: the factors of a Kronecker Laplace posterior.
 
 Curvature
 ---------
@@ -24,30 +24,24 @@ row ``o`` holds ``W[o]`` then ``b[o]`` (``A`` gets a ones column appended). A
 block keyed ``(weight,)`` covers ``W.reshape(out, -1)`` row-major, one keyed
 ``(bias,)`` (``joint_bias=False``) covers ``b`` with ``A = [[M]]``, i.e. ``C = G``.
 
-Posterior algebra
------------------
-With curvature scale ``s`` (``sigma^-2`` for a GGN in regression, else 1) and
-prior precision ``delta``, a block's posterior precision is
-``P = s G (x) A/M + delta I``. Eigendecomposing ``A/M = U diag(a) U^T`` and
-``G = V diag(g) V^T`` once (:func:`kron_decompose`), ``P`` is diagonal in the
-basis ``V (x) U`` with eigenvalues ``s g_i a_k + delta`` (laplace-torch's
-``KronDecomposed``). When the weight and bias of a joint block have different
-prior precisions, ``P`` gets an extra ``(delta_b - delta_W) I (x) e e^T`` (``e``
-the bias column), a rank-one term per eigenvector of ``G`` that the matrix
-determinant lemma and Sherman-Morrison handle exactly. Every function here is
-differentiable in the prior precision and the scale.
+Posterior
+---------
+:func:`kron_decompose` eigendecomposes the factors once; the result is the
+curvature of a :class:`funcbnn.families.KronGaussianState`, whose family
+(:mod:`funcbnn.families.kron_gaussian`) holds the posterior algebra (sampling,
+log-determinant, marginal variances, linearised output covariance).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
 from typing import Any, Iterable, NamedTuple
 
 import torch
 from torch import Tensor, nn
 
 from .._validation import positive_int
+from ..families.kron_gaussian import BlockKey, KronDecomposed, KronEigen
 from ..likelihoods import Likelihood
 from ..model import FunctionalModel
 from ._taps import Layer, structured_layers, tapped_forward
@@ -62,21 +56,7 @@ from .curvature import (
     unit_likelihood,
 )
 
-__all__ = [
-    "KronBlock",
-    "KronCurvature",
-    "KronEigen",
-    "KronDecomposed",
-    "kron_curvature",
-    "kron_decompose",
-    "kron_precision_dense",
-    "kron_logdet",
-    "kron_sample",
-    "kron_covariance_diag",
-    "kron_functional_variance",
-]
-
-BlockKey = tuple[str, ...]
+__all__ = ["KronBlock", "KronCurvature", "kron_curvature", "kron_decompose"]
 
 
 class KronBlock(NamedTuple):
@@ -108,27 +88,6 @@ class KronCurvature(NamedTuple):
     """
 
     blocks: dict[BlockKey, KronBlock]
-    diag: dict[str, Tensor]
-
-    @property
-    def names(self) -> tuple[str, ...]:
-        """Every leaf covered, blocks first (in key order), then the diagonal leaves."""
-        return tuple(n for key in self.blocks for n in key) + tuple(self.diag)
-
-
-class KronEigen(NamedTuple):
-    """Eigendecomposition of a :class:`KronBlock`: ``A/M = U diag(a) U^T``, ``G = V diag(g) V^T``."""
-
-    a: Tensor
-    U: Tensor
-    g: Tensor
-    V: Tensor
-
-
-class KronDecomposed(NamedTuple):
-    """:class:`KronCurvature` with every block eigendecomposed (from :func:`kron_decompose`)."""
-
-    blocks: dict[BlockKey, KronEigen]
     diag: dict[str, Tensor]
 
     @property
@@ -394,7 +353,9 @@ def kron_decompose(curv: KronCurvature) -> KronDecomposed:
     """Eigendecompose every block's ``A / M`` and ``G`` once (clamping round-off negatives to 0).
 
     The decomposition is data, not a function of any hyperparameter: it is
-    computed without gradients and reused by every other function here.
+    computed without gradients once and becomes the ``curvature`` of a
+    :class:`funcbnn.families.KronGaussianState`, which every prior precision
+    and noise scale reuses.
     """
     if not isinstance(curv, KronCurvature):
         raise TypeError(f"curv must be a KronCurvature from kron_curvature, got {type(curv).__name__}")
@@ -406,250 +367,3 @@ def kron_decompose(curv: KronCurvature) -> KronDecomposed:
             g, V = torch.linalg.eigh(blk.G)
             blocks[key] = KronEigen(a.clamp(min=0), U, g.clamp(min=0), V)
     return KronDecomposed(blocks, {k: v.detach() for k, v in curv.diag.items()})
-
-
-# --- posterior algebra ----------------------------------------------------------------------------
-
-
-class _Terms(NamedTuple):
-    """A block's precision in the eigenbasis: ``diag(L) + c I (x) u u^T``."""
-
-    L: Tensor  # (out, d): s g_i a_k + delta_W
-    c: Tensor | None  # delta_b - delta_W (None: no bias column)
-    u: Tensor | None  # (d,): the bias unit vector in the U basis (last row of U)
-    q: Tensor | None  # (out,): u^T diag(1/L_i) u
-    r: Tensor | None  # (out,): 1 + c q_i, so det(P_i) = prod(L_i) r_i
-
-
-def _scalar(value: Any, name: str, ref: Tensor) -> Tensor:
-    t = value if isinstance(value, Tensor) else torch.as_tensor(value)
-    t = t.to(dtype=ref.dtype, device=ref.device)
-    if t.dim() != 0:
-        raise ValueError(f"{name} must be a scalar, got shape {tuple(t.shape)}")
-    if not bool(torch.isfinite(t) & (t > 0)):
-        raise ValueError(f"{name} must be finite and positive, got {t.item()}")
-    return t
-
-
-def _prior(prior_precision: Any, names: tuple[str, ...], ref: Tensor) -> dict[str, Tensor]:
-    """Per-leaf prior precision from a scalar or a mapping ``{leaf: value}``."""
-    if isinstance(prior_precision, Mapping):
-        missing = [n for n in names if n not in prior_precision]
-        if missing:
-            raise ValueError(f"prior_precision has no value for leaves {missing}")
-        return {n: _scalar(prior_precision[n], f"prior_precision[{n!r}]", ref) for n in names}
-    t = _scalar(prior_precision, "prior_precision", ref)
-    return {n: t for n in names}
-
-
-def _ref(dec: KronDecomposed) -> Tensor:
-    if not isinstance(dec, KronDecomposed):
-        raise TypeError(f"expected a KronDecomposed from kron_decompose, got {type(dec).__name__}")
-    for e in dec.blocks.values():
-        return e.a
-    for d in dec.diag.values():
-        return d
-    raise ValueError("the curvature covers no leaves")
-
-
-def _setup(dec: KronDecomposed, prior_precision: Any, scale: Any) -> tuple[dict[str, Tensor], Tensor]:
-    ref = _ref(dec)
-    return _prior(prior_precision, dec.names, ref), _scalar(scale, "scale", ref)
-
-
-def _terms(key: BlockKey, e: KronEigen, pp: dict[str, Tensor], s: Tensor) -> _Terms:
-    dw = pp[key[0]]
-    L = s * e.g[:, None] * e.a[None, :] + dw
-    if len(key) == 1:
-        return _Terms(L, None, None, None, None)
-    c = pp[key[1]] - dw
-    u = e.U[-1]
-    q = (u.square() / L).sum(-1)
-    return _Terms(L, c, u, q, 1 + c * q)
-
-
-def kron_precision_dense(
-    dec: KronDecomposed, prior_precision: float | Tensor | Mapping[str, Any], scale: float | Tensor = 1.0
-) -> tuple[dict[BlockKey, Tensor], dict[str, Tensor]]:
-    """Posterior precision rebuilt from the eigenbasis: a dense matrix per block, a diagonal per other leaf.
-
-    ``P = s G (x) A/M + delta`` in the block's ordering (module docstring). For
-    inspection and small layers: a block needs ``(out * d)^2`` numbers.
-
-    Parameters
-    ----------
-    dec : KronDecomposed
-    prior_precision : float, Tensor or mapping
-        A positive scalar, or ``{leaf name: scalar}`` for every leaf in ``dec``.
-    scale : float or Tensor
-        Curvature multiplier (``sigma^-2`` for a regression GGN at noise std 1).
-
-    Returns
-    -------
-    (blocks, diag)
-        ``blocks[key]`` is ``(out*d, out*d)``; ``diag[name]`` is shaped like the leaf.
-    """
-    pp, s = _setup(dec, prior_precision, scale)
-    blocks = {}
-    for key, e in dec.blocks.items():
-        t = _terms(key, e, pp, s)
-        basis = torch.kron(e.V, e.U)
-        P = (basis * t.L.reshape(-1)) @ basis.T
-        if t.c is not None:
-            d = e.a.shape[0]
-            bias_mask = torch.zeros(d, dtype=P.dtype, device=P.device)
-            bias_mask[-1] = 1
-            P = P + torch.diag(t.c * bias_mask.repeat(e.g.shape[0]))
-        blocks[key] = P
-    return blocks, {k: s * v + pp[k] for k, v in dec.diag.items()}
-
-
-def kron_logdet(
-    dec: KronDecomposed, prior_precision: float | Tensor | Mapping[str, Any], scale: float | Tensor = 1.0
-) -> Tensor:
-    """``log det P`` of the whole posterior precision (all blocks and diagonal leaves).
-
-    Differentiable in ``prior_precision`` and ``scale``; the marginal likelihood
-    (Immer et al. 2021) needs ``kron_logdet(...) - log det P0``.
-    """
-    pp, s = _setup(dec, prior_precision, scale)
-    total = torch.zeros((), dtype=_ref(dec).dtype, device=_ref(dec).device)
-    for key, e in dec.blocks.items():
-        t = _terms(key, e, pp, s)
-        total = total + t.L.log().sum()
-        if t.r is not None:
-            total = total + t.r.log().sum()  # matrix determinant lemma for the bias term
-    for k, v in dec.diag.items():
-        total = total + (s * v + pp[k]).log().sum()
-    return total
-
-
-def _split(key: BlockKey, theta: Tensor, like: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """Block matrices ``(..., out, d)`` back into leaf-shaped tensors ``(..., *leaf.shape)``."""
-    lead = theta.shape[:-2]
-    if len(key) == 1:
-        return {key[0]: theta.reshape(*lead, *like[key[0]].shape)}
-    w, b = key
-    return {
-        w: theta[..., :-1].reshape(*lead, *like[w].shape),
-        b: theta[..., -1].reshape(*lead, *like[b].shape),
-    }
-
-
-def _check_like(dec: KronDecomposed, like: Mapping[str, Tensor], name: str) -> None:
-    missing = [n for n in dec.names if n not in like]
-    if missing:
-        raise ValueError(f"{name} has no tensor for leaves {missing}")
-
-
-def kron_sample(
-    dec: KronDecomposed,
-    mean: Mapping[str, Tensor],
-    num_samples: int,
-    prior_precision: float | Tensor | Mapping[str, Any],
-    scale: float | Tensor = 1.0,
-    *,
-    generator: torch.Generator | None = None,
-) -> dict[str, Tensor]:
-    """Draws from ``N(mean, P^-1)``, each leaf shaped ``(num_samples, *leaf.shape)``.
-
-    Per block, in the eigenbasis: ``theta = mean + V X U^T`` with
-    ``X[i] = L_i^{-1/2} (eps_i - gamma_i u~_i u~_i^T eps_i)``, a symmetric square
-    root of the block's covariance (``gamma = 0`` unless weight and bias have
-    different prior precisions). Leaves come back in ``mean``'s order.
-
-    Parameters
-    ----------
-    dec : KronDecomposed
-    mean : mapping of str to Tensor
-        The MAP leaves; their shapes place the draws.
-    num_samples : int
-    prior_precision, scale
-        As in :func:`kron_precision_dense`.
-    generator : torch.Generator, optional
-        Same generator state, same draws.
-    """
-    positive_int(num_samples, "num_samples")
-    _check_like(dec, mean, "mean")
-    pp, s = _setup(dec, prior_precision, scale)
-    out: dict[str, Tensor] = {}
-    for key, e in dec.blocks.items():
-        t = _terms(key, e, pp, s)
-        eps = torch.randn((num_samples, *t.L.shape), dtype=t.L.dtype, device=t.L.device, generator=generator)
-        if t.c is not None:
-            u_t = t.L.rsqrt() * t.u  # (out, d): B_i^{-1/2} e in the U basis
-            gamma = (1 - t.r.rsqrt()) / t.q
-            eps = eps - gamma[:, None] * u_t * (u_t * eps).sum(-1, keepdim=True)
-        X = eps * t.L.rsqrt()
-        out.update(_split(key, e.V @ X @ e.U.T, mean))
-    for k, v in dec.diag.items():
-        eps = torch.randn((num_samples, *v.shape), dtype=v.dtype, device=v.device, generator=generator)
-        out[k] = eps * (s * v + pp[k]).rsqrt()
-    return {k: mean[k] + out[k] for k in mean if k in out}
-
-
-def kron_covariance_diag(
-    dec: KronDecomposed,
-    like: Mapping[str, Tensor],
-    prior_precision: float | Tensor | Mapping[str, Any],
-    scale: float | Tensor = 1.0,
-) -> dict[str, Tensor]:
-    """The marginal variances ``diag(P^-1)``, shaped like the leaves of ``like`` (in its order).
-
-    Per block ``sum_i V[o,i]^2 (sum_k U[j,k]^2 / L[i,k] - c/r_i (sum_k U[j,k] u_k / L[i,k])^2)``
-    (Sherman-Morrison for the bias term), ``O(out^2 d + out d^2)``.
-    """
-    _check_like(dec, like, "like")
-    pp, s = _setup(dec, prior_precision, scale)
-    out: dict[str, Tensor] = {}
-    for key, e in dec.blocks.items():
-        t = _terms(key, e, pp, s)
-        inner = t.L.reciprocal() @ e.U.square().T  # (out_i, d_j)
-        if t.c is not None:
-            inner = inner - (t.c / t.r)[:, None] * ((t.u / t.L) @ e.U.T).square()
-        out.update(_split(key, e.V.square() @ inner, like))
-    for k, v in dec.diag.items():
-        out[k] = (s * v + pp[k]).reciprocal()
-    return {k: out[k] for k in like if k in out}
-
-
-def kron_functional_variance(
-    dec: KronDecomposed,
-    jac: Mapping[str, Tensor],
-    prior_precision: float | Tensor | Mapping[str, Any],
-    scale: float | Tensor = 1.0,
-) -> Tensor:
-    """Linearised output covariance ``J P^-1 J^T`` (the GLM predictive of Laplace Redux).
-
-    Parameters
-    ----------
-    dec : KronDecomposed
-    jac : mapping of str to Tensor
-        ``jac[leaf]`` of shape ``(N, O, *leaf.shape)``: the Jacobian of the ``O``
-        flattened outputs of each of ``N`` inputs, for every leaf in ``dec``.
-    prior_precision, scale
-        As in :func:`kron_precision_dense`.
-
-    Returns
-    -------
-    Tensor
-        ``(N, O, O)``.
-    """
-    _check_like(dec, jac, "jac")
-    pp, s = _setup(dec, prior_precision, scale)
-    total = None
-    for key, e in dec.blocks.items():
-        t = _terms(key, e, pp, s)
-        J = [jac[n].reshape(*jac[n].shape[:3], -1) for n in key]  # (N, O, out, d_leaf)
-        J = torch.cat(J, -1) if len(J) > 1 else J[0]
-        Jr = torch.einsum("ia,noid,dk->noak", e.V, J, e.U)  # into the eigenbasis
-        cov = torch.einsum("noak,npak,ak->nop", Jr, Jr, t.L.reciprocal())
-        if t.c is not None:
-            z = torch.einsum("noak,ak->noa", Jr, t.u / t.L)
-            cov = cov - torch.einsum("noa,npa,a->nop", z, z, t.c / t.r)
-        total = cov if total is None else total + cov
-    for k, v in dec.diag.items():
-        J = jac[k].reshape(*jac[k].shape[:2], -1)
-        cov = torch.einsum("nop,p,nqp->noq", J, (s * v + pp[k]).reciprocal().reshape(-1), J)
-        total = cov if total is None else total + cov
-    return total

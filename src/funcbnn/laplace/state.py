@@ -1,0 +1,221 @@
+"""A fitted Laplace approximation as data, and the posterior family state it stands for.
+
+``q(theta) = N(theta_MAP, P^-1)`` with posterior precision
+``P = s(sigma) * C + diag(prior_precision)``, where ``C`` is the per-example
+curvature summed over all N examples (of the per-example NLL, never of a
+batch-mean loss) at noise std 1, and ``s = sigma^-2`` for the GGN and
+``sigma^-4`` for the empirical Fisher (``s = 1`` without observation noise)
+(Daxberger et al. 2021, "Laplace Redux").
+
+A :class:`LaplaceState` keeps ``C`` and the hyperparameters apart, so the
+prior precision and ``sigma`` can be tuned without touching data;
+:func:`posterior` turns it into the state of the structure's family, which
+owns sampling, KL, variances, log-determinants and the linearised output
+covariance:
+
+========= ================================================ =====================
+structure family                                           precision as
+========= ================================================ =====================
+diag      :func:`funcbnn.families.diag_gaussian`           ``softplus(rho)^-2``
+kron      :func:`funcbnn.families.kron_gaussian`           eigendecomposed KFAC
+full      :func:`funcbnn.families.dense_gaussian`          Cholesky factor
+========= ================================================ =====================
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import optree
+import torch
+from torch import Tensor
+
+from .._validation import positive_scalar
+from ..families.dense_gaussian import DenseGaussianState, dense_gaussian
+from ..families.diag_gaussian import DiagGaussianState, diag_gaussian, inverse_softplus
+from ..families.kron_gaussian import KronGaussianState, kron_gaussian, kron_precision_dense
+from ..tree import leaf_names
+
+__all__ = ["STRUCTURES", "LaplaceState", "family_of", "hyperparameters", "precision", "posterior"]
+
+STRUCTURES: tuple[str, ...] = ("diag", "kron", "full")
+"""Posterior structures: diagonal, Kronecker-factored per layer (KFAC), dense over the subset."""
+
+
+class LaplaceState(NamedTuple):
+    """Everything a fitted Laplace approximation is, as data (tensors plus three plain fields).
+
+    It saves with ``torch.save(state, path)`` and loads in a fresh process with
+    plain ``torch.load(path)`` once :mod:`funcbnn` is imported;
+    :func:`funcbnn.laplace.from_state` rebuilds the Laplace functions from it
+    and the model, without data. The posterior's leaves are ``mean``'s keys;
+    move or cast the tensors with :meth:`to` (``optree.tree_map`` would also
+    visit the three plain fields).
+
+    Attributes
+    ----------
+    mean : dict[str, Tensor]
+        MAP values of the leaves under the posterior.
+    curvature : dict[str, Tensor], Tensor or KronDecomposed
+        Summed per-example curvature at noise std 1: a diagonal per leaf
+        (``"diag"``), a ``P x P`` matrix over the leaves flattened in ``mean``'s
+        order (``"full"``), or eigendecomposed Kronecker factors per layer
+        (``"kron"``, see :mod:`funcbnn.laplace.kron`).
+    prior_precision : Tensor
+        0-d, or one value per leaf (in ``mean``'s order).
+    sigma : Tensor
+        0-d observation noise std (1 where the likelihood has none).
+    loss : Tensor
+        Summed NLL over the data at the MAP, at noise std 1.
+    num_data, num_outputs : Tensor
+        N and the number of scalar observations.
+    structure : str
+        ``"diag"``, ``"kron"`` or ``"full"``.
+    likelihood : str
+        The likelihood's registered name (``funcbnn.likelihoods.get_likelihood``).
+    scale_power : int
+        The curvature is scaled by ``sigma ** -scale_power``: 2 for a GGN or
+        sampled GGN under Gaussian noise, 4 for an empirical Fisher under
+        Gaussian noise, 0 without observation noise.
+    """
+
+    mean: dict[str, Tensor]
+    curvature: Any
+    prior_precision: Tensor
+    sigma: Tensor
+    loss: Tensor
+    num_data: Tensor
+    num_outputs: Tensor
+    structure: str
+    likelihood: str
+    scale_power: int
+
+    def to(self, *args: Any, **kwargs: Any) -> "LaplaceState":
+        """The state with every tensor passed through ``Tensor.to(*args, **kwargs)`` (device, dtype)."""
+        move = lambda t: t.to(*args, **kwargs)  # noqa: E731
+        fields = self._asdict()
+        for name in ("structure", "likelihood", "scale_power"):
+            fields.pop(name)
+        return self._replace(**optree.tree_map(move, fields))
+
+
+def family_of(structure: str) -> Any:
+    """The posterior family of a structure (``"diag"``, ``"kron"``, ``"full"``)."""
+    if structure == "diag":
+        return diag_gaussian()
+    if structure == "kron":
+        return kron_gaussian()
+    if structure == "full":
+        return dense_gaussian()
+    raise ValueError(f"structure must be one of {list(STRUCTURES)}, got {structure!r}")
+
+
+def as_prior_precision(value: Any, names: list[str] | tuple[str, ...], ref: Tensor) -> Tensor:
+    """A prior precision as a 0-d tensor or one value per leaf; a number, 0-d or shape-(1,) tensor is a scalar.
+
+    Tensors keep their graph (only cast to ``ref``'s dtype and device), so a
+    marginal likelihood or a predictive computed from them is differentiable.
+    """
+    t = torch.as_tensor(value, dtype=ref.dtype, device=ref.device)
+    if t.dim() > 1 or (t.dim() == 1 and t.numel() not in (1, len(names))):
+        raise ValueError(
+            f"prior_precision must be a scalar or one value per leaf ({len(names)} leaves), got shape {tuple(t.shape)}"
+        )
+    if not bool((torch.isfinite(t) & (t > 0)).all()):
+        raise ValueError(f"prior_precision must be finite and positive, got {t.tolist()}")
+    return t.reshape(()) if t.numel() == 1 else t
+
+
+def as_sigma(value: Any, ref: Tensor) -> Tensor:
+    """A noise std as a 0-d tensor: a number, 0-d or shape-(1,) tensor (keeping its graph)."""
+    return torch.as_tensor(positive_scalar(value, "sigma"), dtype=ref.dtype, device=ref.device)
+
+
+def hyperparameters(state: LaplaceState, prior_precision: Any = None, sigma: Any = None) -> tuple[Tensor, Tensor]:
+    """``(prior_precision, sigma)``: the state's, or the given values validated like :func:`funcbnn.laplace.fit`'s."""
+    ref = state.sigma
+    pp = state.prior_precision if prior_precision is None else as_prior_precision(prior_precision, list(state.mean), ref)
+    sd = state.sigma if sigma is None else as_sigma(sigma, ref)
+    return pp, sd
+
+
+def _per_leaf(pp: Tensor, i: int) -> Tensor:
+    return pp if pp.dim() == 0 else pp[i]
+
+
+def _scale(state: LaplaceState, sd: Tensor) -> Tensor:
+    return sd ** (-state.scale_power) if state.scale_power else torch.ones_like(sd)
+
+
+def precision(state: LaplaceState, prior_precision: Any = None, sigma: Any = None) -> Any:
+    """The posterior precision ``s(sigma) C + diag(prior_precision)`` in the structure's own form.
+
+    A diagonal per leaf (``"diag"``); a ``P x P`` matrix over the leaves
+    flattened in ``mean``'s order (``"full"``); or for ``"kron"`` a pair
+    ``(dense block per layer, diagonal per other leaf)`` rebuilt from the
+    factors (memory ``|W|^2`` per layer: for inspection of small layers).
+    """
+    pp, sd = hyperparameters(state, prior_precision, sigma)
+    s = _scale(state, sd)
+    names = list(state.mean)
+    if state.structure == "kron":
+        return kron_precision_dense(state.curvature, _pp_dict(pp, names), s)
+    if state.structure == "diag":
+        return {k: state.curvature[k] * s + _per_leaf(pp, i) for i, k in enumerate(names)}
+    diag = torch.cat([_per_leaf(pp, i).expand(state.mean[k].numel()) for i, k in enumerate(names)])
+    return state.curvature * s + torch.diag(diag)
+
+
+def _pp_dict(pp: Tensor, names: list[str]) -> dict[str, Tensor]:
+    return {k: _per_leaf(pp, i) for i, k in enumerate(names)}
+
+
+def _ravel_order(mean: dict[str, Tensor]) -> Tensor | None:
+    """Indices taking vectors in ``mean``'s key order to ``funcbnn.tree.ravel(mean)``'s order (None: the same)."""
+    names = list(mean)
+    ravel_names = leaf_names(mean)
+    if ravel_names == names:
+        return None
+    starts, offset = {}, 0
+    for k in names:
+        starts[k] = offset
+        offset += mean[k].numel()
+    ref = next(iter(mean.values()))
+    return torch.cat([torch.arange(starts[k], starts[k] + mean[k].numel(), device=ref.device) for k in ravel_names])
+
+
+def posterior(state: LaplaceState, prior_precision: Any = None, sigma: Any = None) -> Any:
+    """The state of the structure's family (:func:`family_of`) for ``state`` and these hyperparameters.
+
+    ``diag`` gives a :class:`~funcbnn.families.DiagGaussianState` (the diagonal
+    Laplace posterior *is* a diagonal Gaussian: same draws for the same
+    generator, same KL), ``kron`` a :class:`~funcbnn.families.KronGaussianState`
+    sharing the eigendecomposed factors, ``full`` a
+    :class:`~funcbnn.families.DenseGaussianState` holding the Cholesky factor of
+    the precision. Differentiable in tensor hyperparameters; the mean is shared,
+    not copied.
+
+    Raises
+    ------
+    ValueError
+        For a ``"full"`` precision that is not positive definite.
+    """
+    pp, sd = hyperparameters(state, prior_precision, sigma)
+    s = _scale(state, sd)
+    names = list(state.mean)
+    if state.structure == "diag":
+        prec = precision(state, pp, sd)
+        return DiagGaussianState(state.mean, {k: inverse_softplus(prec[k].rsqrt()) for k in names})
+    if state.structure == "kron":
+        return KronGaussianState(state.mean, state.curvature, _pp_dict(pp, names), s)
+    prec = precision(state, pp, sd)
+    order = _ravel_order(state.mean)
+    if order is not None:  # the family flattens leaves in optree's (sorted-key) order
+        prec = prec[order][:, order]
+    L, info = torch.linalg.cholesky_ex(prec)
+    if int(info) != 0:
+        raise ValueError(
+            "the posterior precision is not positive definite (the curvature has negative eigenvalues "
+            "beyond the prior precision); raise prior_precision"
+        )
+    return DenseGaussianState(state.mean, L)
