@@ -120,3 +120,46 @@ def test_bad_arguments_are_rejected_early(tree):
 def test_family_registry_names_unknown_families():
     with pytest.raises(ValueError, match="unknown posterior family .gaussian_process.; registered posterior family names: diag_gaussian"):
         families.FAMILIES.build("gaussian_process")
+
+
+# --- the fused sample_and_kl capability ------------------------------------------------------
+
+
+@pytest.mark.parametrize("prior", [priors.gaussian(0.7), priors.gaussian(0.5, mean=0.2), priors.scale_mixture()],
+                         ids=["scalar-gaussian", "shifted-gaussian", "scale-mixture (Monte Carlo)"])
+@pytest.mark.parametrize("num", [1, 3])
+def test_sample_and_kl_equals_rsample_then_kl_from_the_same_generator(prior, num):
+    state, _, _ = _random_state(5)
+    state = families.DiagGaussianState(*({k: v.requires_grad_() for k, v in part.items()} for part in state))
+    assert "sample_and_kl" in families.capabilities(post)
+    draws, kl_value = post.sample_and_kl(state, prior, num, generator=torch.Generator().manual_seed(2), kl_samples=4)
+    g = torch.Generator().manual_seed(2)
+    want_draws = post.rsample(state, num, generator=g)
+    want_kl = post.kl(state, prior, num_samples=4, generator=g)
+    assert all(torch.equal(draws[k], want_draws[k]) for k in draws)
+    torch.testing.assert_close(kl_value, want_kl, rtol=1e-12, atol=0)
+    # and the same gradients
+    leaves = [*state.mean.values(), *state.rho.values()]
+    loss = lambda d, k: sum(v.square().sum() for v in d.values()) + k  # noqa: E731
+    got = torch.autograd.grad(loss(draws, kl_value), leaves)
+    want = torch.autograd.grad(loss(want_draws, want_kl), leaves)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_sample_and_kl_with_no_sample_axis_is_one_squeezed_draw():
+    state, _, _ = _random_state(6)
+    draws, kl_value = post.sample_and_kl(state, priors.gaussian(1.0), None, generator=torch.Generator().manual_seed(0))
+    want = post.rsample(state, 1, generator=torch.Generator().manual_seed(0))
+    assert all(torch.equal(draws[k], want[k][0]) for k in draws)
+    torch.testing.assert_close(kl_value, post.kl(state, priors.gaussian(1.0)))
+
+
+def test_sample_and_kl_checks_its_arguments(tree):
+    state = post.init(tree)
+    with pytest.raises(ValueError, match="kl_samples"):
+        post.sample_and_kl(state, priors.scale_mixture(), 2)
+    with pytest.raises(ValueError, match="num_samples"):
+        post.sample_and_kl(state, priors.gaussian(1.0), 0)
+    with pytest.raises(ValueError, match="state.rho"):
+        post.sample_and_kl(families.DiagGaussianState(tree, {"fc.weight": tree["fc.weight"]}), priors.gaussian(1.0), 2)

@@ -1,11 +1,19 @@
+"""Tests of the engine that applies a function over a leading sample axis (funcbnn._engine)."""
+
+import warnings
+
+import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
+from torch import nn
 
-from conftest import make_mlp
-from funcbnn import functionalize
-from funcbnn._engine import HAVE_LOW_LEVEL_VMAP, vmap_leading
+from conftest import make_cnn, make_mlp
+from funcbnn import _engine, functionalize
+from funcbnn._engine import HAVE_LOW_LEVEL_VMAP, VmapFallbackWarning, apply_samples, chosen_path, vmap_leading
 from funcbnn.families import diag_gaussian
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _setup(seed, num):
@@ -43,3 +51,262 @@ def test_low_level_vmap_nests_inside_torch_func_transforms():
 
 def test_the_low_level_primitives_exist_in_this_torch():
     assert HAVE_LOW_LEVEL_VMAP  # a torch upgrade that drops them should be noticed, not silently slower
+
+
+# ---------------------------------------------------------------------------------------------
+# the paths give the same numbers
+
+
+def _grad_setup(make=make_mlp, seed=0, num=5):
+    """Samples drawn differentiably from a trainable diagonal state, as VI draws them."""
+    apply_fn, params, _ = functionalize(make(seed=seed))
+    post = diag_gaussian(init_std=0.2)
+    state = post.init(params)
+    state = type(state)(*({k: v.clone().requires_grad_() for k, v in part.items()} for part in state))
+    samples = post.rsample(state, num, generator=torch.Generator().manual_seed(seed))
+    return apply_fn, state, samples
+
+
+@pytest.mark.parametrize("chunk_size", [None, 1, 2, 5])
+@pytest.mark.parametrize("make, x_shape", [(make_mlp, (6, 4)), (make_cnn, (3, 1, 6, 6))], ids=["mlp", "cnn"])
+def test_vmap_loop_and_auto_agree_in_value_and_gradient(chunk_size, make, x_shape):
+    apply_fn, state, samples = _grad_setup(make)
+    leaves = [*state.mean.values(), *state.rho.values()]
+    x = torch.randn(x_shape, generator=torch.Generator().manual_seed(1))
+    results = {}
+    for method in ("loop", "vmap", "auto"):
+        out = apply_samples(apply_fn, samples, x, method=method, chunk_size=chunk_size, backward_to=leaves)
+        grads = torch.autograd.grad(out.square().sum(), leaves, retain_graph=True)
+        results[method] = (out, grads)
+    for method in ("vmap", "auto"):
+        torch.testing.assert_close(results[method][0], results["loop"][0], rtol=1e-4, atol=1e-5)
+        for a, b in zip(results[method][1], results["loop"][1]):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)  # float32 rounding only
+
+
+def test_gradients_reach_the_samples_in_their_own_layout():
+    """The batched path's weight gradients come back contiguous, as the loop's do (see _ContiguousGrad)."""
+    net = nn.Sequential(nn.Linear(300, 256), nn.ReLU(), nn.Linear(256, 3))
+    apply_fn, params, _ = functionalize(net)
+    samples = {k: v.expand(3, *v.shape).clone().requires_grad_() for k, v in params.items()}
+    x = torch.randn(4, 300)
+    for method in ("vmap", "loop"):
+        out = apply_samples(apply_fn, samples, x, method=method)
+        grad = torch.autograd.grad(out.sum(), samples["0.weight"])[0]
+        assert grad.is_contiguous(), method
+
+
+def test_extra_arguments_and_tree_outputs_on_every_path():
+    def apply_fn(p, x, scale):
+        return {"out": x @ p["w"].T * scale["s"], "aux": (p["w"].sum() + x.sum()).expand(1)}
+
+    samples = {"w": torch.randn(4, 2, 3, generator=torch.Generator().manual_seed(0))}
+    x = torch.randn(5, 3)
+    want = [apply_fn({"w": samples["w"][i]}, x, {"s": 2.0}) for i in range(4)]
+    for method in ("loop", "vmap", "auto"):
+        got = apply_samples(apply_fn, samples, x, args=({"s": 2.0},), method=method)
+        torch.testing.assert_close(got["out"], torch.stack([w["out"] for w in want]))
+        torch.testing.assert_close(got["aux"], torch.stack([w["aux"] for w in want]))
+
+
+def test_chunks_split_the_samples_as_asked():
+    calls = []
+
+    def apply_fn(p, x):
+        calls.append(1)
+        return x @ p.T
+
+    samples = torch.randn(7, 2, 3)
+    x = torch.randn(5, 3)
+    want = torch.stack([x @ w.T for w in samples])
+    apply_samples(apply_fn, samples, x, method="vmap")  # the probe: one more, unbatched call
+    for chunk, expected_calls in [(2, 4), (3, 3), (7, 1), (100, 1)]:
+        calls.clear()
+        out = apply_samples(apply_fn, samples, x, method="vmap", chunk_size=chunk)
+        torch.testing.assert_close(out, want)
+        assert len(calls) == expected_calls, chunk
+
+
+def test_default_chunk_size_follows_the_memory_budget():
+    calls = []
+
+    def apply_fn(p, x):
+        calls.append(1)
+        return torch.tanh(x * p)  # widest intermediate: 10 examples x 3 floats = 120 bytes per sample
+
+    samples = torch.randn(6, 3)
+    x = torch.randn(10, 3)
+    apply_samples(apply_fn, samples, x, method="vmap")  # the probe: one unbatched call
+    calls.clear()
+    apply_samples(apply_fn, samples, x, method="vmap", memory_budget=2 * 120)
+    assert len(calls) == 3  # two samples per chunk
+
+
+# ---------------------------------------------------------------------------------------------
+# fallback
+
+
+class _ItemNet(nn.Module):
+    """A forward vmap cannot batch: it reads a tensor value with .item()."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(3, 2)
+
+    def forward(self, x):
+        return self.fc(x) * (1.0 + 0.0 * self.fc.weight.sum().item())
+
+
+@pytest.mark.parametrize("with_grad", [False, True])
+def test_a_forward_that_fails_under_vmap_warns_exactly_once_and_loops(with_grad):
+    torch.manual_seed(0)
+    apply_fn, params, _ = functionalize(_ItemNet())
+    samples = {k: v.expand(3, *v.shape).clone().requires_grad_(with_grad) for k, v in params.items()}
+    x = torch.randn(4, 3)
+    want = apply_samples(apply_fn, samples, x, method="loop")
+    backward_to = list(samples.values()) if with_grad else None
+    with pytest.warns(VmapFallbackWarning, match="failed under torch.func.vmap") as record:
+        got = apply_samples(apply_fn, samples, x, backward_to=backward_to)
+    assert len([w for w in record if issubclass(w.category, VmapFallbackWarning)]) == 1
+    assert record[0].filename == __file__  # points at the caller, not into the library
+    torch.testing.assert_close(got, want)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for _ in range(2):  # remembered: no second warning
+            torch.testing.assert_close(apply_samples(apply_fn, samples, x, backward_to=backward_to), want)
+    with pytest.raises(RuntimeError):
+        apply_samples(apply_fn, samples, x, method="vmap")
+
+
+def test_randomness_error_never_falls_back():
+    def apply_fn(p, x):
+        return torch.nn.functional.dropout(x @ p.T, 0.5)
+
+    with pytest.raises(RuntimeError, match="randomness"):
+        apply_samples(apply_fn, torch.randn(3, 2, 4), torch.randn(5, 4), randomness="error")
+
+
+# ---------------------------------------------------------------------------------------------
+# the path choice: never changes results, consumes no randomness, remembered
+
+
+def test_the_timing_runs_consume_no_global_randomness():
+    apply_fn, params, _ = functionalize(make_mlp())
+    samples = {k: v.expand(4, *v.shape).clone() for k, v in params.items()}
+    x = torch.randn(5, 4)
+    torch.manual_seed(123)
+    expected = torch.randn(3)
+    torch.manual_seed(123)
+    apply_samples(apply_fn, samples, x)  # probe and timing happen here
+    assert chosen_path(apply_fn)  # a decision was measured
+    assert torch.equal(torch.randn(3), expected)  # the numbers drawn next are those without the call
+
+
+def _dropout_fn():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 16), nn.Dropout(0.5), nn.Linear(16, 2))
+    return functionalize(net, train=lambda name, m: isinstance(m, nn.Dropout))
+
+
+def test_a_random_forward_is_not_timed_and_takes_the_batched_path():
+    """Under "different" the two paths draw different masks: auto must not let a stopwatch pick them."""
+    apply_fn, params, _ = _dropout_fn()
+    samples = {k: v.expand(4, *v.shape).clone() for k, v in params.items()}
+    x = torch.randn(5, 3)
+    torch.manual_seed(7)
+    auto = apply_samples(apply_fn, samples, x)
+    torch.manual_seed(7)
+    vmap = apply_samples(apply_fn, samples, x, method="vmap")
+    assert torch.equal(auto, vmap)
+    assert set(chosen_path(apply_fn).values()) == {"vmap"}
+
+
+def test_auto_measures_once_per_signature_and_sample_count(monkeypatch):
+    apply_fn, params, _ = functionalize(make_mlp())
+    timings = []
+    real = _engine._vmap_is_faster
+    monkeypatch.setattr(_engine, "_vmap_is_faster", lambda *a: timings.append(1) or real(*a))
+    samples = {k: v.expand(6, *v.shape).clone() for k, v in params.items()}
+    x = torch.randn(5, 4)
+    for _ in range(3):
+        apply_samples(apply_fn, samples, x)
+    assert len(timings) == 1
+    apply_samples(apply_fn, {k: v[:3] for k, v in samples.items()}, x)  # another sample count
+    apply_samples(apply_fn, samples, torch.randn(7, 4))  # another batch size
+    assert len(timings) == 3
+    assert len(chosen_path(apply_fn)) == 3
+
+
+def test_a_bound_method_keeps_its_decisions():
+    class Model:
+        def forward(self, p, x):
+            return x @ p.T
+
+    model = Model()
+    samples, x = torch.randn(4, 2, 3), torch.randn(5, 3)
+    apply_samples(model.forward, samples, x)
+    apply_samples(model.forward, samples, x)
+    assert len(chosen_path(model.forward)) == 1
+
+
+class _FakeClock:
+    """A perf_counter that advances only when a fake path 'runs'."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+    def path(self, costs):
+        runs = iter(costs)
+
+        def run():
+            self.now += next(runs)
+
+        return run
+
+
+@pytest.mark.parametrize(
+    "vmap_costs, loop_costs, expected, rounds",
+    [
+        # decisive after the minimum rounds
+        ([1.0] * 9, [2.0] * 9, True, _engine.MIN_ROUNDS),
+        ([2.0] * 9, [1.0] * 9, False, _engine.MIN_ROUNDS),
+        # one slow outlier (another process) cannot flip the choice: each path's minimum counts
+        ([5.0, 1.0, 1.0] + [1.0] * 6, [1.5] * 9, True, _engine.MIN_ROUNDS),
+        # close: keeps measuring to the most rounds, then takes the smaller minimum
+        ([1.00, 1.05, 1.05, 1.05, 1.05, 1.05, 1.05, 1.05, 1.05], [1.03] * 9, True, _engine.MAX_ROUNDS),
+        ([1.04] * 9, [1.05, 1.05, 1.05, 1.05, 1.05, 1.05, 1.05, 1.02, 1.05], False, _engine.MAX_ROUNDS),
+    ],
+)
+def test_the_decision_rule(monkeypatch, vmap_costs, loop_costs, expected, rounds):
+    clock = _FakeClock()
+    monkeypatch.setattr(_engine.time, "perf_counter", clock)
+    monkeypatch.setattr(_engine, "BUDGET_S", 1e9)
+    counted = {"vmap": 0, "loop": 0}
+    run_vmap, run_loop = clock.path(vmap_costs), clock.path(loop_costs)
+
+    def count(name, run):
+        def wrapped():
+            counted[name] += 1
+            run()
+
+        return wrapped
+
+    assert _engine._vmap_is_faster(count("vmap", run_vmap), count("loop", run_loop)) is expected
+    assert counted == {"vmap": rounds, "loop": rounds}
+
+
+def test_the_timing_budget_stops_a_close_call(monkeypatch):
+    clock = _FakeClock()
+    monkeypatch.setattr(_engine.time, "perf_counter", clock)
+    monkeypatch.setattr(_engine, "BUDGET_S", 5.0)
+    calls = []
+
+    def run():
+        calls.append(1)
+        clock.now += 1.0
+
+    _engine._vmap_is_faster(run, run)
+    assert len(calls) == 2 * _engine.MIN_ROUNDS  # 6 s of timing after three rounds: past the budget

@@ -257,3 +257,33 @@ def test_layers_whose_weights_are_read_elsewhere_are_sampled_as_weights():
     apply_fn, params, _ = local_reparameterize(skip)
     x = torch.randn(2, 3)
     torch.testing.assert_close(apply_fn(params, x), skip(x))
+
+
+def test_moments_from_the_family_capabilities_give_the_same_outputs():
+    """vi passes mean/std from the family (its std, or the root of its variance): same draws as from the state."""
+    apply_fn, params, _ = local_reparameterize(make_mlp())
+    post = funcbnn.diag_gaussian(init_std=0.1)
+    state = post.init(params)
+    x = torch.randn(5, 4, generator=_gen(0))
+    want = apply_fn.sample_outputs_local(state, x, 3, generator=_gen(1))
+    got = apply_fn.sample_outputs_local(state, x, 3, generator=_gen(1), mean=post.mean(state), std=post.std(state))
+    assert torch.equal(got, want)
+    root = {k: v.sqrt() for k, v in post.variance(state).items()}
+    via_variance = apply_fn.sample_outputs_local(state, x, 3, generator=_gen(1), mean=post.mean(state), std=root)
+    torch.testing.assert_close(via_variance, want)
+    with pytest.raises(ValueError, match="both mean and std"):
+        apply_fn.sample_outputs_local(state, x, 3, mean=post.mean(state))
+
+
+def test_elbo_with_local_reparam_uses_only_declared_capabilities():
+    """A family without the diagonal family's extra ``std`` still works (through ``variance``)."""
+    apply_fn, params, _ = local_reparameterize(make_mlp())
+    post = funcbnn.diag_gaussian(init_std=0.1)
+    state = vi.trainable(post.init(params))
+    x, y = torch.randn(8, 4, generator=_gen(0)), torch.randint(0, 3, (8,), generator=_gen(1))
+    prior = priors.gaussian(1.0)
+    want = vi.elbo(apply_fn, post, state, prior, (x, y), 100, num_samples=2, generator=_gen(2))
+    got = vi.elbo(apply_fn, post._replace(std=None), state, prior, (x, y), 100, num_samples=2, generator=_gen(2))
+    torch.testing.assert_close(got.loss, want.loss)
+    with pytest.raises(TypeError, match="local reparameterisation needs a posterior family with 'variance'"):
+        vi.elbo(apply_fn, post._replace(std=None, variance=None), state, prior, (x, y), 100, generator=_gen(2))

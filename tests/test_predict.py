@@ -264,3 +264,43 @@ def test_non_tensor_inputs_are_part_of_the_cached_decision():
     with pytest.warns(VmapFallbackWarning):
         out = sample_outputs(apply_fn, samples, (x, True))
     assert out.shape == (3, 4, 2)
+
+
+@pytest.mark.parametrize(
+    "alias, name, outputs",
+    [
+        ("classification", "categorical", lambda g: torch.randn(6, 5, 3, generator=g)),
+        ("binary", "bernoulli", lambda g: torch.randn(6, 5, 1, generator=g)),
+        ("regression", "gaussian", lambda g: torch.randn(6, 5, 2, generator=g)),
+        ("heteroscedastic_regression", "heteroscedastic_gaussian", lambda g: torch.randn(6, 5, 4, generator=g)),
+        ("heteroscedastic", "heteroscedastic_gaussian", lambda g: torch.randn(6, 5, 4, generator=g)),
+    ],
+)
+def test_every_likelihood_alias_summarizes_like_its_distribution_name(alias, name, outputs):
+    out = outputs(torch.Generator().manual_seed(0))
+    a, b = summarize(out, alias), summarize(out, name)
+    for field in a._fields:
+        x, y = getattr(a, field), getattr(b, field)
+        assert (x is None and y is None) or (isinstance(x, int) and x == y) or torch.equal(x, y), field
+
+
+@pytest.mark.parametrize("form", [0.5, torch.tensor(0.5), torch.tensor([0.5])], ids=["float", "0-d", "shape-(1,)"])
+def test_noise_std_takes_numbers_and_scalar_tensors(form):
+    out = torch.randn(6, 5, 2, generator=torch.Generator().manual_seed(0))
+    want = summarize(out, "regression", noise_std=0.5)
+    got = summarize(out, "regression", noise_std=form)
+    torch.testing.assert_close(got.total_var, want.total_var)
+    torch.testing.assert_close(got.aleatoric_var, want.aleatoric_var)
+
+
+def test_auto_vmap_and_loop_agree_and_the_timing_draws_no_random_numbers(mlp):
+    apply_fn, params, _ = functionalize(mlp)
+    samples = _samples(params, 12)
+    x = torch.randn(9, 4)
+    torch.manual_seed(5)
+    expected_next = torch.randn(2)
+    torch.manual_seed(5)
+    auto = sample_outputs(apply_fn, samples, x, chunk_size=5)  # first call: probe and timing
+    assert torch.equal(torch.randn(2), expected_next)
+    for method in ("vmap", "loop"):
+        torch.testing.assert_close(sample_outputs(apply_fn, samples, x, chunk_size=5, method=method), auto)

@@ -489,3 +489,179 @@ def test_step_refuses_an_optimizer_built_on_another_copy_of_the_state():
     batch = (torch.randn(4, 3), torch.randint(0, 2, (4,)))
     with pytest.raises(ValueError, match="optimizer holds none"):
         vi.step(apply_fn, post, prior, state, opt, batch, 10)
+
+
+# ---------------------------------------------------------------------------------------------
+# the protocol: what vi asks of a family
+
+
+def test_elbo_uses_the_fused_capability_when_declared_and_rsample_kl_otherwise():
+    apply_fn, post, state, x, y = _setup()
+    calls = []
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return post.sample_and_kl(*args, **kwargs)
+
+    prior = priors.gaussian(0.8)
+    for num_samples in (1, 3):
+        calls.clear()
+        fused = vi.elbo(apply_fn, post._replace(sample_and_kl=counting), state, prior, (x, y), 40,
+                        num_samples=num_samples, generator=_gen(1), method="loop")
+        assert len(calls) == 1
+        plain = vi.elbo(apply_fn, _generic(post), state, prior, (x, y), 40, num_samples=num_samples,
+                        generator=_gen(1), method="loop")
+        torch.testing.assert_close(fused.loss, plain.loss)
+        for a, b in zip(torch.autograd.grad(fused.loss, vi.leaves(state)), torch.autograd.grad(plain.loss, vi.leaves(state))):
+            torch.testing.assert_close(a, b)
+
+
+def test_elbo_names_the_missing_capability():
+    apply_fn, post, state, x, y = _setup()
+    bare = post._replace(sample_and_kl=None, rsample=None)
+    with pytest.raises(TypeError, match="needs a posterior family with 'rsample'"):
+        vi.elbo(apply_fn, bare, state, priors.gaussian(1.0), (x, y), 40)
+    with pytest.raises(TypeError, match="post must be a posterior family"):
+        vi.elbo(apply_fn, object(), state, priors.gaussian(1.0), (x, y), 40)
+
+
+def test_vi_imports_no_private_names_of_a_family():
+    import ast
+    import inspect
+
+    tree = ast.parse(inspect.getsource(vi))
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module and "families" in node.module:
+            assert node.module.endswith("families.base"), node.module
+            assert all(not alias.name.startswith("_") for alias in node.names)
+
+
+# ---------------------------------------------------------------------------------------------
+# the path choice never changes the numbers and draws nothing
+
+
+@pytest.mark.parametrize("prior", [priors.gaussian(1.0), priors.scale_mixture(0.5, 1.0, 0.1)], ids=["analytic", "mc-kl"])
+def test_auto_vmap_and_loop_give_the_same_elbo_and_leave_the_generator_alike(prior):
+    apply_fn, post, state, x, y = _setup(seed=3)
+    results = {}
+    for method in ("loop", "vmap", "auto"):
+        g = _gen(11)
+        info = vi.elbo(apply_fn, post, state, prior, (x, y), 40, num_samples=4, generator=g, method=method)
+        results[method] = (info, torch.autograd.grad(info.loss, vi.leaves(state)), g.get_state())
+    assert chosen_path(apply_fn)  # auto measured (with a backward pass) in the call above
+    for method in ("vmap", "auto"):
+        info, grads, g_state = results[method]
+        torch.testing.assert_close(info.loss, results["loop"][0].loss)
+        for a, b in zip(grads, results["loop"][1]):
+            torch.testing.assert_close(a, b)
+        assert torch.equal(g_state, results["loop"][2])  # the timing runs drew nothing
+
+
+def test_auto_times_the_backward_pass_to_the_state():
+    apply_fn, post, state, x, y = _setup(seed=4)
+    vi.elbo(apply_fn, post, state, priors.gaussian(1.0), (x, y), 40, num_samples=3, generator=_gen(0))
+    (key,) = chosen_path(apply_fn)
+    assert key[-3:-1] == (3, 3) and key[-1] is True  # S = 3 in one chunk, timed with a backward pass
+    with torch.no_grad():
+        vi.elbo(apply_fn, post, state, priors.gaussian(1.0), (x, y), 40, num_samples=3, generator=_gen(0))
+    assert sorted(k[-1] for k in chosen_path(apply_fn)) == [False, True]
+
+
+# ---------------------------------------------------------------------------------------------
+# likelihood aliases and hyperparameter forms
+
+
+@pytest.mark.parametrize(
+    "alias, name, out_dim, make_y",
+    [
+        ("classification", "categorical", 3, lambda g, n: torch.randint(0, 3, (n,), generator=g)),
+        ("regression", "gaussian", 2, lambda g, n: torch.randn(n, 2, generator=g)),
+        ("binary", "bernoulli", 1, lambda g, n: torch.randint(0, 2, (n, 1), generator=g).float()),
+        ("heteroscedastic_regression", "heteroscedastic_gaussian", 2, lambda g, n: torch.randn(n, 1, generator=g)),
+        ("heteroscedastic", "heteroscedastic_gaussian", 2, lambda g, n: torch.randn(n, 1, generator=g)),
+    ],
+)
+def test_every_likelihood_alias_works_in_vi(alias, name, out_dim, make_y):
+    apply_fn, post, state, x, _ = _setup(sizes=(4, 8, out_dim))
+    y = make_y(_gen(9), len(x))
+    prior = priors.gaussian(1.0)
+    a = vi.elbo(apply_fn, post, state, prior, (x, y), 40, likelihood=alias, num_samples=2, generator=_gen(2))
+    b = vi.elbo(apply_fn, post, state, prior, (x, y), 40, likelihood=name, num_samples=2, generator=_gen(2))
+    torch.testing.assert_close(a.loss, b.loss)
+    nll = vi.expected_nll(apply_fn, post, state, (x, y), likelihood=alias, num_samples=2, generator=_gen(2))
+    torch.testing.assert_close(nll, b.nll)
+    step = vi.build_step(apply_fn, post, prior, 40, likelihood=alias)
+    _, info = step(state, torch.optim.SGD(vi.leaves(state), lr=0.0), (x, y), _gen(2))
+    assert torch.isfinite(info.loss)
+
+
+@pytest.mark.parametrize("form", [0.5, torch.tensor(0.5), torch.tensor([0.5]), torch.tensor(0.5, dtype=torch.float64)],
+                         ids=["float", "0-d", "shape-(1,)", "float64 0-d"])
+def test_kl_weight_takes_numbers_and_scalar_tensors(form):
+    apply_fn, post, state, x, y = _setup()
+    prior = priors.gaussian(1.0)
+    want = vi.elbo(apply_fn, post, state, prior, (x, y), 40, kl_weight=0.5, generator=_gen(0))
+    got = vi.elbo(apply_fn, post, state, prior, (x, y), 40, kl_weight=form, generator=_gen(0))
+    torch.testing.assert_close(got.loss, want.loss.to(got.loss.dtype))
+    assert got.loss.shape == ()
+
+
+def test_gradients_reach_a_tensor_kl_weight_and_bad_shapes_are_refused():
+    apply_fn, post, state, x, y = _setup()
+    prior = priors.gaussian(1.0)
+    weight = torch.tensor([0.3], requires_grad=True)
+    info = vi.elbo(apply_fn, post, state, prior, (x, y), 40, kl_weight=weight, generator=_gen(0))
+    (grad,) = torch.autograd.grad(info.loss, weight)
+    torch.testing.assert_close(grad, (info.kl / 40).detach().reshape(1))
+    with pytest.raises(ValueError, match=r"kl_weight must be a scalar .* got shape \(2,\)"):
+        vi.elbo(apply_fn, post, state, prior, (x, y), 40, kl_weight=torch.ones(2))
+    with pytest.raises(ValueError, match="kl_weight must be finite and >= 0"):
+        vi.elbo(apply_fn, post, state, prior, (x, y), 40, kl_weight=torch.tensor(-1.0))
+    with pytest.raises(TypeError, match="kl_weight must be"):
+        vi.elbo(apply_fn, post, state, prior, (x, y), 40, kl_weight=True)
+    built = vi.build_step(apply_fn, post, prior, 40, kl_weight=torch.ones(1))
+    _, info = built(state, torch.optim.SGD(vi.leaves(state), lr=0.0), (x, y), _gen(0))
+    assert torch.isfinite(info.loss)
+
+
+def test_likelihood_sigma_takes_numbers_and_scalar_tensors():
+    apply_fn, post, state, x, _ = _setup(sizes=(4, 8, 2))
+    y = torch.randn(len(x), 2, generator=_gen(1))
+    prior = priors.gaussian(1.0)
+    losses = [
+        vi.elbo(apply_fn, post, state, prior, (x, y), 40, likelihood=likelihoods.gaussian(sigma=s), generator=_gen(0)).loss
+        for s in (0.5, torch.tensor(0.5), torch.tensor([0.5]))
+    ]
+    for loss in losses[1:]:
+        torch.testing.assert_close(loss, losses[0])
+
+
+# ---------------------------------------------------------------------------------------------
+# named parameter groups
+
+
+def test_param_groups_name_the_state_fields():
+    _, post, state, _, _ = _setup()
+    groups = vi.param_groups(state)
+    assert [g["name"] for g in groups] == ["mean", "rho"]
+    assert [id(t) for g in groups for t in g["params"]] == [id(t) for t in vi.leaves(state)]
+    (only,) = vi.param_groups({"w": torch.zeros(2)})
+    assert only["name"] == "state" and len(only["params"]) == 1
+
+
+def test_fit_hands_the_optimizer_named_groups_so_means_and_scales_get_their_own_rates():
+    apply_fn, post, state, x, y = _setup(n=20)
+    seen = []
+
+    def make(groups):
+        seen.extend(g["name"] for g in groups)
+        lrs = {"mean": 0.05, "rho": 0.0}  # scales frozen: only the means move
+        return torch.optim.SGD([{**g, "lr": lrs[g["name"]]} for g in groups])
+
+    result = vi.fit(apply_fn, post, priors.gaussian(1.0), state, (x, y), epochs=3, optimizer=make, generator=_gen(0))
+    assert seen == ["mean", "rho"]
+    assert all(torch.equal(result.state.rho[k], state.rho[k].detach()) for k in state.rho)
+    assert any(not torch.equal(result.state.mean[k], state.mean[k].detach()) for k in state.mean)
+    # the default optimiser (Adam over the same groups) trains both
+    default = vi.fit(apply_fn, post, priors.gaussian(1.0), state, (x, y), epochs=3, generator=_gen(0))
+    assert any(not torch.equal(default.state.rho[k], state.rho[k].detach()) for k in state.rho)
