@@ -226,6 +226,71 @@ def test_local_reparam_elbo_equals_the_functional_api():
 
 
 # ---------------------------------------------------------------------------------------------
+# traps of the seed libraries' signatures
+
+
+def test_bayesian_linear_rejects_a_third_positional_argument_instead_of_reading_it_as_bias():
+    with pytest.raises(TypeError, match=r"extra positional argument\(s\) \(0.5,\).*compat.deepuq"):
+        BayesianLinear(4, 3, 0.5)
+    with pytest.raises(TypeError, match="bias must be a bool"):
+        BayesianLinear(4, 3, bias=0.5)
+    layer = BayesianLinear(4, 3, bias=False, prior_sigma=0.5, generator=_gen(0))
+    assert list(layer.posteriors) == ["weight"] and layer.prior.std == 0.5
+
+
+class _SeedStylePosterior(VariationalPosterior):
+    """torchbayesian's pattern: a one-draw ``sample_parameters()`` from the global RNG."""
+
+    def __init__(self, shape, *, dtype=None, device=None):
+        super().__init__(shape, dtype=dtype, device=device)
+        self.mu = nn.Parameter(torch.zeros(self.shape, dtype=dtype, device=device))
+        self.rho = nn.Parameter(torch.full(self.shape, -1.0, dtype=dtype, device=device))
+
+    @property
+    def distribution(self):
+        return torch.distributions.Normal(self.mu, F.softplus(self.rho))
+
+    def sample_parameters(self):
+        return self.mu + F.softplus(self.rho) * torch.randn_like(self.mu)
+
+
+def test_a_posterior_with_a_one_draw_sample_parameters_gets_batched_reproducible_draws():
+    POSTERIORS.register("_test_seed_style")(_SeedStylePosterior)
+    try:
+        model = BayesianModule(make_mlp(), posterior="_test_seed_style")
+        x, y = torch.randn(6, 4), torch.randint(0, 3, (6,))
+        assert model(x).shape == (6, 3)
+        draws = model.sample_parameters(5, generator=_gen(3))
+        again = model.sample_parameters(5, generator=_gen(3))
+        assert all(torch.equal(draws[k], again[k]) for k in draws)
+        assert draws["0.weight"].shape == (5, 8, 4) and not torch.equal(draws["0.weight"][0], draws["0.weight"][1])
+        # the global RNG is left where it was: a generator's draws do not consume it
+        torch.manual_seed(0)
+        model.sample_parameters(2, generator=_gen(3))
+        after = torch.rand(())
+        torch.manual_seed(0)
+        assert torch.equal(after, torch.rand(()))
+        assert model.sample_outputs(x, 4, generator=_gen(1)).shape == (4, 6, 3)
+        info = model.elbo(x, y, 60, num_samples=2, generator=_gen(0))
+        info.loss.backward()
+        assert all(p.grad is not None for p in model.parameters())
+        sigma = F.softplus(torch.tensor(-1.0))
+        per_weight = -torch.log(sigma) + sigma**2 / 2 - 0.5  # KL(N(0, s^2) || N(0, 1))
+        numel = sum(p.numel() for p in model.parameters()) // 2
+        torch.testing.assert_close(model.kl_divergence(), per_weight * numel)
+    finally:
+        POSTERIORS._factories.pop("_test_seed_style")
+
+
+def test_a_posterior_whose_sample_parameters_fits_neither_pattern_fails_when_defined():
+    with pytest.raises(TypeError, match="sample_parameters must take no argument.*num_samples=None"):
+
+        class Bad(VariationalPosterior):
+            def sample_parameters(self, n, k):
+                return None
+
+
+# ---------------------------------------------------------------------------------------------
 # registries and errors
 
 

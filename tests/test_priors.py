@@ -104,3 +104,32 @@ def test_scale_mixture_samples_keep_float64_scales():
     torch.rand((3, 4), dtype=torch.float64, generator=g)
     want = torch.empty((3, 4), dtype=torch.float64).normal_(generator=g) * 0.1
     assert torch.equal(draws, want)
+
+
+def test_prior_tuples_validate_their_fields_when_built_directly():
+    # deepuq's GaussianPrior(mu, sigma) read as (std, mean): a zero std, caught at construction
+    with pytest.raises(ValueError, match=r"std.*\(std, mean\), std first.*gaussian\(std=s, mean=m\)"):
+        priors.GaussianPrior(0.0, 0.1)
+    with pytest.raises(ValueError, match="std"):
+        priors.GaussianPrior(std=-1.0)
+    with pytest.raises(ValueError, match="mean must be finite"):
+        priors.GaussianPrior(1.0, float("nan"))
+    with pytest.raises(ValueError, match="pi"):
+        priors.ScaleMixturePrior(1.5, 1.0, 0.1)
+    with pytest.raises(ValueError, match="sigma2"):
+        priors.ScaleMixturePrior(0.5, 1.0, 0.0)
+    assert priors.GaussianPrior(0.1, 0.5) == priors.gaussian(std=0.1, mean=0.5)
+
+
+def test_validated_priors_still_copy_pickle_and_map_as_tuples():
+    import copy
+    import pickle
+
+    import optree
+
+    prior = priors.gaussian(std=0.2, mean=0.1)
+    assert copy.deepcopy(prior) == prior
+    assert pickle.loads(pickle.dumps(prior)) == prior
+    assert optree.tree_map(lambda v: 2 * v, prior) == priors.gaussian(std=0.4, mean=0.2)
+    mixture = priors.scale_mixture(0.3, 2.0, 0.5)
+    assert pickle.loads(pickle.dumps(mixture)) == mixture

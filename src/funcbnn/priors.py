@@ -82,13 +82,48 @@ def _normal_log_density(x: Tensor, mean: Tensor | float, std: Tensor | float) ->
     return -0.5 * z * z - log_std - _HALF_LOG_2PI
 
 
-class GaussianPrior(NamedTuple):
-    """Diagonal Gaussian prior ``N(mean, diag(std^2))``; see :func:`gaussian`."""
-
+class _GaussianPriorFields(NamedTuple):
     std: Any
     mean: Any = 0.0
 
+
+def _gaussian_fields(std: Any, mean: Any) -> tuple[Any, Any]:
+    """``(std, mean)`` validated and normalised: positive std, one scalar or a tree; a scalar or tree mean."""
+    if isinstance(std, (numbers.Real, Tensor)) and not (isinstance(std, Tensor) and std.numel() != 1):
+        # a number, a 0-d or a shape-(1,) tensor: one std for every weight (tensors keep their gradient)
+        try:
+            std = positive_scalar(std, "std")
+        except ValueError as err:
+            raise ValueError(
+                f"{err}. GaussianPrior's fields are (std, mean), std first: for mean m and std s write "
+                "funcbnn.priors.gaussian(std=s, mean=m) (deepuq's and torchbayesian's priors take (mu, sigma))"
+            ) from None
+    else:
+        check_positive_tree(std, "std")
+    if isinstance(mean, numbers.Real):
+        mean = float(mean)
+        if not math.isfinite(mean):
+            raise ValueError(f"mean must be finite, got {mean}")
+    elif isinstance(mean, Tensor) and mean.numel() == 1 and mean.dim() <= 1:
+        mean = mean.reshape(())
+    return std, mean
+
+
+class GaussianPrior(_GaussianPriorFields):
+    """Diagonal Gaussian prior ``N(mean, diag(std^2))``; see :func:`gaussian`.
+
+    The fields are ``(std, mean)``, std first, and are checked when the prior is
+    built: ``GaussianPrior(0.0, 0.1)`` (read as deepuq's ``(mu, sigma)``) is a
+    zero std and raises ``ValueError`` instead of failing later with a division
+    by zero. Prefer the keywords, ``gaussian(std=0.1, mean=0.0)``.
+    """
+
+    __slots__ = ()
+
     closed_forms = frozenset({"gaussian"})
+
+    def __new__(cls, std: Any = 1.0, mean: Any = 0.0) -> "GaussianPrior":
+        return super().__new__(cls, *_gaussian_fields(std, mean))
 
     def moments(self, like: Tree) -> tuple[Tree, Tree]:
         """Mean and std as trees of tensors shaped like ``like``."""
@@ -114,14 +149,30 @@ class GaussianPrior(NamedTuple):
         return optree.tree_map(draw, mean, std)
 
 
-class ScaleMixturePrior(NamedTuple):
-    """Zero-mean scale mixture ``pi N(0, sigma1^2) + (1 - pi) N(0, sigma2^2)``; see :func:`scale_mixture`."""
-
+class _ScaleMixtureFields(NamedTuple):
     pi: float
     sigma1: float
     sigma2: float
 
+
+class ScaleMixturePrior(_ScaleMixtureFields):
+    """Zero-mean scale mixture ``pi N(0, sigma1^2) + (1 - pi) N(0, sigma2^2)``; see :func:`scale_mixture`.
+
+    The fields are checked when the prior is built (``0 < pi < 1``, positive sigmas).
+    """
+
+    __slots__ = ()
+
     closed_forms = frozenset()
+
+    def __new__(cls, pi: float = 0.5, sigma1: float = 1.0, sigma2: float = math.exp(-6)) -> "ScaleMixturePrior":
+        try:
+            pi = float(pi)
+        except (TypeError, ValueError):
+            raise TypeError(f"pi must be a number in (0, 1), got {pi!r}") from None
+        if not 0.0 < pi < 1.0:
+            raise ValueError(f"pi must lie strictly between 0 and 1, got {pi}")
+        return super().__new__(cls, pi, positive_float(sigma1, "sigma1"), positive_float(sigma2, "sigma2"))
 
     def log_prob(self, params: Tree) -> Tensor:
         """Log density of ``params`` (a scalar), by log-sum-exp over the two components."""
@@ -190,15 +241,6 @@ def gaussian(std: float | Tree = 1.0, mean: float | Tree = 0.0) -> GaussianPrior
     >>> prior.log_prob({"w": torch.zeros(2)})
     tensor(-1.8379)
     """
-    if isinstance(std, (numbers.Real, Tensor)) and not (isinstance(std, Tensor) and std.numel() != 1):
-        # a number, a 0-d or a shape-(1,) tensor: one std for every weight (tensors keep their gradient)
-        std = positive_scalar(std, "std")
-    else:
-        check_positive_tree(std, "std")
-    if isinstance(mean, numbers.Real):
-        mean = float(mean)
-    elif isinstance(mean, Tensor) and mean.numel() == 1 and mean.dim() <= 1:
-        mean = mean.reshape(())
     return GaussianPrior(std=std, mean=mean)
 
 
@@ -217,10 +259,7 @@ def scale_mixture(pi: float = 0.5, sigma1: float = 1.0, sigma2: float = math.exp
     sigma1, sigma2 : float
         Positive component stds.
     """
-    pi = float(pi)
-    if not 0.0 < pi < 1.0:
-        raise ValueError(f"pi must lie strictly between 0 and 1, got {pi}")
-    return ScaleMixturePrior(pi, positive_float(sigma1, "sigma1"), positive_float(sigma2, "sigma2"))
+    return ScaleMixturePrior(pi, sigma1, sigma2)
 
 
 @PRIORS.register("log_prob")

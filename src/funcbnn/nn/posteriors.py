@@ -8,9 +8,12 @@ one per parameter of the wrapped network, looked up by name in :data:`POSTERIORS
 from __future__ import annotations
 
 import abc
+import contextlib
+import functools
+import inspect
 import math
 from collections.abc import Mapping
-from typing import Any, Sequence, TypeVar
+from typing import Any, Callable, Iterator, Sequence, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -54,6 +57,17 @@ class VariationalPosterior(nn.Module, abc.ABC):
     implement :attr:`distribution` and :meth:`sample_parameters`; the dtype and
     device follow ``.to(...)`` through a non-persistent buffer.
 
+    :meth:`sample_parameters` may be written either way:
+
+    - ``sample_parameters(self, num_samples=None, *, generator=None)``: batched
+      draws from the caller's generator (what :class:`BayesianModule` calls);
+    - ``sample_parameters(self)``: one draw from the global RNG, torchbayesian's
+      pattern. The class then gets a batched version that stacks
+      ``num_samples`` such draws, and a ``generator`` seeds the global RNG for
+      the call (in a forked RNG state), so draws stay reproducible.
+
+    Any other signature is rejected when the subclass is defined.
+
     Parameters
     ----------
     shape : torch.Size or tuple
@@ -61,6 +75,21 @@ class VariationalPosterior(nn.Module, abc.ABC):
     dtype, device : optional
         Those of the parameter.
     """
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        fn = cls.__dict__.get("sample_parameters")
+        if fn is None or getattr(fn, "__isabstractmethod__", False) or getattr(fn, "_single_draw", None):
+            return
+        if _binds(fn, None, 2, generator=None):
+            return  # the batched signature
+        if _binds(fn, None):
+            cls.sample_parameters = _batched_from_single_draw(fn)
+            return
+        raise TypeError(
+            f"{cls.__name__}.sample_parameters must take no argument (one draw, torchbayesian's pattern) or "
+            f"(num_samples=None, *, generator=None); got {fn.__name__}{inspect.signature(fn)}"
+        )
 
     def __init__(
         self, shape: Sequence[int], *, dtype: torch.dtype | None = None, device: torch.device | str | None = None
@@ -96,6 +125,45 @@ class VariationalPosterior(nn.Module, abc.ABC):
     def forward(self) -> Tensor:
         """One draw (:meth:`sample_parameters`)."""
         return self.sample_parameters()
+
+
+def _binds(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> bool:
+    try:
+        inspect.signature(fn).bind(*args, **kwargs)
+    except TypeError:
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def _global_rng_from(generator: torch.Generator | None, device: torch.device) -> Iterator[None]:
+    """Seed the global RNG from ``generator`` for the block, restoring its state afterwards."""
+    if generator is None:
+        yield
+        return
+    seed = int(torch.randint(0, 2**62, (), generator=generator, device=generator.device))
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices, device_type=device.type if devices else "cuda"):
+        torch.manual_seed(seed)
+        yield
+
+
+def _batched_from_single_draw(fn: Callable[[Any], Tensor]) -> Callable[..., Tensor]:
+    """``sample_parameters(num_samples=None, *, generator=None)`` from a one-draw ``sample_parameters(self)``."""
+
+    @functools.wraps(fn)
+    def sample_parameters(
+        self: VariationalPosterior, num_samples: int | None = None, *, generator: torch.Generator | None = None
+    ) -> Tensor:
+        if num_samples is None and generator is None:
+            return fn(self)
+        num = 1 if num_samples is None else positive_int(num_samples, "num_samples")
+        with _global_rng_from(generator, self.device):
+            draws = [fn(self) for _ in range(num)]
+        return draws[0] if num_samples is None else torch.stack(draws)
+
+    sample_parameters._single_draw = fn  # type: ignore[attr-defined]
+    return sample_parameters
 
 
 def _fresh_mean(shape: torch.Size, dtype, device, generator: torch.Generator | None) -> Tensor:

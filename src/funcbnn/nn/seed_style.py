@@ -1,4 +1,10 @@
-"""deepuq-style conveniences over :class:`~funcbnn.nn.BayesianModule` (they move to ``funcbnn.compat.deepuq``)."""
+"""deepuq-style conveniences over :class:`~funcbnn.nn.BayesianModule`, with the ELBO scaled correctly.
+
+These are native: the ELBO of :func:`vi_elbo_step` divides the KL by the data-set
+size, and arguments whose meaning differs from deepuq's are keyword-only. The
+drop-in versions with deepuq's own signatures and numbers are in
+:mod:`funcbnn.compat.deepuq`.
+"""
 
 from __future__ import annotations
 
@@ -18,10 +24,16 @@ __all__ = ["BayesianLinear", "BayesByBackpropMLP", "predict_vi_uq", "vi_elbo_ste
 class BayesianLinear(BayesianModule):
     """A Bayes-by-Backprop linear layer: ``BayesianModule(nn.Linear(in_features, out_features))``.
 
+    Only the sizes are positional: deepuq's third positional argument is
+    ``prior_sigma`` and ``nn.Linear``'s is ``bias``, so ``BayesianLinear(4, 3, 0.5)``
+    is ambiguous and raises ``TypeError`` (deepuq's layer, positional as in
+    deepuq, is :class:`funcbnn.compat.deepuq.BayesianLinear`).
+
     Parameters
     ----------
     in_features, out_features : int
     bias : bool, default True
+        Keyword-only.
     prior_sigma : float, default 0.1
         Std of the zero-mean Gaussian prior on every weight (deepuq's default).
     posterior : str or (str, dict), default "gaussian"
@@ -36,8 +48,8 @@ class BayesianLinear(BayesianModule):
         self,
         in_features: int,
         out_features: int,
+        *args: Any,
         bias: bool = True,
-        *,
         prior_sigma: float = 0.1,
         posterior: Spec = "gaussian",
         local_reparam: bool = False,
@@ -45,6 +57,14 @@ class BayesianLinear(BayesianModule):
         device: torch.device | str | None = None,
         generator: torch.Generator | None = None,
     ) -> None:
+        if args:
+            raise TypeError(
+                f"BayesianLinear takes in_features and out_features positionally and everything else by keyword "
+                f"(bias=..., prior_sigma=...), got the extra positional argument(s) {args!r}; "
+                "deepuq's BayesianLinear(in_features, out_features, prior_sigma) is funcbnn.compat.deepuq.BayesianLinear"
+            )
+        if not isinstance(bias, bool):
+            raise TypeError(f"bias must be a bool, got {bias!r}")
         in_features = positive_int(in_features, "in_features")
         out_features = positive_int(out_features, "out_features")
         layer = nn.Linear(in_features, out_features, bias=bias, dtype=dtype, device=device)
