@@ -183,3 +183,17 @@ def test_float32_states_keep_their_dtype():
     assert all(v.dtype == torch.float32 for v in draws.values())
     assert post.kl(state, priors.gaussian(1.0)).dtype == torch.float32
     assert math.isfinite(float(post.entropy(state)))
+
+
+def test_outer_product_factors_give_the_dense_functional_variance():
+    # A joint (weight, bias) block whose Jacobian is g a^T: the factored path never forms it.
+    state = _state()
+    g = torch.Generator().manual_seed(6)
+    grads = torch.randn(3, 4, 3, generator=g, dtype=DT)  # (O, N, out)
+    inputs = torch.cat([torch.randn(4, 2, generator=g, dtype=DT), torch.ones(4, 1, dtype=DT)], 1)  # [a | 1]
+    dense = torch.einsum("oni,nd->noid", grads, inputs)  # (N, O, out, d)
+    jac = {"fc.weight": dense[..., :-1], "fc.bias": dense[..., -1],
+           "log_scale": torch.randn(4, 3, generator=g, dtype=DT)}
+    factored = post.project_jacobian(state, {"log_scale": jac["log_scale"]}, {("fc.weight", "fc.bias"): (grads, inputs)})
+    assert not factored.blocks and set(factored.factors) == {("fc.weight", "fc.bias")}
+    torch.testing.assert_close(post.functional_variance(state, factored), post.functional_variance(state, jac))

@@ -120,8 +120,11 @@ def functional_variance(state: DenseGaussianState, jac: Tree) -> Tensor:
     _check_state(state)
     check_same_structure(state.mean, jac, "jac", leading=2)
     J = _flatten(jac, state.mean, 2)  # (N, O, P)
-    half = torch.linalg.solve_triangular(state.precision_tril, J.transpose(1, 2), upper=False)  # L^-1 J^T
-    return half.transpose(1, 2) @ half
+    n, o, p = J.shape
+    # One solve for all N*O rows: a batched solve would broadcast L to (N, P, P).
+    half = torch.linalg.solve_triangular(state.precision_tril, J.reshape(n * o, p).T, upper=False)  # L^-1 J^T
+    half = half.T.reshape(n, o, p)
+    return half @ half.transpose(1, 2)
 
 
 def log_prob(state: DenseGaussianState, params: Tree) -> Tensor:

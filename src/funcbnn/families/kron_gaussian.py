@@ -93,13 +93,18 @@ class KronDecomposed(NamedTuple):
 class KronJacobian(NamedTuple):
     """Per-example Jacobians already rotated into a curvature's eigenbasis (:func:`kron_project_jacobian`).
 
-    ``blocks[key]`` is ``V^T J U`` of shape ``(N, O, out, d)``; ``diag[name]`` is
-    the leaf's Jacobian flattened to ``(N, O, leaf.numel())``. It depends on the
-    eigenbasis only, not on the prior precision or the scale, so repeated
-    predictions under different hyperparameters reuse it.
+    ``blocks[key]`` is ``V^T J U`` of shape ``(N, O, out, d)``; ``factors[key]``
+    holds the same for a block whose Jacobian is an outer product
+    ``J[n, o] = g[n, o] a[n]^T`` (a Linear layer on one input row per example)
+    as the pair ``(V^T g, U^T a)``, shaped ``(N, O, out)`` and ``(N, d)``, never
+    forming the block; ``diag[name]`` is a diagonal leaf's Jacobian flattened to
+    ``(N, O, leaf.numel())``. It depends on the eigenbasis only, not on the prior
+    precision or the scale, so repeated predictions under different
+    hyperparameters reuse it.
     """
 
     blocks: dict[BlockKey, Tensor]
+    factors: dict[BlockKey, tuple[Tensor, Tensor]]
     diag: dict[str, Tensor]
 
 
@@ -347,22 +352,46 @@ def kron_covariance_diag(
     return {k: out[k] for k in like if k in out}
 
 
-def kron_project_jacobian(dec: KronDecomposed, jac: Mapping[str, Tensor]) -> KronJacobian:
-    """Per-leaf Jacobians ``(N, O, *leaf.shape)`` rotated into the eigenbasis of ``dec``.
+def kron_project_jacobian(
+    dec: KronDecomposed,
+    jac: Mapping[str, Tensor],
+    outer: Mapping[BlockKey, tuple[Tensor, Tensor]] | None = None,
+) -> KronJacobian:
+    """Per-example Jacobians rotated into the eigenbasis of ``dec`` (the expensive, hyperparameter-free half).
 
-    The rotation ``V^T J U`` is the expensive, hyperparameter-free half of
-    :func:`kron_functional_variance`: compute it once per set of inputs and pass
-    the result to :func:`kron_functional_variance` for each prior precision or
-    scale (a prior-precision grid search, marginal-likelihood tuning with a
-    predictive check).
+    Compute it once per set of inputs and pass the result to
+    :func:`kron_functional_variance` for each prior precision or scale (a
+    prior-precision grid search, a predictive check during tuning).
+
+    Parameters
+    ----------
+    dec : KronDecomposed
+    jac : mapping of str to Tensor
+        ``(N, O, *leaf.shape)`` Jacobians of every leaf not covered by ``outer``.
+    outer : mapping, optional
+        ``{block key: (grads, inputs)}`` for blocks whose per-example Jacobian is
+        the outer product ``grads[o, n] inputs[n]^T``: ``grads`` ``(O, N, out)``,
+        ``inputs`` ``(N, d)`` in the block's column order (a ones column last
+        for a joint bias). Kept as factors: ``O(N (O out + d))`` numbers instead
+        of ``O(N O out d)``.
     """
-    _check_like(dec, jac, "jac")
-    blocks = {}
+    outer = dict(outer or {})
+    unknown = set(outer) - set(dec.blocks)
+    if unknown:
+        raise ValueError(f"outer has keys that are not blocks of the curvature: {sorted(unknown)}")
+    missing = [n for n in dec.names if n not in jac and not any(n in key for key in outer)]
+    if missing:
+        raise ValueError(f"jac has no tensor for leaves {missing}")
+    blocks, factors = {}, {}
     for key, e in dec.blocks.items():
+        if key in outer:
+            grads, inputs = outer[key]
+            factors[key] = (torch.einsum("oni,ia->noa", grads, e.V), inputs @ e.U)
+            continue
         J = _join(key, {n: jac[n] for n in key}, 2)  # (N, O, out, d)
-        blocks[key] = torch.einsum("ia,noid,dk->noak", e.V, J, e.U)
+        blocks[key] = e.V.T @ J @ e.U
     diag = {k: jac[k].reshape(*jac[k].shape[:2], -1) for k in dec.diag}
-    return KronJacobian(blocks, diag)
+    return KronJacobian(blocks, factors, diag)
 
 
 def kron_functional_variance(
@@ -390,16 +419,24 @@ def kron_functional_variance(
     """
     rotated = jac if isinstance(jac, KronJacobian) else kron_project_jacobian(dec, jac)
     pp, s = _setup(dec, prior_precision, scale)
+    missing = [key for key in dec.blocks if key not in rotated.blocks and key not in rotated.factors]
+    if missing:
+        raise ValueError(f"jac has no rotated Jacobian for blocks {missing}")
     total = None
     for key, e in dec.blocks.items():
         t = _terms(key, e, pp, s)
-        Jr = rotated.blocks[key]
-        n, o = Jr.shape[:2]
-        flat = Jr.reshape(n, o, -1)
-        cov = (flat * t.L.reciprocal().reshape(-1)) @ flat.transpose(1, 2)
-        if t.c is not None:
-            z = torch.einsum("noak,ak->noa", Jr, t.u / t.L)
-            cov = cov - torch.einsum("noa,npa,a->nop", z, z, t.c / t.r)
+        if key in rotated.factors:
+            # J[n, o] = g a^T: sum_{a,k} gv_o[a] gv_p[a] au[k]^2 / L[a, k], one (N, out) weight per layer.
+            gv, au = rotated.factors[key]
+            cov = (gv * (au.square() @ t.L.reciprocal().T)[:, None, :]) @ gv.transpose(1, 2)
+            z = gv * (au @ (t.u / t.L).T)[:, None, :] if t.c is not None else None
+        else:
+            Jr = rotated.blocks[key]
+            flat = Jr.reshape(*Jr.shape[:2], -1)
+            cov = (flat * t.L.reciprocal().reshape(-1)) @ flat.transpose(1, 2)
+            z = torch.einsum("noak,ak->noa", Jr, t.u / t.L) if t.c is not None else None
+        if z is not None:  # Sherman-Morrison for the bias term
+            cov = cov - (z * (t.c / t.r)) @ z.transpose(1, 2)
         total = cov if total is None else total + cov
     for k, v in dec.diag.items():
         J = rotated.diag[k]
@@ -479,10 +516,12 @@ def functional_variance(state: KronGaussianState, jac: Mapping[str, Tensor] | Kr
     return kron_functional_variance(state.curvature, jac, state.prior_precision, state.scale)
 
 
-def project_jacobian(state: KronGaussianState, jac: Mapping[str, Tensor]) -> KronJacobian:
+def project_jacobian(
+    state: KronGaussianState, jac: Mapping[str, Tensor], outer: Mapping[BlockKey, tuple[Tensor, Tensor]] | None = None
+) -> KronJacobian:
     """:func:`kron_project_jacobian` on the state's curvature (reusable across prior precisions and scales)."""
     _check_state(state)
-    return kron_project_jacobian(state.curvature, jac)
+    return kron_project_jacobian(state.curvature, jac, outer)
 
 
 def log_prob(state: KronGaussianState, params: Tree) -> Tensor:

@@ -1,4 +1,4 @@
-"""Output covariance of the linearised network, without materialising the Jacobian.
+"""The linearised network's Jacobian in pieces, and its output covariance without materialising it.
 
 The GLM predictive (Immer et al. 2021; Daxberger et al. 2021) needs, per test
 input, ``Cov[f] = J S J^T`` with ``J = d f / d theta`` at the MAP and ``S`` the
@@ -11,16 +11,21 @@ its input), so for a diagonal ``S`` with variances ``V``::
     [J S J^T]_{op} = sum_i g_{o,i} g_{p,i} (V (a * a))_i          (bias: a_j = 1)
 
 one ``O x O`` contraction per example over the layer's *width*, never its
-weights. The ``g_o`` come from the same zero "tap" trick as the curvature
-engine: one forward and ``O`` backward passes to the taps for the whole batch.
-Convolutions and Linear layers on sequences form per-example weight Jacobians
-from unfolded inputs (``O x N x |W|``, bounded by ``chunk_size``); any other
-leaf goes through a chunked ``vmap(jacrev)`` restricted to that leaf.
+weights (a Kronecker ``S`` contracts the same factors in its eigenbasis,
+:mod:`funcbnn.families.kron_gaussian`). The ``g_o`` come from the same zero
+"tap" trick as the curvature engine: one forward and ``O`` backward passes to
+the taps for the whole batch. Convolutions and Linear layers on sequences form
+per-example weight Jacobians from unfolded inputs (``O x N x |W|``); any other
+leaf goes through a ``vmap(jacrev)`` restricted to that leaf.
+
+:func:`jacobian_pieces` returns those pieces (they depend on the inputs and the
+mean only, so a :class:`~funcbnn.laplace.predictive.Linearization` keeps them
+across hyperparameters); :func:`diag_output_covariance` weighs them.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -28,33 +33,38 @@ from torch import Tensor, nn
 from .._validation import positive_int
 from ._subset import split
 from ._taps import Layer, structured_layers, tapped_forward
-from .curvature import _per_example_grads
+from .curvature import _grads_from, _unfold
 
-__all__ = ["diag_output_covariance"]
-
-# weigh(layer, a, G) -> (N, O, O): the layer's share of J S J^T given its inputs ``a`` (N, ...)
-# and output gradients ``G`` (O, N, ...) for each output.
-Weigh = Callable[[Layer, Tensor, Tensor], Tensor]
+__all__ = ["LayerPiece", "JacobianPieces", "jacobian_pieces", "layer_jacobian", "diag_output_covariance"]
 
 
-def _diag_weigh(variances: dict[str, Tensor]) -> Weigh:
-    def weigh(layer: Layer, a: Tensor, G: Tensor) -> Tensor:
-        vw = variances[layer.weight]
-        vb = variances[layer.bias] if layer.bias else None
-        if isinstance(layer.module, nn.Linear) and a.dim() == 2:
-            u = a.square() @ vw.T  # (N, out)
-            if vb is not None:
-                u = u + vb
-            return torch.einsum("oni,pni,ni->nop", G, G, u)
-        jw, jb = zip(*(_per_example_grads(layer, a, g) for g in G))
-        jw = torch.stack(jw).flatten(2)  # (O, N, |W|)
-        cov = torch.einsum("onk,pnk,k->nop", jw, jw, vw.reshape(-1))
-        if vb is not None:
-            jb = torch.stack(jb)  # (O, N, out)
-            cov = cov + torch.einsum("oni,pni,i->nop", jb, jb, vb)
-        return cov
+class LayerPiece(NamedTuple):
+    """One structured layer's share of the Jacobian: its input and the output gradients at its output."""
 
-    return weigh
+    layer: Layer
+    inputs: Tensor  # (N, ...) the layer's input, detached
+    grads: Tensor  # (O, N, *layer output): d f_o / d (layer output) for each of the O flattened outputs
+
+    def is_outer_product(self) -> bool:
+        """Whether each example's Jacobian is ``g_o a^T`` (a Linear layer on one input row per example)."""
+        return isinstance(self.layer.module, nn.Linear) and self.inputs.dim() == 2
+
+
+class JacobianPieces(NamedTuple):
+    """The network's per-example Jacobian on a batch, as structured layer pieces plus dense leaf Jacobians."""
+
+    outputs: Tensor  # (N, *out), detached
+    layers: list[LayerPiece]
+    generic: dict[str, Tensor]  # leaf -> (N, O, *leaf.shape)
+
+
+def layer_jacobian(piece: LayerPiece) -> dict[str, Tensor]:
+    """The dense per-example Jacobians ``(N, O, *leaf.shape)`` of a piece's weight (and bias)."""
+    gw, gb = _grads_from(piece.layer, _unfold(piece.layer, piece.inputs), piece.grads)  # (O, N, ...)
+    out = {piece.layer.weight: gw.transpose(0, 1)}
+    if piece.layer.bias:
+        out[piece.layer.bias] = gb.transpose(0, 1)
+    return out
 
 
 class _Unstructured(Exception):
@@ -62,10 +72,8 @@ class _Unstructured(Exception):
         self.layers = layers
 
 
-def _structured_part(
-    apply_fn: Any, params: dict[str, Tensor], layers: list[Layer], x: Tensor, weigh: Weigh
-) -> tuple[Tensor, Tensor]:
-    """Outputs ``(N, *out)`` and the structured layers' share of the covariance ``(N, O, O)``."""
+def _structured(apply_fn: Any, params: dict[str, Tensor], layers: list[Layer], x: Tensor) -> tuple[Tensor, list[LayerPiece]]:
+    """Outputs ``(N, *out)`` and one piece per structured layer (each must be called exactly once)."""
     f, calls = tapped_forward(apply_fn, params, layers, x)
     count = [0] * len(layers)
     for c in calls:
@@ -73,41 +81,89 @@ def _structured_part(
     if any(k != 1 for k in count):
         # A layer called twice (or never) has no single (input, output-gradient) pair.
         raise _Unstructured([layer for layer, k in zip(layers, count) if k != 1])
-    acts = {c.layer: c.input for c in calls}
-    taps = {c.layer: c.tap for c in calls}
-    n = f.shape[0]
-    flat = f.reshape(n, -1)
-    num_out = flat.shape[1]
-    cov = flat.new_zeros(n, num_out, num_out)
     if not layers:
-        return f.detach(), cov
-    tap_list = [taps[i] for i in range(len(layers))]
+        return f.detach(), []
+    acts = {c.layer: c.input for c in calls}
+    taps = [c.tap for c in sorted(calls, key=lambda c: c.layer)]
+    flat = f.reshape(f.shape[0], -1)
+    num_out = flat.shape[1]
     # Examples are independent (eval mode), so the gradient of sum_n f[n, o] in a tap is, row by
     # row, each example's own gradient of its output o.
     per_output = [
-        torch.autograd.grad(flat[:, o].sum(), tap_list, retain_graph=o < num_out - 1, allow_unused=True)
+        torch.autograd.grad(flat[:, o].sum(), taps, retain_graph=o < num_out - 1, allow_unused=True)
         for o in range(num_out)
     ]
+    pieces = []
     for i, layer in enumerate(layers):
-        if per_output[0][i] is None:  # the layer's output never reaches f
-            continue
-        G = torch.stack([grads[i] for grads in per_output])  # (O, N, *layer out)
-        cov += weigh(layer, acts[i], G)
-    return f.detach(), cov  # a graph to the variances only (the output gradients are constants)
+        if per_output[0][i] is None:  # the layer's output never reaches f: a zero Jacobian
+            grads = taps[i].detach().new_zeros(num_out, *taps[i].shape)
+        else:
+            grads = torch.stack([g[i] for g in per_output])
+        pieces.append(LayerPiece(layer, acts[i], grads))
+    return f.detach(), pieces
 
 
-def _generic_part(
-    apply_fn: Any, params: dict[str, Tensor], variances: dict[str, Tensor], names: list[str], x: Tensor
-) -> Tensor:
+def _generic_jacobian(apply_fn: Any, params: dict[str, Tensor], names: list[str], x: Tensor) -> dict[str, Tensor]:
     sub, subset = split(params, names)
 
     def f_one(p: dict[str, Tensor], xi: Tensor) -> Tensor:
         return apply_fn(subset.merge(p), xi[None])[0].reshape(-1)
 
-    jac = torch.func.vmap(torch.func.jacrev(f_one), in_dims=(None, 0))(sub, x)  # leaf: (N, O, *leaf)
-    cov = 0
-    for k in names:
-        j = jac[k].reshape(*jac[k].shape[:2], -1)
+    return torch.func.vmap(torch.func.jacrev(f_one), in_dims=(None, 0))(sub, x)  # leaf: (N, O, *leaf)
+
+
+def jacobian_pieces(apply_fn: Any, params: dict[str, Tensor], names: list[str], x: Tensor) -> JacobianPieces:
+    """The per-example Jacobian of the outputs in the leaves ``names``, at ``params``, in pieces.
+
+    Linear/Conv1d/Conv2d layers of a :class:`~funcbnn.model.FunctionalModel`
+    called once per forward give a :class:`LayerPiece` (one forward and ``O``
+    backward passes for the whole batch); every other leaf in ``names`` gets its
+    dense Jacobian from ``vmap(jacrev)``. Nothing carries a graph.
+    """
+    detached = {k: v.detach() for k, v in params.items()}
+    layers = structured_layers(apply_fn, set(names)) if hasattr(apply_fn, "module") else []
+    while True:
+        try:
+            # The taps need autograd even when the caller has it off (no_grad or inference_mode).
+            with torch.inference_mode(False), torch.enable_grad():
+                f, pieces = _structured(apply_fn, detached, layers, x)
+            break
+        except _Unstructured as err:
+            layers = [layer for layer in layers if layer not in err.layers]
+    covered = {n for layer in layers for n in (layer.weight, layer.bias) if n}
+    generic = [k for k in names if k not in covered]
+    jac = _generic_jacobian(apply_fn, detached, generic, x) if generic else {}
+    return JacobianPieces(f, pieces, {k: v.detach() for k, v in jac.items()})
+
+
+def _diag_weigh(piece: LayerPiece, variances: dict[str, Tensor]) -> Tensor:
+    """A piece's share ``(N, O, O)`` of ``J diag(variances) J^T``."""
+    layer, a, G = piece
+    vw = variances[layer.weight]
+    vb = variances[layer.bias] if layer.bias else None
+    if piece.is_outer_product():
+        u = a.square() @ vw.T  # (N, out)
+        if vb is not None:
+            u = u + vb
+        return torch.einsum("oni,pni,ni->nop", G, G, u)
+    jac = layer_jacobian(piece)
+    jw = jac[layer.weight].flatten(2)  # (N, O, |W|)
+    cov = torch.einsum("nok,npk,k->nop", jw, jw, vw.reshape(-1))
+    if vb is not None:
+        jb = jac[layer.bias]  # (N, O, out)
+        cov = cov + torch.einsum("noi,npi,i->nop", jb, jb, vb)
+    return cov
+
+
+def pieces_covariance(pieces: JacobianPieces, variances: dict[str, Tensor]) -> Tensor:
+    """``J diag(variances) J^T`` ``(N, O, O)`` from :func:`jacobian_pieces`; differentiable in ``variances``."""
+    n = pieces.outputs.shape[0]
+    num_out = pieces.outputs[0].numel()
+    cov = pieces.outputs.new_zeros(n, num_out, num_out)
+    for piece in pieces.layers:
+        cov = cov + _diag_weigh(piece, variances)
+    for k, j in pieces.generic.items():
+        j = j.reshape(*j.shape[:2], -1)
         cov = cov + torch.einsum("nok,k,npk->nop", j, variances[k].reshape(-1), j)
     return cov
 
@@ -165,23 +221,10 @@ def diag_output_covariance(
     for k, v in variances.items():
         if v.shape != params[k].shape:
             raise ValueError(f"variances[{k!r}] has shape {tuple(v.shape)}, expected {tuple(params[k].shape)}")
-    detached = {k: v.detach() for k, v in params.items()}
-    layers = structured_layers(apply_fn, set(variances)) if hasattr(apply_fn, "module") else []
+    names = [k for k in params if k in variances]
     fs, covs = [], []
     for start in range(0, x.shape[0], chunk_size):
-        xs = x[start : start + chunk_size]
-        while True:
-            try:
-                # The taps need autograd even when the caller has it off (no_grad or inference_mode).
-                with torch.inference_mode(False), torch.enable_grad():
-                    f, cov = _structured_part(apply_fn, detached, layers, xs, _diag_weigh(variances))
-                break
-            except _Unstructured as err:
-                layers = [layer for layer in layers if layer not in err.layers]
-        covered = {n for layer in layers for n in (layer.weight, layer.bias) if n}
-        generic = [k for k in variances if k not in covered]
-        if generic:
-            cov = cov + _generic_part(apply_fn, detached, variances, generic, xs)
-        fs.append(f)
-        covs.append(cov)
+        pieces = jacobian_pieces(apply_fn, params, names, x[start : start + chunk_size])
+        fs.append(pieces.outputs)
+        covs.append(pieces_covariance(pieces, variances))
     return torch.cat(fs), torch.cat(covs)

@@ -17,9 +17,10 @@ network's outputs through :func:`funcbnn.predict.sample_outputs`.
 
 Repeated predictions on the same inputs under different hyperparameters (a
 prior-precision grid search, a validation check inside marginal-likelihood
-tuning) reuse one :class:`Linearization`: the per-example Jacobians, for
-``"kron"`` already rotated into the curvature's eigenbasis, depend on neither
-the prior precision nor ``sigma``.
+tuning) reuse one :class:`Linearization`: the per-example Jacobians (in the
+pieces of :mod:`funcbnn.laplace.glm`; for ``"kron"`` rotated into the
+curvature's eigenbasis, and kept as factors for Linear layers) depend on
+neither the prior precision nor ``sigma``.
 """
 
 from __future__ import annotations
@@ -32,10 +33,10 @@ import torch
 from torch import Tensor
 
 from .._validation import positive_int
-from ..families.kron_gaussian import kron_project_jacobian
+from ..families.kron_gaussian import KronJacobian, kron_project_jacobian
 from ..likelihoods import Likelihood
 from ._subset import Subset
-from .glm import diag_output_covariance
+from .glm import JacobianPieces, LayerPiece, diag_output_covariance, jacobian_pieces, layer_jacobian, pieces_covariance
 from .state import LaplaceState, family_of, hyperparameters, posterior
 
 __all__ = ["Linearization", "linearize", "output_covariance", "predict"]
@@ -50,13 +51,13 @@ class Linearization(NamedTuple):
         The inputs.
     outputs : Tensor
         ``(N, *out)``: the network's outputs at the mean.
-    jacobian : None, dict or KronJacobian
-        ``"full"``: per-leaf Jacobians ``(N, O, *leaf.shape)``; ``"kron"``: the
-        same rotated into the curvature's eigenbasis
-        (:func:`funcbnn.families.kron_gaussian.kron_project_jacobian`);
-        ``"diag"``: ``None``, the diagonal structure never forms a Jacobian
-        (:mod:`funcbnn.laplace.glm`) and recomputes its covariance from
-        ``inputs``.
+    jacobian : JacobianPieces, KronJacobian or dict
+        ``"diag"``: the Jacobian's pieces (:func:`funcbnn.laplace.glm.jacobian_pieces`:
+        each structured layer's inputs and output gradients, dense Jacobians of
+        the other leaves), weighed by the variances on each use; ``"kron"``: the
+        Jacobian rotated into the curvature's eigenbasis, as factors for Linear
+        layers (:class:`funcbnn.families.KronJacobian`); ``"full"``: per-leaf
+        Jacobians ``(N, O, *leaf.shape)``.
     structure : str
         The structure it was made for.
     """
@@ -72,36 +73,73 @@ def _check_inputs(x: Any) -> None:
         raise ValueError("x must be a tensor with a leading batch axis")
 
 
+def _kron_jacobian(curvature: Any, pieces: JacobianPieces) -> KronJacobian:
+    """Rotate one chunk's pieces into the eigenbasis; Linear layers on one row per example stay factored."""
+    outer, dense = {}, dict(pieces.generic)
+    for piece in pieces.layers:
+        layer = piece.layer
+        key = (layer.weight, layer.bias) if layer.bias else (layer.weight,)
+        if key in curvature.blocks and piece.is_outer_product():
+            a = piece.inputs
+            if layer.bias:  # the block's last column is the bias: a ones column
+                a = torch.cat([a, a.new_ones(a.shape[0], 1)], 1)
+            outer[key] = (piece.grads, a)
+        else:
+            dense.update(layer_jacobian(piece))
+    return kron_project_jacobian(curvature, dense, outer)
+
+
+def _dense_jacobian(pieces: JacobianPieces) -> dict[str, Tensor]:
+    out = dict(pieces.generic)
+    for piece in pieces.layers:
+        out.update(layer_jacobian(piece))
+    return out
+
+
+def _concat_pieces(chunks: list[JacobianPieces]) -> JacobianPieces:
+    first = chunks[0]
+    layers = [
+        LayerPiece(p.layer, torch.cat([c.layers[i].inputs for c in chunks]), torch.cat([c.layers[i].grads for c in chunks], 1))
+        for i, p in enumerate(first.layers)
+    ]
+    generic = {k: torch.cat([c.generic[k] for c in chunks]) for k in first.generic}
+    return JacobianPieces(torch.cat([c.outputs for c in chunks]), layers, generic)
+
+
 def linearize(
     apply_fn: Callable, subset: Subset, state: LaplaceState, x: Tensor, *, chunk_size: int = 64
 ) -> Linearization:
     """Outputs and per-example Jacobians at the state's mean, ``chunk_size`` inputs at a time.
 
     ``apply_fn`` is the full model ``apply_fn(params, x)`` and ``subset`` the
-    leaves the posterior leaves fixed. Memory: ``N x O x P`` numbers for
-    ``"kron"`` and ``"full"`` (``P`` the posterior's weights), none for ``"diag"``.
+    leaves the posterior leaves fixed. Structured layers (Linear, Conv) take
+    one forward and ``O`` backward passes per chunk (:mod:`funcbnn.laplace.glm`),
+    other leaves ``vmap(jacrev)``. Memory: ``"diag"`` keeps each structured
+    layer's inputs and ``O`` output gradients; ``"kron"`` keeps ``N x O x out``
+    plus ``N x d`` numbers per Linear layer and ``N x O x |W|`` per other
+    block; ``"full"`` keeps ``N x O x P``.
     """
     chunk_size = positive_int(chunk_size, "chunk_size")
     _check_inputs(x)
     mean = {k: v.detach() for k, v in state.mean.items()}
-    with torch.no_grad():
-        f = apply_fn(subset.merge(mean), x)
-    if state.structure == "diag":
-        return Linearization(x, f, None, "diag")
-
-    def f_one(sub: dict[str, Tensor], xi: Tensor) -> Tensor:
-        return apply_fn(subset.merge(sub), xi[None])[0].reshape(-1)
-
-    jacobian = torch.func.vmap(torch.func.jacrev(f_one), in_dims=(None, 0))
-    parts = []
+    params = subset.merge(mean)
+    names = list(mean)
+    chunks = []
     for start in range(0, x.shape[0], chunk_size):
-        jac = jacobian(mean, x[start : start + chunk_size])  # leaf: (n, O, *leaf.shape)
+        pieces = jacobian_pieces(apply_fn, params, names, x[start : start + chunk_size])
         with torch.no_grad():
-            # Rotate chunk by chunk, so the unrotated Jacobian of all N inputs never exists at once.
-            parts.append(kron_project_jacobian(state.curvature, jac) if state.structure == "kron" else jac)
-    with torch.no_grad():
-        joined = optree.tree_map(lambda *chunks: torch.cat(chunks), *parts)
-    return Linearization(x, f, joined, state.structure)
+            if state.structure == "kron":  # rotate chunk by chunk: the unrotated Jacobian never exists whole
+                chunks.append((pieces.outputs, _kron_jacobian(state.curvature, pieces)))
+            elif state.structure == "full":
+                chunks.append((pieces.outputs, _dense_jacobian(pieces)))
+            else:
+                chunks.append((pieces.outputs, pieces))
+    f = torch.cat([c[0] for c in chunks])
+    if state.structure == "diag":
+        jacobian = _concat_pieces([c[1] for c in chunks])
+    else:
+        jacobian = optree.tree_map(lambda *parts: torch.cat(parts), *(c[1] for c in chunks))
+    return Linearization(x, f, jacobian, state.structure)
 
 
 def _as_linearization(
@@ -132,12 +170,14 @@ def output_covariance(
     chunk_size = positive_int(chunk_size, "chunk_size")
     post = posterior(state, *hyperparameters(state, prior_precision, sigma))
     family = family_of(state.structure)
-    if state.structure == "diag":
-        inputs = x.inputs if isinstance(x, Linearization) else x
-        _check_inputs(inputs)
+    if state.structure == "diag" and not isinstance(x, Linearization):
+        # One pass, chunk by chunk: the pieces of all inputs are never held at once.
+        _check_inputs(x)
         full = subset.merge({k: v.detach() for k, v in state.mean.items()})
-        return diag_output_covariance(apply_fn, full, family.variance(post), inputs, chunk_size=chunk_size)
+        return diag_output_covariance(apply_fn, full, family.variance(post), x, chunk_size=chunk_size)
     lin = _as_linearization(apply_fn, subset, state, x, chunk_size)
+    if state.structure == "diag":
+        return lin.outputs, pieces_covariance(lin.jacobian, family.variance(post))
     return lin.outputs, family.functional_variance(post, lin.jacobian)
 
 
