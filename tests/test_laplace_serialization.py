@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
+from torch import nn  # noqa: F401 (the CASES architectures are eval-ed)
 
 from funcbnn import functionalize
 from funcbnn.laplace import LaplaceState, fit, from_state
@@ -128,6 +128,7 @@ def test_state_round_trips_with_weights_only_and_from_state_rebuilds_the_same_fu
     _assert_same(_outputs(again, loaded, x), _outputs(la, state, x))
     moved = loaded.to(torch.float32)
     assert moved.mean[la.names[0]].dtype == torch.float32 and moved.structure == structure
+    assert moved.num_data.dtype == torch.int64 and moved.sigma.dtype == torch.float32
 
 
 def test_from_state_refuses_states_and_params_that_do_not_fit():

@@ -37,7 +37,6 @@ import numbers
 from collections.abc import Mapping
 from typing import Any, Callable, Literal, NamedTuple
 
-import optree
 import torch
 from torch import Tensor
 

@@ -36,7 +36,7 @@ from .._validation import positive_int
 from ..families.kron_gaussian import KronJacobian, kron_project_jacobian
 from ..likelihoods import Likelihood
 from ._subset import Subset
-from .glm import JacobianPieces, LayerPiece, diag_output_covariance, jacobian_pieces, layer_jacobian, pieces_covariance
+from .glm import JacobianPieces, LayerPiece, jacobian_pieces, layer_jacobian, pieces_covariance
 from .state import LaplaceState, family_of, hyperparameters, posterior
 
 __all__ = ["Linearization", "linearize", "output_covariance", "predict"]
@@ -142,14 +142,11 @@ def linearize(
     return Linearization(x, f, jacobian, state.structure)
 
 
-def _as_linearization(
-    apply_fn: Callable, subset: Subset, state: LaplaceState, x: Any, chunk_size: int
-) -> Linearization:
-    if isinstance(x, Linearization):
-        if x.structure != state.structure:
-            raise ValueError(f"x is a Linearization for structure {x.structure!r}, the state is {state.structure!r}")
-        return x
-    return linearize(apply_fn, subset, state, x, chunk_size=chunk_size)
+def _covariance(state: LaplaceState, post: Any, lin: Linearization) -> Tensor:
+    variance_of = family_of(state.structure)
+    if state.structure == "diag":  # weigh the pieces: the diagonal never forms the Jacobian
+        return pieces_covariance(lin.jacobian, variance_of.variance(post))
+    return variance_of.functional_variance(post, lin.jacobian)
 
 
 def output_covariance(
@@ -164,21 +161,23 @@ def output_covariance(
 ) -> tuple[Tensor, Tensor]:
     """Outputs at the MAP ``(N, *out)`` and the linearised output covariance ``J P^-1 J^T`` ``(N, O, O)``.
 
-    ``x`` is inputs or a :class:`Linearization` of them. The covariance is
-    differentiable in tensor hyperparameters.
+    ``x`` is inputs (linearised ``chunk_size`` at a time and let go, so memory
+    stays bounded) or a :class:`Linearization` of them (reused as it is). The
+    covariance is differentiable in tensor hyperparameters.
     """
     chunk_size = positive_int(chunk_size, "chunk_size")
     post = posterior(state, *hyperparameters(state, prior_precision, sigma))
-    family = family_of(state.structure)
-    if state.structure == "diag" and not isinstance(x, Linearization):
-        # One pass, chunk by chunk: the pieces of all inputs are never held at once.
-        _check_inputs(x)
-        full = subset.merge({k: v.detach() for k, v in state.mean.items()})
-        return diag_output_covariance(apply_fn, full, family.variance(post), x, chunk_size=chunk_size)
-    lin = _as_linearization(apply_fn, subset, state, x, chunk_size)
-    if state.structure == "diag":
-        return lin.outputs, pieces_covariance(lin.jacobian, family.variance(post))
-    return lin.outputs, family.functional_variance(post, lin.jacobian)
+    if isinstance(x, Linearization):
+        if x.structure != state.structure:
+            raise ValueError(f"x is a Linearization for structure {x.structure!r}, the state is {state.structure!r}")
+        return x.outputs, _covariance(state, post, x)
+    _check_inputs(x)
+    fs, covs = [], []
+    for start in range(0, x.shape[0], chunk_size):
+        lin = linearize(apply_fn, subset, state, x[start : start + chunk_size], chunk_size=chunk_size)
+        fs.append(lin.outputs)
+        covs.append(_covariance(state, post, lin))
+    return torch.cat(fs), torch.cat(covs)
 
 
 def _class_probs(outputs: Tensor, lik: Likelihood) -> Tensor:

@@ -91,8 +91,16 @@ class LaplaceState(NamedTuple):
     scale_power: int
 
     def to(self, *args: Any, **kwargs: Any) -> "LaplaceState":
-        """The state with every tensor passed through ``Tensor.to(*args, **kwargs)`` (device, dtype)."""
-        move = lambda t: t.to(*args, **kwargs)  # noqa: E731
+        """The state with its tensors moved by ``Tensor.to(*args, **kwargs)``.
+
+        Floating-point tensors take the device and dtype; the integer counts
+        only the device.
+        """
+        device = self.sigma.to(*args, **kwargs).device
+
+        def move(t: Tensor) -> Tensor:
+            return t.to(*args, **kwargs) if t.is_floating_point() else t.to(device)
+
         fields = self._asdict()
         for name in ("structure", "likelihood", "scale_power"):
             fields.pop(name)
