@@ -73,6 +73,7 @@ def _dense_gaussian_example(params, generator):
 
 
 FAMILIES.register("diag_gaussian", example=_diag_gaussian_example)(diag_gaussian)
+FAMILIES.register("kron_gaussian", example=_kron_gaussian_example)(kron_gaussian)
 
 __all__ = [
     "FAMILIES",
