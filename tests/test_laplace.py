@@ -1193,3 +1193,19 @@ def test_kron_output_covariance_equals_J_P_inverse_J_transposed_on_every_layer_k
         jac = torch.autograd.functional.jacobian(out, tuple(state.mean[k] for k in la.names))
         J = torch.cat([j.reshape(j.shape[0], -1) for j in jac], 1)
         assert_rel(got[n], J @ cov @ J.T, 1e-9)
+
+
+def test_laplace_torch_readme_tuning_loop_runs_on_shape_1_tensors():
+    # laplace-torch's README: Adam on shape-(1,) log hyperparameters through the marginal likelihood.
+    apply_fn, params, x, y = _noisy_linear_data()
+    la, state = fit(apply_fn, params, [(x, y)], "regression", structure="kron")
+    log_prior, log_sigma = torch.ones(1, dtype=DT, requires_grad=True), torch.ones(1, dtype=DT, requires_grad=True)
+    opt = torch.optim.Adam([log_prior, log_sigma], lr=1e-1)
+    first = None
+    for _ in range(20):
+        opt.zero_grad()
+        neg_marglik = -la.log_marglik(state, log_prior.exp(), log_sigma.exp())
+        neg_marglik.backward()
+        opt.step()
+        first = neg_marglik.item() if first is None else first
+    assert neg_marglik.item() < first and log_prior.grad.shape == (1,)

@@ -322,29 +322,29 @@ def _build(apply_fn: Any, fixed: Subset, names: list[str], structure: str, lik: 
         return family.kl(posterior(state), prior, **kwargs)
 
     def tune_(state: LaplaceState, **kwargs: Any) -> LaplaceState:
+        """:func:`funcbnn.laplace.marglik.tune` with the fitted likelihood (``per_leaf``, ``tune_sigma``, ``steps``, ``lr``)."""
         return tune(state, lik, **kwargs)
 
-    tune_.__doc__ = tune.__doc__
-
     def log_marglik_(state: LaplaceState, prior_precision: Any = None, sigma: Any = None) -> Tensor:
+        """:func:`funcbnn.laplace.marglik.log_marglik` with the fitted likelihood."""
         return log_marglik(state, lik, prior_precision, sigma)
 
-    log_marglik_.__doc__ = log_marglik.__doc__
-
     def linearize_(state: LaplaceState, x: Tensor, *, chunk_size: int = 64) -> Linearization:
+        """:func:`funcbnn.laplace.predictive.linearize`: reuse the result in ``predict`` / ``output_covariance``."""
         return linearize(apply_fn, fixed, state, x, chunk_size=chunk_size)
 
-    linearize_.__doc__ = linearize.__doc__
-
     def output_covariance_(state: LaplaceState, x: Any, **kwargs: Any) -> tuple[Tensor, Tensor]:
+        """:func:`funcbnn.laplace.predictive.output_covariance` (``prior_precision``, ``sigma``, ``chunk_size``)."""
         return output_covariance(apply_fn, fixed, state, x, **kwargs)
 
-    output_covariance_.__doc__ = output_covariance.__doc__
-
     def predict_(state: LaplaceState, x: Any, **kwargs: Any) -> Any:
-        return predict(apply_fn, fixed, lik, state, x, **kwargs)
+        """:func:`funcbnn.laplace.predictive.predict` with the fitted likelihood.
 
-    predict_.__doc__ = predict.__doc__
+        ``x`` is inputs or ``linearize(state, x)``; keywords ``pred_type``,
+        ``link_approx``, ``num_samples``, ``generator``, ``prior_precision``,
+        ``sigma``, ``chunk_size``.
+        """
+        return predict(apply_fn, fixed, lik, state, x, **kwargs)
 
     return Laplace(
         family=family,
