@@ -16,7 +16,7 @@ in the same process and under ``torch.no_grad()``:
   after warm-up so its one-off vmap-vs-loop calibration is not included.
 
 Every timing is the minimum (or, with ``--stat median``, the median) of
-``--repeats`` calls measured with ``time.perf_counter`` after two warm-up calls;
+``--repeats`` calls (more for sub-millisecond rows: as many rounds as fit in half a second) measured with ``time.perf_counter`` after two warm-up calls;
 the four forward variants are timed in interleaved rounds, in an order shuffled
 (seeded) every round, so that drift in machine load and the after-effects of the previous
 call (a call right after a loop runs slower) hit them alike. The minimum is the default because on a shared
@@ -62,6 +62,8 @@ from funcbnn._engine import chosen_path as _engine_choices
 SAMPLE_COUNTS = (16, 64)
 INIT_STD = 0.05
 WARMUP = 2
+MIN_ROUND_SECONDS = 0.5  # cheap rows get more rounds: about this much timing per measurement
+MAX_ROUNDS = 201
 AUTO_MIN_SPEEDUP = 0.95  # auto must not lose more than 5% to the baseline anywhere
 AUTO_MAX_OVER_BEST = 1.05  # ... nor more than 5% to the faster of the two forced paths
 SMALL_MLP_MIN_SPEEDUP = 5.0  # ... and must beat it 5x for the small MLP at batch <= 32
@@ -143,10 +145,18 @@ STATS: dict[str, Callable[[list[float]], float]] = {"min": min, "median": statis
 
 
 def measure(fns: dict[str, Callable[[], object]], repeats: int, stat: str) -> dict[str, float]:
-    """Wall time of each function: warm-up calls, then ``repeats`` interleaved rounds, reduced by ``stat``."""
+    """Wall time of each function: warm-up calls, then interleaved rounds, reduced by ``stat``.
+
+    At least ``repeats`` rounds, more for sub-millisecond calls: as many as fit in
+    :data:`MIN_ROUND_SECONDS` (at most :data:`MAX_ROUNDS`), since the minimum of 9
+    calls of 0.1 ms still moves by 10% from one run to the next on a shared machine.
+    """
+    warm = 0.0
     for fn in fns.values():
         for _ in range(WARMUP):
-            fn()
+            warm += time_once(fn)
+    per_round = warm / WARMUP
+    repeats = max(repeats, min(MAX_ROUNDS, int(MIN_ROUND_SECONDS / max(per_round, 1e-9))))
     names = list(fns)
     order = random.Random(0)
     times: dict[str, list[float]] = {name: [] for name in names}
@@ -273,7 +283,7 @@ def main() -> None:
     torch.manual_seed(0)
     print(
         f"funcbnn {funcbnn.__version__} | torch {torch.__version__} | threads {torch.get_num_threads()} | "
-        f"{args.stat} of {repeats} after {WARMUP} warm-up calls | times in ms"
+        f"{args.stat} of >= {repeats} after {WARMUP} warm-up calls | times in ms"
     )
     print(HEADER)
     print("-" * len(HEADER))

@@ -249,6 +249,19 @@ def test_a_bound_method_keeps_its_decisions():
     assert len(chosen_path(model.forward)) == 1
 
 
+def test_a_closure_built_per_call_keeps_its_decisions_on_its_owner(monkeypatch):
+    timings = []
+    real = _engine._vmap_is_faster
+    monkeypatch.setattr(_engine, "_vmap_is_faster", lambda *a: timings.append(1) or real(*a))
+    apply_fn, params, _ = functionalize(make_mlp())
+    samples = {k: v.expand(4, *v.shape).clone() for k, v in params.items()}
+    x = torch.randn(5, 4)
+    for scale in (1.0, 2.0, 3.0):
+        out = apply_samples(lambda p, xs: scale * apply_fn(p, xs), samples, x, owner=apply_fn)
+        torch.testing.assert_close(out, scale * apply_samples(apply_fn, samples, x, method="loop"))
+    assert len(timings) == 1
+
+
 class _FakeClock:
     """A perf_counter that advances only when a fake path 'runs'."""
 

@@ -55,7 +55,6 @@ goes) and per signature of the inputs and the samples' trailing shapes.
 
 from __future__ import annotations
 
-import math
 import os
 import sys
 import time
@@ -266,15 +265,19 @@ class _Entry:
 _CACHE: "weakref.WeakKeyDictionary[Any, dict[tuple, _Entry]]" = weakref.WeakKeyDictionary()
 
 
-def _cache_for(apply_fn: Any) -> tuple[dict[tuple, _Entry], Any]:
+def _cache_for(apply_fn: Any, owner: Any = None) -> tuple[dict[tuple, _Entry], Any]:
     """The decision table of ``apply_fn`` and an extra key part.
 
     A bound method is a new object at every attribute access, so its table
-    hangs on the instance, keyed by the function too. A function that cannot
-    be weakly referenced gets a fresh table (measured on every call).
+    hangs on the instance, keyed by the function too; likewise a closure built
+    anew per call hangs on the long-lived ``owner`` its caller names, keyed by
+    its code. A function that cannot be weakly referenced gets a fresh table
+    (measured on every call).
     """
     holder, extra = apply_fn, None
-    if isinstance(apply_fn, types.MethodType):
+    if owner is not None:
+        holder, extra = owner, getattr(apply_fn, "__code__", type(apply_fn))
+    elif isinstance(apply_fn, types.MethodType):
         holder, extra = apply_fn.__self__, apply_fn.__func__
     try:
         return _CACHE.setdefault(holder, {}), extra
@@ -494,6 +497,7 @@ def apply_samples(
     randomness: Randomness = "different",
     backward_to: Sequence[Tensor] | None = None,
     validate: Callable[[], Any] | None = None,
+    owner: Any = None,
 ) -> Any:
     """``apply_fn(sample_s, x, *args)`` for every slice ``s`` of ``samples``' leading axis, stacked.
 
@@ -536,6 +540,11 @@ def apply_samples(
         The caller's full check of ``samples``; called once per new signature
         (structure, trailing shapes, dtypes), before anything runs, so that
         repeated calls skip it.
+    owner : object, optional
+        A long-lived (weakly referenceable) object to remember the decisions
+        on, for a caller whose ``apply_fn`` is a closure built anew per call
+        (which would otherwise be measured on every call); the decisions are
+        keyed by the closure's code as well.
 
     Returns
     -------
@@ -557,8 +566,10 @@ def apply_samples(
     torch.Size([8, 5, 2])
     """
     leaves, spec = optree.tree_flatten(samples)
+    if not leaves:
+        raise ValueError("samples must be a tree with at least one tensor leaf")
     num = leaves[0].shape[0]
-    cache, extra = _cache_for(apply_fn)
+    cache, extra = _cache_for(apply_fn, owner)
     key = _signature(x, args, spec, leaves, randomness, extra)
     entry = cache.get(key)
     if entry is None:
@@ -594,7 +605,7 @@ def apply_samples(
         return _loop(apply_fn, leaves, spec, x, args, num, randomness)
 
 
-def chosen_path(apply_fn: Callable[..., Any]) -> dict[tuple, str]:
+def chosen_path(apply_fn: Callable[..., Any], owner: Any = None) -> dict[tuple, str]:
     """What ``"auto"`` decided for ``apply_fn``: ``{(signature..., S, chunk, with_backward): "vmap" | "loop"}``.
 
     For benchmarks and tests (a forward that failed under vmap reads ``"loop"``,
@@ -607,7 +618,7 @@ def chosen_path(apply_fn: Callable[..., Any]) -> dict[tuple, str]:
     >>> list(chosen_path(f).values())[0] in ("vmap", "loop")
     True
     """
-    cache, _ = _cache_for(apply_fn)
+    cache, _ = _cache_for(apply_fn, owner)
     out: dict[tuple, str] = {}
     for key, entry in cache.items():
         if entry.vmap_failed:
