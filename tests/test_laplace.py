@@ -1055,6 +1055,10 @@ def test_the_diagonal_laplace_posterior_is_a_diag_gaussian_state():
     assert torch.equal(la.kl(state, prior), ref.kl(post, prior))
     own = gaussian(std={k: state.prior_precision.rsqrt() for k in state.mean})
     assert torch.equal(la.kl(state), ref.kl(post, own))
+    # the fitter's log-determinant shortcut is the family's
+    from funcbnn.laplace.state import logdet_precision
+
+    assert_rel(logdet_precision(state), ref.logdet_precision(post), 1e-12)
     # its variances are the inverse diagonal precision
     for k, v in ref.variance(post).items():
         assert_rel(v, la.precision(state)[k].reciprocal(), 1e-12)

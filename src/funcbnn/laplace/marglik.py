@@ -6,7 +6,8 @@ Selection in Deep Learning") and laplace-torch (Daxberger et al. 2021):
 ``log p(D) ~ log p(D | theta) - 1/2 (log det P - log det P0 + theta^T P0 theta)``
 
 at the MAP ``theta``, with ``P`` the posterior precision (its log-determinant
-comes from the structure's family, ``logdet_precision``) and ``P0`` the
+from :func:`funcbnn.laplace.state.logdet_precision`, i.e. the structure's
+family) and ``P0`` the
 diagonal prior precision. Under Gaussian noise the data term is rescaled from
 the unit-noise loss the fit stored, so ``sigma`` is tunable too. The result is
 differentiable in both hyperparameters, which :func:`tune` optimises.
@@ -22,7 +23,7 @@ from torch import Tensor
 
 from .._validation import positive_float, positive_int
 from ..likelihoods import Likelihood
-from .state import LaplaceState, family_of, hyperparameters, posterior
+from .state import LaplaceState, hyperparameters, logdet_precision
 
 __all__ = ["log_marglik", "tune"]
 
@@ -57,8 +58,7 @@ def log_marglik(state: LaplaceState, lik: Likelihood, prior_precision: Any = Non
         0-d, differentiable in tensor hyperparameters.
     """
     pp, sd = hyperparameters(state, prior_precision, sigma)
-    family = family_of(state.structure)
-    logdet_post = family.logdet_precision(posterior(state, pp, sd))
+    logdet_post = logdet_precision(state, pp, sd)
     logdet_prior, scatter = 0, 0
     for i, (k, m) in enumerate(state.mean.items()):
         p = pp if pp.dim() == 0 else pp[i]

@@ -36,7 +36,7 @@ from ..families.diag_gaussian import DiagGaussianState, diag_gaussian, inverse_s
 from ..families.kron_gaussian import KronGaussianState, kron_gaussian, kron_precision_dense
 from ..tree import leaf_names
 
-__all__ = ["STRUCTURES", "LaplaceState", "family_of", "hyperparameters", "precision", "posterior"]
+__all__ = ["STRUCTURES", "LaplaceState", "family_of", "hyperparameters", "precision", "posterior", "logdet_precision"]
 
 STRUCTURES: tuple[str, ...] = ("diag", "kron", "full")
 """Posterior structures: diagonal, Kronecker-factored per layer (KFAC), dense over the subset."""
@@ -227,3 +227,16 @@ def posterior(state: LaplaceState, prior_precision: Any = None, sigma: Any = Non
             "beyond the prior precision); raise prior_precision"
         )
     return DenseGaussianState(state.mean, L)
+
+
+def logdet_precision(state: LaplaceState, prior_precision: Any = None, sigma: Any = None) -> Tensor:
+    """``log det P``: the family's ``logdet_precision`` of :func:`posterior`, differentiable in the hyperparameters.
+
+    The diagonal structure sums ``log P`` directly instead of going through the
+    family's softplus parameterisation (the same number up to round-off, about
+    3x faster): marginal-likelihood tuning evaluates it hundreds of times.
+    """
+    pp, sd = hyperparameters(state, prior_precision, sigma)
+    if state.structure == "diag":
+        return torch.stack([p.log().sum() for p in precision(state, pp, sd).values()]).sum()
+    return family_of(state.structure).logdet_precision(posterior(state, pp, sd))
