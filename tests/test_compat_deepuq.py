@@ -12,6 +12,7 @@ from conftest import gen
 from torch import nn
 
 import funcbnn
+from funcbnn.families.dropout import dropout as dropout_family
 from funcbnn.compat import deepuq
 from funcbnn.compat.deepuq import (
     BayesByBackpropMLP,
@@ -296,7 +297,7 @@ def test_mc_dropout_wrapper_reports_population_moments_over_seeded_masks():
     mean, var = wrapper.predict(x, generator=gen(0))
     assert not net.training
     apply_fn, params, _ = funcbnn.mc_dropout.functionalize(net)
-    post = funcbnn.families.dropout.dropout()
+    post = dropout_family()
     probs = funcbnn.sample_outputs(apply_fn, post.sample(post.init(params), 12, generator=gen(0)), x).softmax(-1)
     torch.testing.assert_close(mean, probs.mean(0))
     torch.testing.assert_close(var, probs.var(0, unbiased=False))

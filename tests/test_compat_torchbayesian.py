@@ -13,6 +13,7 @@ from torch.distributions import Laplace, Normal, StudentT, kl_divergence
 from torch.utils.data import DataLoader, TensorDataset
 
 import funcbnn
+from funcbnn.families.dropout import dropout as dropout_family
 import funcbnn.compat.torchbayesian as bnn
 from funcbnn.compat.torchbayesian import utils
 
@@ -296,7 +297,7 @@ def test_bayesian_dropout_stays_on_in_eval_and_enable_mc_dropout_touches_only_dr
     # native MC dropout recognises them: seeded, reproducible masks
     mc = nn.Sequential(nn.Linear(3, 8), bnn.BayesianDropout(0.5), nn.Linear(8, 2))
     apply_fn, params, _ = funcbnn.mc_dropout.functionalize(mc)
-    post = funcbnn.families.dropout.dropout()
+    post = dropout_family()
     x = torch.randn(5, 3)
     out = funcbnn.sample_outputs(apply_fn, post.sample(post.init(params), 4, generator=gen(0)), x)
     again = funcbnn.sample_outputs(apply_fn, post.sample(post.init(params), 4, generator=gen(0)), x)

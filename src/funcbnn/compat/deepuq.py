@@ -91,7 +91,7 @@ class GaussianPosterior(nn.Module):
     Examples
     --------
     >>> post = GaussianPosterior(torch.zeros(3), torch.full((3,), -3.0))
-    >>> post.sample().shape, round(float(post.sigma[0]), 4)
+    >>> post.sample().shape, round(post.sigma[0].item(), 4)
     (torch.Size([3]), 0.0486)
     """
 

@@ -53,7 +53,7 @@ class GaussianPosterior(_NativeGaussianPosterior):
     Examples
     --------
     >>> post = GaussianPosterior((3, 2))
-    >>> post.sample_parameters().shape, round(float(post.sigma[0, 0]), 4)
+    >>> post.sample_parameters().shape, round(post.sigma[0, 0].item(), 4)
     (torch.Size([3, 2]), 0.0486)
     """
 
@@ -85,7 +85,7 @@ class PretrainedGaussianPosterior(_NativePretrainedGaussianPosterior):
     --------
     >>> w = torch.randn(4, 3)
     >>> post = PretrainedGaussianPosterior(w)
-    >>> torch.equal(post.mu, w), float(post.rho[0, 0])
+    >>> torch.equal(post.mu, w), post.rho[0, 0].item()
     (True, -3.0)
     """
 
