@@ -8,11 +8,10 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import gen
 from torch import nn
 
 import funcbnn
-from funcbnn.families.dropout import dropout as dropout_family
+from conftest import gen
 from funcbnn.compat import deepuq
 from funcbnn.compat.deepuq import (
     BayesByBackpropMLP,
@@ -28,13 +27,19 @@ from funcbnn.compat.deepuq import (
     predict_vi_uq,
     vi_elbo_step,
 )
+from funcbnn.families.dropout import dropout as dropout_family
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _deepuq_kl(mu, sigma, prior_mu, prior_sigma):
     """deepuq's per-element KL, summed."""
-    return (math.log(prior_sigma) - torch.log(sigma) + (sigma**2 + (mu - prior_mu) ** 2) / (2 * prior_sigma**2) - 0.5).sum()
+    return (
+        math.log(prior_sigma)
+        - torch.log(sigma)
+        + (sigma**2 + (mu - prior_mu) ** 2) / (2 * prior_sigma**2)
+        - 0.5
+    ).sum()
 
 
 def _randomise(model: nn.Module, seed: int = 0) -> nn.Module:
@@ -59,8 +64,16 @@ def _collapse(model: nn.Module) -> nn.Module:
 
 
 def test_every_name_of_deepuq_vi_is_here():
-    for name in ("BayesByBackpropMLP", "BayesianLinear", "kl", "GaussianPosterior", "GaussianPrior",
-                 "predict_vi_uq", "vi_elbo_step", "UQResult"):
+    for name in (
+        "BayesByBackpropMLP",
+        "BayesianLinear",
+        "kl",
+        "GaussianPosterior",
+        "GaussianPrior",
+        "predict_vi_uq",
+        "vi_elbo_step",
+        "UQResult",
+    ):
         assert name in deepuq.__all__ and hasattr(deepuq, name)
     assert deepuq.BayesByBackpropRegressor is BayesByBackpropMLP
     fields = [f.name for f in dataclasses.fields(UQResult)]
@@ -80,7 +93,9 @@ def test_posterior_is_mu_rho_with_deepuqs_sigma_draw_and_log_density():
     torch.manual_seed(0)
     torch.testing.assert_close(draw, post.mu + post.sigma * torch.randn_like(post.mu))
     w = torch.tensor([0.1, 0.2])
-    expected = (-0.5 * ((w - post.mu) / post.sigma) ** 2 - torch.log(post.sigma) - 0.5 * math.log(2 * math.pi)).sum()
+    expected = (
+        -0.5 * ((w - post.mu) / post.sigma) ** 2 - torch.log(post.sigma) - 0.5 * math.log(2 * math.pi)
+    ).sum()
     torch.testing.assert_close(post.log_prob(w), expected)
     assert torch.equal(post.sample(generator=gen(1)), post.sample(generator=gen(1)))
 
@@ -108,7 +123,9 @@ def test_layer_starts_at_zero_mean_rho_minus_3_draws_weight_then_bias_and_has_de
     w = layer.weight_posterior.mu + layer.weight_posterior.sigma * torch.randn_like(layer.weight_posterior.mu)
     b = layer.bias_posterior.mu + layer.bias_posterior.sigma * torch.randn_like(layer.bias_posterior.mu)
     torch.testing.assert_close(out, F.linear(x, w, b))
-    torch.testing.assert_close(layer(x, sample=False), F.linear(x, layer.weight_posterior.mu, layer.bias_posterior.mu))
+    torch.testing.assert_close(
+        layer(x, sample=False), F.linear(x, layer.weight_posterior.mu, layer.bias_posterior.mu)
+    )
     expected = _deepuq_kl(layer.weight_posterior.mu, layer.weight_posterior.sigma, 0.2, 0.5) + _deepuq_kl(
         layer.bias_posterior.mu, layer.bias_posterior.sigma, 0.2, 0.5
     )
@@ -127,7 +144,9 @@ def test_mlp_stacks_layers_with_its_activation_and_sums_their_kl():
     torch.testing.assert_close(model(x, sample=False), out)
     layers = [*model.hidden_layers, model.output_layer]
     torch.testing.assert_close(model.kl(), sum(layer.kl() for layer in layers))
-    torch.testing.assert_close(deepuq.kl(nn.Sequential(BayesianLinear(2, 2), BayesianLinear(2, 1))).shape, torch.Size([]))
+    torch.testing.assert_close(
+        deepuq.kl(nn.Sequential(BayesianLinear(2, 2), BayesianLinear(2, 1))).shape, torch.Size([])
+    )
     with pytest.raises(ValueError, match="Unsupported activation 'swish'"):
         BayesByBackpropMLP(3, [4], 2, activation="swish")
 
@@ -146,17 +165,44 @@ def test_elbo_step_is_mean_nll_plus_weighted_kl_over_num_batches():
     assert loss.requires_grad and not nll.requires_grad and not kl_term.requires_grad
 
 
+def test_a_one_sample_elbo_step_draws_deepuqs_weights_for_the_same_seed():
+    model = _randomise(BayesByBackpropMLP(4, [6, 5], 3))
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    torch.manual_seed(2)
+    loss, nll, kl_term = vi_elbo_step(model, x, y, num_batches=5, kl_weight=0.5)
+    torch.manual_seed(2)  # deepuq: each layer draws its weight, then its bias, as the forward reaches it
+    h = x
+    layers = [*model.hidden_layers, model.output_layer]
+    for i, layer in enumerate(layers):
+        wp, bp = layer.weight_posterior, layer.bias_posterior
+        w = wp.mu + torch.log1p(torch.exp(wp.rho)) * torch.randn_like(wp.mu)
+        b = bp.mu + torch.log1p(torch.exp(bp.rho)) * torch.randn_like(bp.mu)
+        h = F.linear(h, w, b)
+        h = F.relu(h) if i < len(layers) - 1 else h
+    kl = sum(
+        _deepuq_kl(post.mu, post.sigma, 0.0, 0.1)
+        for layer in layers
+        for post in (layer.weight_posterior, layer.bias_posterior)
+    )
+    torch.testing.assert_close(nll, F.cross_entropy(h, y))
+    torch.testing.assert_close(kl_term, kl.detach() / 5)
+    torch.testing.assert_close(loss, F.cross_entropy(h, y) + 0.5 * kl / 5)
+
+
 def test_elbo_step_averages_the_criterion_over_its_draws():
     model = _randomise(BayesByBackpropMLP(4, [6], 1))
     x, y = torch.randn(8, 4), torch.randn(8, 1)
     criterion = nn.MSELoss()
     _, nll, _ = vi_elbo_step(model, x, y, num_batches=2, criterion=criterion, mc_samples=4, generator=gen(0))
     outputs = funcbnn.compat._draws.outputs_at_draws(
-        model, deepuq._posterior_stds(model), x, 4, call=lambda m, x: m(x, sample=True), generator=gen(0)
+        model, deepuq._posterior_stds(model), x, 4, call=deepuq._sampling_call, generator=gen(0)
     )
     torch.testing.assert_close(nll, torch.stack([criterion(o, y) for o in outputs]).mean())
     # without a generator the draws come from the global RNG, fresh each call
-    assert not torch.equal(vi_elbo_step(model, x, y, 2, criterion=criterion)[1], vi_elbo_step(model, x, y, 2, criterion=criterion)[1])
+    assert not torch.equal(
+        vi_elbo_step(model, x, y, 2, criterion=criterion)[1],
+        vi_elbo_step(model, x, y, 2, criterion=criterion)[1],
+    )
 
 
 def test_elbo_step_picks_mse_for_regressors_and_the_models_own_nll_when_heteroscedastic():
@@ -206,7 +252,9 @@ def test_deepuqs_kl_term_is_the_batch_size_times_the_elbos_and_the_native_step_d
 
 def test_elbo_step_trains_a_last_layer_model_through_its_feature_extractor():
     torch.manual_seed(0)
-    model = LastLayerVariationalInference(nn.Sequential(nn.Linear(4, 6), nn.Tanh()), 6, 3, task="classification")
+    model = LastLayerVariationalInference(
+        nn.Sequential(nn.Linear(4, 6), nn.Tanh()), 6, 3, task="classification"
+    )
     x, y = torch.randn(9, 4), torch.randint(0, 3, (9,))
     loss, _, kl_term = vi_elbo_step(model, x, y, num_batches=3, mc_samples=2)
     torch.testing.assert_close(kl_term, model.head.kl().detach() / 3)
@@ -230,7 +278,7 @@ def test_predict_classification_reports_softmax_moments_and_leaves_eval_mode():
     assert not model.training
     stds = deepuq._posterior_stds(model)
     outputs = funcbnn.compat._draws.outputs_at_draws(
-        model, stds, x, 20, call=lambda m, x: m(x, sample=True), generator=gen(0)
+        model, stds, x, 20, call=deepuq._sampling_call, generator=gen(0)
     )
     probs = outputs.softmax(-1)
     torch.testing.assert_close(uq.probs, probs.mean(0))
@@ -298,7 +346,9 @@ def test_mc_dropout_wrapper_reports_population_moments_over_seeded_masks():
     assert not net.training
     apply_fn, params, _ = funcbnn.mc_dropout.functionalize(net)
     post = dropout_family()
-    probs = funcbnn.sample_outputs(apply_fn, post.sample(post.init(params), 12, generator=gen(0)), x).softmax(-1)
+    probs = funcbnn.sample_outputs(apply_fn, post.sample(post.init(params), 12, generator=gen(0)), x).softmax(
+        -1
+    )
     torch.testing.assert_close(mean, probs.mean(0))
     torch.testing.assert_close(var, probs.var(0, unbiased=False))
     uq = wrapper.predict_uq(x, generator=gen(0))

@@ -8,11 +8,11 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import gen
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import funcbnn
+from conftest import gen
 from funcbnn.compat import incerto
 from funcbnn.compat.incerto import (
     SWAG,
@@ -184,7 +184,10 @@ def test_ensemble_train_member_trains_only_that_member_and_bad_arguments_are_nam
 
 def _iterates(net: nn.Module, n: int) -> list[dict[str, torch.Tensor]]:
     g = gen(3)
-    return [{k: v + 0.1 * torch.randn(v.shape, generator=g) for k, v in net.state_dict().items()} for _ in range(n)]
+    return [
+        {k: v + 0.1 * torch.randn(v.shape, generator=g) for k, v in net.state_dict().items()}
+        for _ in range(n)
+    ]
 
 
 def test_swag_moments_follow_incertos_running_averages():
@@ -255,9 +258,15 @@ def _incerto_hessian_diag(model: nn.Module, x, y, regression: bool) -> dict[str,
     for i in range(len(x)):
         model.zero_grad()
         out = model(x[i : i + 1])
-        with warnings.catch_warnings():  # incerto's squeeze() broadcasts against the target, and torch says so
+        with (
+            warnings.catch_warnings()
+        ):  # incerto's squeeze() broadcasts against the target, and torch says so
             warnings.simplefilter("ignore", UserWarning)
-            loss = 0.5 * F.mse_loss(out.squeeze(), y[i : i + 1].float()) if regression else F.cross_entropy(out, y[i : i + 1])
+            loss = (
+                0.5 * F.mse_loss(out.squeeze(), y[i : i + 1].float())
+                if regression
+                else F.cross_entropy(out, y[i : i + 1])
+            )
         loss.backward()
         for n, p in model.named_parameters():
             diag[n] += p.grad**2
@@ -300,17 +309,23 @@ def test_laplace_predict_samples_the_gaussian_and_round_trips_its_state(tmp_path
         la.predict(x)
     la.fit(DataLoader(TensorDataset(x, y), batch_size=10), device="cpu")
     mean, var, samples = la.predict(x[:4], return_samples=True, generator=gen(0))
-    assert samples.shape == (5, 4, 3) and torch.equal(mean, samples.mean(0)) and torch.equal(var, samples.var(0))
+    assert (
+        samples.shape == (5, 4, 3) and torch.equal(mean, samples.mean(0)) and torch.equal(var, samples.var(0))
+    )
     tight = LaplaceApproximation(_net().eval(), prior_precision=1e12, num_samples=3)
     tight.fit([(x, y)], device="cpu")
-    torch.testing.assert_close(tight.predict(x[:4])[0], F.softmax(_net().eval()(x[:4]), -1), atol=1e-4, rtol=0)
+    torch.testing.assert_close(
+        tight.predict(x[:4])[0], F.softmax(_net().eval()(x[:4]), -1), atol=1e-4, rtol=0
+    )
     state = la.state_dict()
     assert state["_laplace_likelihood"] == "classification" and state["_laplace_num_samples"] == 5
     torch.save(state, tmp_path / "la.pt")
     other = LaplaceApproximation(_net(9), num_samples=2)
     other.load_state_dict(torch.load(tmp_path / "la.pt", weights_only=True))
     assert other.num_samples == 5 and other.prior_precision == 1.0
-    torch.testing.assert_close(other.predict(x[:4], generator=gen(1))[0], la.predict(x[:4], generator=gen(1))[0])
+    torch.testing.assert_close(
+        other.predict(x[:4], generator=gen(1))[0], la.predict(x[:4], generator=gen(1))[0]
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -321,7 +336,9 @@ def test_gaussian_linear_initialises_draws_and_measures_kl_as_incerto():
     torch.manual_seed(0)
     layer = GaussianLinear(4, 3, prior_std=0.5)
     torch.manual_seed(0)
-    assert torch.equal(layer.weight_mu, torch.randn(3, 4) * 0.5) and torch.equal(layer.bias_mu, torch.zeros(3))
+    assert torch.equal(layer.weight_mu, torch.randn(3, 4) * 0.5) and torch.equal(
+        layer.bias_mu, torch.zeros(3)
+    )
     torch.testing.assert_close(F.softplus(layer.weight_rho), torch.full((3, 4), 0.5))
     x = torch.randn(5, 4)
     torch.manual_seed(1)

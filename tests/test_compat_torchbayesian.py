@@ -7,15 +7,15 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import gen
 from torch import nn
 from torch.distributions import Laplace, Normal, StudentT, kl_divergence
 from torch.utils.data import DataLoader, TensorDataset
 
 import funcbnn
-from funcbnn.families.dropout import dropout as dropout_family
 import funcbnn.compat.torchbayesian as bnn
+from conftest import gen
 from funcbnn.compat.torchbayesian import utils
+from funcbnn.families.dropout import dropout as dropout_family
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -34,21 +34,34 @@ def _posteriors(model: bnn.BayesianModule) -> list:
 
 
 def test_every_bnn_name_and_the_utils_submodule_import_as_from_torchbayesian():
-    from funcbnn.compat.torchbayesian import bnn as bnn_again
     from funcbnn.compat.torchbayesian.bnn import BayesianModule
     from funcbnn.compat.torchbayesian.bnn.utils import PosteriorFactory, PriorFactory
+
+    from funcbnn.compat.torchbayesian import bnn as bnn_again
 
     assert bnn_again is bnn and BayesianModule is bnn.BayesianModule
     assert PosteriorFactory is bnn.utils.PosteriorFactory and PriorFactory is utils.PriorFactory
     assert PosteriorFactory.factories == ("GAUSSIAN", "NORMAL", "PRETRAINED_GAUSSIAN", "PRETRAINED_NORMAL")
     assert PriorFactory.factories == ("GAUSSIAN", "NORMAL")
-    assert bnn.NormalPosterior is bnn.GaussianPosterior and bnn.PretrainedNormalPosterior is bnn.PretrainedGaussianPosterior
+    assert (
+        bnn.NormalPosterior is bnn.GaussianPosterior
+        and bnn.PretrainedNormalPosterior is bnn.PretrainedGaussianPosterior
+    )
     assert bnn.NormalPrior is bnn.GaussianPrior and issubclass(bnn.GaussianPrior, bnn.Prior)
     assert bnn.VariationalPosterior is funcbnn.nn.VariationalPosterior  # one protocol for both APIs
-    for name in ("BayesianDropout", "BayesianDropout1d", "BayesianDropout2d", "BayesianDropout3d",
-                 "BayesianAlphaDropout", "BayesianFeatureAlphaDropout"):
+    for name in (
+        "BayesianDropout",
+        "BayesianDropout1d",
+        "BayesianDropout2d",
+        "BayesianDropout3d",
+        "BayesianAlphaDropout",
+        "BayesianFeatureAlphaDropout",
+    ):
         assert issubclass(getattr(bnn, name), nn.Module)
-    assert utils.get_variational_posterior is utils.get_posterior and utils.VariationalPosteriorFactory is PosteriorFactory
+    assert (
+        utils.get_variational_posterior is utils.get_posterior
+        and utils.VariationalPosteriorFactory is PosteriorFactory
+    )
 
 
 def test_factory_is_case_insensitive_passes_arguments_and_rejects_unknown_and_duplicate_names():
@@ -93,6 +106,21 @@ def test_a_generator_seeds_the_initialisation_without_touching_the_global_rng():
     assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
 
 
+def test_forward_draws_torchbayesians_weights_for_the_same_seed():
+    model = bnn.BayesianModule(_net())
+    x = torch.randn(4, 3)
+    torch.manual_seed(11)
+    out = model(x)
+    torch.manual_seed(
+        11
+    )  # torchbayesian: mu + softplus(rho) * randn_like(mu) as the forward reads each tensor
+    weights = {
+        n: p.mu + F.softplus(p.rho) * torch.randn_like(p.mu)
+        for n, p in zip(("0.weight", "0.bias", "2.weight", "2.bias"), _posteriors(model))
+    }
+    torch.testing.assert_close(out, torch.func.functional_call(_net(), weights, (x,)), rtol=0, atol=0)
+
+
 def test_forward_is_the_network_at_a_draw_of_mu_plus_softplus_rho_times_noise():
     model = bnn.BayesianModule(_net())
     x = torch.randn(4, 3)
@@ -117,7 +145,9 @@ def test_kl_is_the_sum_of_torch_normal_kls_and_mean_divides_by_the_weight_count(
         model.kl_divergence(reduction="max")
     # the default prior is N(0, 1)
     default = bnn.BayesianModule(_net())
-    expected = sum(kl_divergence(Normal(p.mu, F.softplus(p.rho)), Normal(0.0, 1.0)).sum() for p in _posteriors(default))
+    expected = sum(
+        kl_divergence(Normal(p.mu, F.softplus(p.rho)), Normal(0.0, 1.0)).sum() for p in _posteriors(default)
+    )
     torch.testing.assert_close(default.kl_divergence(), expected)
 
 
@@ -125,14 +155,18 @@ def test_monte_carlo_kl_warns_when_a_closed_form_exists_and_agrees_within_its_st
     model = bnn.BayesianModule(_net())
     exact = model.kl_divergence().item()
     with pytest.warns(UserWarning, match="analytical solution"):
-        estimates = torch.stack([model.kl_divergence(approx_num_samples=1, generator=gen(s)) for s in range(200)])
+        estimates = torch.stack(
+            [model.kl_divergence(approx_num_samples=1, generator=gen(s)) for s in range(200)]
+        )
     se = estimates.std().item() / math.sqrt(len(estimates))
     assert abs(estimates.mean().item() - exact) < 5 * se
 
 
 def test_dtype_argument_sets_the_dtype_of_the_kl_as_torchbayesians_accumulator():
     model = bnn.BayesianModule(_net(), dtype=torch.float64)
-    assert model.kl_divergence().dtype == torch.float64 and model.posterior("0.weight").mu.dtype == torch.float32
+    assert (
+        model.kl_divergence().dtype == torch.float64 and model.posterior("0.weight").mu.dtype == torch.float32
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -169,7 +203,9 @@ def registered_priors():
 
 def test_a_registered_prior_gets_torchbayesians_per_parameter_kl(registered_priors):
     model = bnn.BayesianModule(_net(), prior=("_test_laplace", {"scale": 0.5}))
-    expected = sum(kl_divergence(Normal(p.mu, F.softplus(p.rho)), Laplace(0.0, 0.5)).sum() for p in _posteriors(model))
+    expected = sum(
+        kl_divergence(Normal(p.mu, F.softplus(p.rho)), Laplace(0.0, 0.5)).sum() for p in _posteriors(model)
+    )
     torch.testing.assert_close(model.kl_divergence(), expected)
     # no closed form for (Normal, StudentT): torchbayesian's error without samples, its estimator with them
     student = bnn.BayesianModule(_net(), prior="_test_student")
@@ -275,11 +311,11 @@ def test_a_torchbayesian_checkpoint_loads_under_its_own_keys():
     legacy = {}
     for key, value in state.items():
         if key.startswith("posteriors."):
-            dotted, leaf = key[len("posteriors."):].rsplit(".", 1)
+            dotted, leaf = key[len("posteriors.") :].rsplit(".", 1)
             owner, name = dotted.replace(":", ".").rsplit(".", 1)
             legacy[f"module.{owner}.reparametrizations.{name}.variational_posterior.{leaf}"] = value
         elif key.startswith("model_buffers."):
-            legacy["module." + key[len("model_buffers."):].replace(":", ".")] = value
+            legacy["module." + key[len("model_buffers.") :].replace(":", ".")] = value
     assert len(legacy) == len(state)
     target = bnn.BayesianModule(nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2)).eval())
     target.load_state_dict(legacy)
@@ -318,10 +354,14 @@ def test_torchbayesians_example_runs_unchanged_but_for_the_import():
     loader = DataLoader(dataset=dataset, batch_size=64, shuffle=True)
 
     model = nn.Sequential(
-        nn.Linear(1, 20), nn.ReLU(),
-        nn.Linear(20, 20), nn.ReLU(),
-        nn.Linear(20, 20), nn.ReLU(),
-        nn.Linear(20, 20), nn.ReLU(),
+        nn.Linear(1, 20),
+        nn.ReLU(),
+        nn.Linear(20, 20),
+        nn.ReLU(),
+        nn.Linear(20, 20),
+        nn.ReLU(),
+        nn.Linear(20, 20),
+        nn.ReLU(),
         nn.Linear(20, 1),
     )
     model = bnn.BayesianModule(model)

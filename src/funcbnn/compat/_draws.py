@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import weakref
 from typing import Any, Callable, Iterator, Mapping
 
 import torch
@@ -23,7 +24,14 @@ from ..model import functionalize
 from ..predict import sample_outputs
 from ..tree import diag_normal
 
-__all__ = ["means_as_draws", "drawing_disabled", "outputs_at_draws", "dropout_outputs"]
+__all__ = [
+    "means_as_draws",
+    "drawing_disabled",
+    "functional_form",
+    "plain_call",
+    "outputs_at_draws",
+    "dropout_outputs",
+]
 
 
 class _Mode(threading.local):
@@ -62,13 +70,59 @@ class _Call(nn.Module):
         return self.call(self.inner, x)
 
 
+def plain_call(model: nn.Module, x: Any) -> Any:
+    """``model(x)``."""
+    return model(x)
+
+
+# One functional form per (model, way of calling it), so that the batched engine's path decision,
+# measured on the first call, is reused rather than re-measured on every prediction.
+_FUNCTIONAL: "weakref.WeakKeyDictionary[nn.Module, dict[Any, tuple[Any, str]]]" = weakref.WeakKeyDictionary()
+
+
+def _fits(apply_fn: Any, prefix: str, model: nn.Module) -> bool:
+    base = apply_fn.base if isinstance(apply_fn, mc_dropout.DropoutModel) else apply_fn
+    template = base.params_template
+    live = [(prefix + n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if len(live) != len(template) or any(n not in template or template[n].shape != p.shape for n, p in live):
+        return False
+    if isinstance(apply_fn, mc_dropout.DropoutModel):  # its masks use the rates read when it was built
+        rates = {n: float(m.p) for n, m in model.named_modules() if isinstance(m, mc_dropout.DROPOUT_LAYERS)}
+        return rates == apply_fn.rates
+    return True
+
+
+def functional_form(
+    model: nn.Module, call: Callable[[nn.Module, Any], Any] | None = None, *, dropout: bool = False
+):
+    """``apply_fn(params, x)`` running ``call(model, x)`` in eval mode, cached per model, with its current buffers.
+
+    Parameter names are ``model.named_parameters()``'s, prefixed by ``"inner."``
+    when ``call`` is given. ``dropout=True`` gives :func:`funcbnn.mc_dropout.functionalize`'s
+    seeded-mask model. Frozen parameters and buffers are refreshed from ``model``
+    on every call (e.g. BatchNorm statistics that changed since).
+    """
+    key = ("dropout" if dropout else "plain", call)
+    per_model = _FUNCTIONAL.setdefault(model, {})
+    cached = per_model.get(key)
+    if cached is None or not _fits(cached[0], cached[1], model):
+        target, prefix = (model, "") if call is None else (_Call(model, call), "inner.")
+        build = mc_dropout.functionalize if dropout else functionalize
+        cached = per_model[key] = (build(target).apply_fn, prefix)
+    apply_fn, prefix = cached
+    base = apply_fn.base if dropout else apply_fn
+    base.frozen = {prefix + n: p.detach() for n, p in model.named_parameters() if not p.requires_grad}
+    base.buffers = {prefix + n: b for n, b in model.named_buffers()}
+    return apply_fn
+
+
 def outputs_at_draws(
     model: nn.Module,
     stds: Mapping[str, Tensor],
     x: Any,
     num_samples: int,
     *,
-    call: Callable[[nn.Module, Any], Any] | None = None,
+    call: Callable[[nn.Module, Any], Any] = plain_call,
     generator: torch.Generator | None = None,
 ) -> Tensor:
     """Outputs ``(S, N, ...)`` of ``model`` at ``num_samples`` draws of its diagonal Gaussian weights.
@@ -85,11 +139,12 @@ def outputs_at_draws(
         ``model.named_parameters()``); every other parameter stays at its value.
     x : Tensor
     num_samples : int
-    call : callable, optional
-        How to run the model, ``call(model, x)`` (default ``model(x)``).
+    call : callable
+        How to run the model, ``call(model, x)``; a module-level function, so
+        that the functional form is reused across calls.
     generator : torch.Generator, optional
     """
-    apply_fn = functionalize(_Call(model, call or _plain_call)).apply_fn
+    apply_fn = functional_form(model, call)
     live = {"inner." + name: p for name, p in model.named_parameters() if p.requires_grad}
     means = {name: live["inner." + name] for name in stds}
     draws = diag_normal(means, dict(stds), num_samples, generator=generator)
@@ -101,21 +156,18 @@ def outputs_at_draws(
         return sample_outputs(apply_fn, samples, x)
 
 
-def _plain_call(model: nn.Module, x: Any) -> Any:
-    return model(x)
-
-
-def dropout_outputs(model: nn.Module, x: Any, num_samples: int, *, generator: torch.Generator | None = None) -> Tensor:
+def dropout_outputs(
+    model: nn.Module, x: Any, num_samples: int, *, generator: torch.Generator | None = None
+) -> Tensor:
     """Outputs ``(S, N, ...)`` of ``model`` under ``num_samples`` seeded dropout masks (:mod:`funcbnn.mc_dropout`).
 
     Other layers run in eval mode (BatchNorm uses its running statistics). A
     model without dropout layers gives ``num_samples`` copies of its output.
     """
+    params = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
     if not any(isinstance(m, mc_dropout.DROPOUT_LAYERS) for m in model.modules()):
-        apply_fn, params, _ = functionalize(model)
-        out = apply_fn(params, x)
+        out = functional_form(model)(params, x)
         return out.expand(num_samples, *out.shape)
-    apply_fn, params, _ = mc_dropout.functionalize(model)
     post = _dropout_family()
     draws = post.sample(post.init(params), num_samples, generator=generator)
-    return sample_outputs(apply_fn, draws, x)
+    return sample_outputs(functional_form(model, dropout=True), draws, x)

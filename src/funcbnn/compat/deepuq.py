@@ -161,7 +161,9 @@ class BayesianLinear(nn.Module):
     (torch.Size([2, 3]), torch.Size([]))
     """
 
-    def __init__(self, in_features: int, out_features: int, prior_sigma: float = 0.1, prior_mu: float = 0.0) -> None:
+    def __init__(
+        self, in_features: int, out_features: int, prior_sigma: float = 0.1, prior_mu: float = 0.0
+    ) -> None:
         super().__init__()
         self.in_features = in_features
         self.out_features = out_features
@@ -253,9 +255,12 @@ class _BayesianMLP(nn.Module):
         self._activation = _activation(activation)
         dims = [input_dim, *hidden_dims]
         self.hidden_layers = nn.ModuleList(
-            BayesianLinear(a, b, prior_sigma=prior_sigma, prior_mu=prior_mu) for a, b in zip(dims[:-1], dims[1:])
+            BayesianLinear(a, b, prior_sigma=prior_sigma, prior_mu=prior_mu)
+            for a, b in zip(dims[:-1], dims[1:])
         )
-        self.output_layer = BayesianLinear(dims[-1], raw_output_dim, prior_sigma=prior_sigma, prior_mu=prior_mu)
+        self.output_layer = BayesianLinear(
+            dims[-1], raw_output_dim, prior_sigma=prior_sigma, prior_mu=prior_mu
+        )
 
     def forward(self, x: Tensor, sample: bool = True) -> Tensor:
         """The raw output at a weight draw (``sample=True``) or at the means."""
@@ -476,7 +481,9 @@ class LastLayerVariationalInference(_Heteroscedastic, nn.Module):
         self.prior_mu = float(prior_mu)
         self.prior_sigma = float(prior_sigma)
         raw_output_dim = 2 * self.output_dim if self.heteroscedastic else self.output_dim
-        self.head = BayesianLinear(self.feature_dim, raw_output_dim, prior_sigma=prior_sigma, prior_mu=prior_mu)
+        self.head = BayesianLinear(
+            self.feature_dim, raw_output_dim, prior_sigma=prior_sigma, prior_mu=prior_mu
+        )
 
     def forward(self, x: Tensor, sample: bool = True) -> Tensor:
         """The head's output at a weight draw (``sample=True``) or at its means."""
@@ -495,21 +502,34 @@ class LastLayerVariationalInference(_Heteroscedastic, nn.Module):
 
 def _posterior_stds(model: nn.Module) -> dict[str, Tensor]:
     """``{name of each GaussianPosterior's mu: its sigma}`` over the model."""
-    return {f"{name}.mu" if name else "mu": m.sigma for name, m in model.named_modules() if isinstance(m, GaussianPosterior)}
+    return {
+        f"{name}.mu" if name else "mu": m.sigma
+        for name, m in model.named_modules()
+        if isinstance(m, GaussianPosterior)
+    }
 
 
-def _sampled_outputs(model: nn.Module, x: Tensor, num_samples: int, generator: torch.Generator | None) -> Tensor:
+def _sampling_call(model: nn.Module, x: Tensor) -> Tensor:
+    return model(x, sample=True)
+
+
+def _sampled_outputs(
+    model: nn.Module, x: Tensor, num_samples: int, generator: torch.Generator | None
+) -> Tensor:
     """Raw outputs ``(S, N, ...)`` at ``num_samples`` posterior draws: one batched call, or deepuq's loop.
 
     Models built from this module's posteriors run batched; any other model
-    with ``forward(x, sample=True)`` is called ``num_samples`` times.
+    with ``forward(x, sample=True)`` is called ``num_samples`` times. One
+    sample from the global RNG is one ordinary forward: deepuq's own draws.
     """
     stds = _posterior_stds(model)
-    if stds:
-        return outputs_at_draws(model, stds, x, num_samples, call=lambda m, x: m(x, sample=True), generator=generator)
+    if stds and (num_samples > 1 or generator is not None):
+        return outputs_at_draws(model, stds, x, num_samples, call=_sampling_call, generator=generator)
     if generator is not None:
-        raise ValueError(f"generator= needs a model built from funcbnn.compat.deepuq layers, got {type(model).__name__}")
-    return torch.stack([model(x, sample=True) for _ in range(num_samples)])
+        raise ValueError(
+            f"generator= needs a model built from funcbnn.compat.deepuq layers, got {type(model).__name__}"
+        )
+    return torch.stack([_sampling_call(model, x) for _ in range(num_samples)])
 
 
 def vi_elbo_step(
@@ -564,7 +584,9 @@ def vi_elbo_step(
     if num_batches is None:
         if n_batches is None:
             raise ValueError("num_batches must be provided and > 0.")
-        warnings.warn("Argument 'n_batches' is deprecated; use 'num_batches' instead.", DeprecationWarning, stacklevel=2)
+        warnings.warn(
+            "Argument 'n_batches' is deprecated; use 'num_batches' instead.", DeprecationWarning, stacklevel=2
+        )
         num_batches = n_batches
     elif n_batches is not None and n_batches != num_batches:
         raise ValueError("Provide only one batch-count value or make them equal.")
@@ -631,7 +653,9 @@ def predict_vi_uq(
     noise = None
     if heteroscedastic:
         if not (hasattr(model, "split_prediction") and hasattr(model, "predictive_variance")):
-            raise ValueError("Heteroscedastic VI models must define split_prediction(...) and predictive_variance(...).")
+            raise ValueError(
+                "Heteroscedastic VI models must define split_prediction(...) and predictive_variance(...)."
+            )
         outputs, raw_var = model.split_prediction(outputs)
         noise = model.predictive_variance(raw_var).mean(dim=0)
     elif aleatoric_var is not None:
@@ -697,5 +721,9 @@ class MCDropoutWrapper(nn.Module):
             total_var=var,
             probs=probs,
             probs_var=probs_var,
-            metadata={"method": "mc_dropout", "n_mc": int(self.n_mc), "apply_softmax": bool(self.apply_softmax)},
+            metadata={
+                "method": "mc_dropout",
+                "n_mc": int(self.n_mc),
+                "apply_softmax": bool(self.apply_softmax),
+            },
         )

@@ -42,7 +42,7 @@ from ..families.diag_gaussian import DiagGaussianState, diag_gaussian
 from ..model import functionalize
 from ..predict import sample_outputs
 from ..summary import class_summary
-from ._draws import drawing_disabled, dropout_outputs, outputs_at_draws
+from ._draws import drawing_disabled, dropout_outputs, functional_form, outputs_at_draws
 
 __all__ = [
     "IncertoError",
@@ -128,7 +128,11 @@ class MCDropout(BaseBayesianMethod):
         super().__init__()
         if dropout_rate is not None and not (0 <= dropout_rate < 1):
             raise ValueError(f"dropout_rate must be in [0, 1), got {dropout_rate}")
-        alpha = [name for name, m in model.named_modules() if isinstance(m, (nn.AlphaDropout, nn.FeatureAlphaDropout))]
+        alpha = [
+            name
+            for name, m in model.named_modules()
+            if isinstance(m, (nn.AlphaDropout, nn.FeatureAlphaDropout))
+        ]
         if alpha:
             raise NotImplementedError(
                 f"MCDropout: alpha dropout layers {alpha} have no seeded-mask implementation in funcbnn; "
@@ -161,7 +165,9 @@ class MCDropout(BaseBayesianMethod):
         return self.model(x)
 
     def _samples(self, x: Tensor, generator: torch.Generator | None) -> Tensor:
-        return dropout_outputs(self.model, x, positive_int(self.num_samples, "num_samples"), generator=generator)
+        return dropout_outputs(
+            self.model, x, positive_int(self.num_samples, "num_samples"), generator=generator
+        )
 
     @torch.no_grad()
     def predict(
@@ -251,11 +257,13 @@ class DeepEnsemble(BaseBayesianMethod):
         )
         if not same:  # members of different architectures (or with frozen parts) run one by one
             return torch.stack([m(x) for m in self.models])
-        apply_fn = functionalize(first).apply_fn
+        apply_fn = functional_form(first)
         params = _tree.stack(trees)
         if not apply_fn.buffers:
             return sample_outputs(apply_fn, params, x)
-        buffers = _tree.stack([dict(m.named_buffers()) for m in self.models])  # e.g. each member's BatchNorm statistics
+        buffers = _tree.stack(
+            [dict(m.named_buffers()) for m in self.models]
+        )  # e.g. each member's BatchNorm statistics
         return sample_outputs(_swag.with_buffers(apply_fn), {"params": params, "buffers": buffers}, x)
 
     @torch.no_grad()
@@ -431,7 +439,7 @@ class SWAG(BaseBayesianMethod):
         """
         family, q = self._posterior()
         draws = family.sample(q, positive_int(self.num_samples, "num_samples"), generator=generator)
-        apply_fn = functionalize(self.model).apply_fn
+        apply_fn = functional_form(self.model)
         samples = {name: draws[name] for name in apply_fn.params_template}
         return _finish(sample_outputs(apply_fn, samples, x), normalize_output, return_samples)
 
@@ -558,7 +566,7 @@ class LaplaceApproximation(BaseBayesianMethod):
         family = diag_gaussian()
         q = family.from_moments(self.mean, {n: p.rsqrt() for n, p in self.posterior_precision.items()})
         draws = family.sample(q, positive_int(self.num_samples, "num_samples"), generator=generator)
-        apply_fn = functionalize(self.model).apply_fn
+        apply_fn = functional_form(self.model)
         samples = {name: draws[name] for name in apply_fn.params_template}
         return _finish(sample_outputs(apply_fn, samples, x), normalize_output, return_samples)
 
@@ -613,7 +621,8 @@ class GaussianLinear(nn.Module):
 
     def _state(self) -> DiagGaussianState:
         return DiagGaussianState(
-            {"weight": self.weight_mu, "bias": self.bias_mu}, {"weight": self.weight_rho, "bias": self.bias_rho}
+            {"weight": self.weight_mu, "bias": self.bias_mu},
+            {"weight": self.weight_rho, "bias": self.bias_rho},
         )
 
     def stds(self) -> dict[str, Tensor]:
@@ -694,8 +703,13 @@ class VariationalBayesNN(BaseBayesianMethod):
         return torch.stack([layer.kl_divergence() for layer in self.layers]).sum()
 
     def _sampled(self, x: Tensor, num_samples: int, generator: torch.Generator | None) -> Tensor:
-        stds = {f"layers.{i}.{name}": s for i, layer in enumerate(self.layers) for name, s in layer.stds().items()}
-        return outputs_at_draws(self, stds, x, positive_int(num_samples, "num_samples"), generator=generator)
+        num_samples = positive_int(num_samples, "num_samples")
+        if num_samples == 1 and generator is None:  # one ordinary forward: incerto's own draws
+            return self(x).unsqueeze(0)
+        stds = {
+            f"layers.{i}.{name}": s for i, layer in enumerate(self.layers) for name, s in layer.stds().items()
+        }
+        return outputs_at_draws(self, stds, x, num_samples, generator=generator)
 
     def variational_loss(
         self,

@@ -57,7 +57,9 @@ class FactoryPrior(NamedTuple):
 
     def distribution(self, like: Tensor) -> Distribution:
         """The elementwise distribution for a parameter shaped like ``like``."""
-        return get_prior(like.shape, (self.name, self.kwargs), dtype=like.dtype, device=like.device).distribution
+        return get_prior(
+            like.shape, (self.name, self.kwargs), dtype=like.dtype, device=like.device
+        ).distribution
 
     def log_prob(self, params: Tree) -> Tensor:
         """Sum of the log densities of every element of ``params``."""
@@ -72,7 +74,9 @@ def _native_prior(spec: Any) -> Any:
     if cls is GaussianPrior:
         unknown = sorted(set(kwargs) - {"mu", "sigma"})
         if unknown:
-            raise TypeError(f"prior {name!r} got unexpected keyword argument(s) {unknown}; it takes ['mu', 'sigma']")
+            raise TypeError(
+                f"prior {name!r} got unexpected keyword argument(s) {unknown}; it takes ['mu', 'sigma']"
+            )
         mu, sigma = kwargs.get("mu"), kwargs.get("sigma")
         return _priors.gaussian(std=1.0 if sigma is None else sigma, mean=0.0 if mu is None else mu)
     get_prior((1,), (name, kwargs))  # fail now on a bad spec, not at the first KL
@@ -150,7 +154,8 @@ class BayesianModule(_NativeBayesianModule):
     :meth:`elbo`, :meth:`sample_outputs` (batched) and an explicit ``generator=``
     are there too.
 
-    Differences from torchbayesian, all deliberate:
+    For the same seed the initialisation and the forward draws are
+    torchbayesian's. Differences from torchbayesian, all deliberate:
 
     - ``module`` is not modified in place: calling the original network still
       gives its deterministic output, and :attr:`module` is a view that runs the
@@ -163,7 +168,8 @@ class BayesianModule(_NativeBayesianModule):
       example, ``mse + 0.1 * kl_divergence(reduction="mean")``, weighs the KL
       ``0.1 * N / P`` times the ELBO's (P weights, N examples).
     - The Monte-Carlo KL draws from the posterior through
-      :func:`funcbnn.tree.diag_normal` (the same estimator, other draws).
+      :func:`funcbnn.tree.diag_normal` (the same estimator, other draws), and
+      so do :meth:`sample_outputs` and :meth:`elbo` (batched).
     - A torchbayesian checkpoint (``module.<...>.reparametrizations.<...>`` keys)
       loads with :meth:`load_state_dict`.
 
@@ -234,8 +240,17 @@ class BayesianModule(_NativeBayesianModule):
         return _ModuleView(self, self.__dict__["_original"])
 
     def forward(self, input: Any, *, generator: torch.Generator | None = None) -> Any:
-        """The network's output at a fresh weight draw (global RNG, or ``generator``)."""
-        return super().forward(input, generator=generator)
+        """The network's output at a fresh weight draw (global RNG, or ``generator``).
+
+        From the global RNG each parameter is drawn in turn, in the order of
+        ``named_parameters()``: the order in which torchbayesian draws them for
+        networks whose layers read their weight before their bias (Linear,
+        Conv, ...), so a seed gives torchbayesian's numbers.
+        """
+        if generator is not None or self.local_reparam:
+            return super().forward(input, generator=generator)
+        weights = {key.replace(":", "."): post.sample_parameters() for key, post in self.posteriors.items()}
+        return self.apply_fn(weights, input)
 
     def kl_divergence(
         self,
@@ -294,7 +309,9 @@ class BayesianModule(_NativeBayesianModule):
         q = post.distribution
         return _has_closed_form(q, Normal(torch.zeros_like(q.mean), torch.ones_like(q.mean)))
 
-    def _factory_prior_kl(self, reduction: str, num_samples: int | None, generator: torch.Generator | None) -> Tensor:
+    def _factory_prior_kl(
+        self, reduction: str, num_samples: int | None, generator: torch.Generator | None
+    ) -> Tensor:
         # torchbayesian's per-parameter rule for priors the core has no closed form for.
         terms, numel, warned = [], 0, False
         for post in self.posteriors.values():
@@ -329,12 +346,14 @@ class BayesianModule(_NativeBayesianModule):
         # and ``module.<buffer>``) as this module's (``posteriors.<owner:name>.<p>``, ``model_buffers.<...>``).
         buffers = {name.replace(".", ":") for name in self._functional.buffers}
         for key in [k for k in state_dict if k.startswith(prefix + "module.")]:
-            rest = key[len(prefix):]
+            rest = key[len(prefix) :]
             match = _POSTERIOR_KEY.fullmatch(rest)
             if match:
                 owner, name, leaf = match.groups()
                 dotted = f"{owner}.{name}" if owner else name
                 state_dict[f"{prefix}posteriors.{dotted.replace('.', ':')}.{leaf}"] = state_dict.pop(key)
-            elif rest[len("module."):].replace(".", ":") in buffers:
-                state_dict[f"{prefix}model_buffers.{rest[len('module.'):].replace('.', ':')}"] = state_dict.pop(key)
+            elif rest[len("module.") :].replace(".", ":") in buffers:
+                state_dict[f"{prefix}model_buffers.{rest[len('module.') :].replace('.', ':')}"] = (
+                    state_dict.pop(key)
+                )
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)

@@ -58,7 +58,11 @@ class GaussianPosterior(_NativeGaussianPosterior):
     """
 
     def __init__(
-        self, shape: Sequence[int], *, dtype: torch.dtype | None = None, device: torch.device | str | None = None
+        self,
+        shape: Sequence[int],
+        *,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
     ) -> None:
         VariationalPosterior.__init__(self, shape, dtype=dtype, device=device)
         self.init_std = DEFAULT_INIT_STD

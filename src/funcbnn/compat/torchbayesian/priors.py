@@ -47,7 +47,9 @@ def _filled(value: float | Tensor, shape, dtype, device, name: str) -> Tensor:
         return value.to(dtype=dtype, device=device)
     if isinstance(value, numbers.Real) and not isinstance(value, bool):
         if shape is None:
-            raise ValueError("Must provide 'shape' argument or tensors 'mu' and 'sigma' with appropriate shape.")
+            raise ValueError(
+                "Must provide 'shape' argument or tensors 'mu' and 'sigma' with appropriate shape."
+            )
         return torch.full(tuple(shape), float(value), dtype=dtype, device=device)
     raise TypeError(f"Argument '{name}' must be Optional[float | Tensor], {type(value)} was provided.")
 

@@ -114,7 +114,12 @@ def _split_spec(spec: Any, what: str) -> tuple[str, dict[str, Any]]:
     """``name`` or ``(name, kwargs)`` as ``(name, kwargs)``; ``TypeError`` naming ``what`` otherwise."""
     if isinstance(spec, str):
         return spec, {}
-    if isinstance(spec, (tuple, list)) and len(spec) == 2 and isinstance(spec[0], str) and isinstance(spec[1], Mapping):
+    if (
+        isinstance(spec, (tuple, list))
+        and len(spec) == 2
+        and isinstance(spec[0], str)
+        and isinstance(spec[1], Mapping)
+    ):
         return spec[0], dict(spec[1])
     raise TypeError(f"{what} must be a name or a (name, kwargs) pair, got {spec!r:.80}")
 
