@@ -22,9 +22,11 @@ from .. import mc_dropout
 from ..families.dropout import dropout as _dropout_family
 from ..model import functionalize
 from ..predict import sample_outputs
+from ..swag import with_buffers
 from ..tree import diag_normal
 
 __all__ = [
+    "functional_form_with_buffers",
     "means_as_draws",
     "drawing_disabled",
     "functional_form",
@@ -114,6 +116,16 @@ def functional_form(
     base.frozen = {prefix + n: p.detach() for n, p in model.named_parameters() if not p.requires_grad}
     base.buffers = {prefix + n: b for n, b in model.named_buffers()}
     return apply_fn
+
+
+def functional_form_with_buffers(model: nn.Module) -> Callable[[dict[str, Any], Any], Any]:
+    """``f({"params": p, "buffers": b}, x)`` over :func:`functional_form`, for per-sample buffers; cached too."""
+    apply_fn = functional_form(model)
+    per_model = _FUNCTIONAL[model]
+    cached = per_model.get("with_buffers")
+    if cached is None or cached[1] is not apply_fn:
+        cached = per_model["with_buffers"] = (with_buffers(apply_fn), apply_fn)
+    return cached[0]
 
 
 def outputs_at_draws(

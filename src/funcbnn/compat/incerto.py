@@ -42,7 +42,13 @@ from ..families.diag_gaussian import DiagGaussianState, diag_gaussian
 from ..model import functionalize
 from ..predict import sample_outputs
 from ..summary import class_summary
-from ._draws import drawing_disabled, dropout_outputs, functional_form, outputs_at_draws
+from ._draws import (
+    drawing_disabled,
+    dropout_outputs,
+    functional_form,
+    functional_form_with_buffers,
+    outputs_at_draws,
+)
 
 __all__ = [
     "IncertoError",
@@ -261,10 +267,9 @@ class DeepEnsemble(BaseBayesianMethod):
         params = _tree.stack(trees)
         if not apply_fn.buffers:
             return sample_outputs(apply_fn, params, x)
-        buffers = _tree.stack(
-            [dict(m.named_buffers()) for m in self.models]
-        )  # e.g. each member's BatchNorm statistics
-        return sample_outputs(_swag.with_buffers(apply_fn), {"params": params, "buffers": buffers}, x)
+        # each member's own buffers (e.g. BatchNorm statistics) ride along with its parameters
+        buffers = _tree.stack([dict(m.named_buffers()) for m in self.models])
+        return sample_outputs(functional_form_with_buffers(first), {"params": params, "buffers": buffers}, x)
 
     @torch.no_grad()
     def predict(
