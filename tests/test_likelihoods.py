@@ -49,3 +49,34 @@ def test_checks_name_what_does_not_fit():
         L.gaussian(sigma=0.0)
     with pytest.raises(ValueError, match="registered likelihood names"):
         L.get_likelihood("poisson")
+
+
+def test_categorical_summary_of_probabilities_for_any_batch_and_class_count():
+    logits = torch.randn(4, 7, 3, generator=g, dtype=torch.float64)  # 7 inputs, 3 classes
+    from_probs = L.categorical().summarize(logits.softmax(-1), outputs_are="probs")
+    from_logits = L.categorical().summarize(logits)
+    torch.testing.assert_close(from_probs.probs, from_logits.probs)
+    torch.testing.assert_close(from_probs.mutual_info, from_logits.mutual_info)
+    with pytest.raises(ValueError, match="sum to 1"):
+        L.categorical().summarize(logits.softmax(-1) * 2, outputs_are="probs")
+
+
+@pytest.mark.parametrize("alias,name", [("classification", "categorical"), ("regression", "gaussian"),
+                                        ("binary", "bernoulli"), ("heteroscedastic_regression", "heteroscedastic_gaussian")])
+def test_task_names_alias_the_distribution_names(alias, name):
+    assert L.get_likelihood(alias).name == name
+    assert L.LIKELIHOODS.canonical(alias) == name
+
+
+def test_hessian_square_roots_rebuild_the_nll_hessian():
+    """sum_c V_c V_c^T equals the autograd Hessian of the per-example NLL in the outputs (at unit noise)."""
+    for lik, out, y in [
+        (L.categorical(), torch.randn(3, 4, generator=g, dtype=torch.float64), torch.tensor([0, 3, 1])),
+        (L.gaussian(1.0), torch.randn(3, 2, generator=g, dtype=torch.float64), torch.randn(3, 2, generator=g, dtype=torch.float64)),
+        (L.bernoulli(), torch.randn(3, generator=g, dtype=torch.float64), torch.tensor([0.0, 1.0, 1.0], dtype=torch.float64)),
+    ]:
+        V = lik.hessian_sqrt(out)  # (K, N, *out)
+        for n in range(out.shape[0]):
+            v = V[:, n].reshape(V.shape[0], -1)
+            want = torch.autograd.functional.hessian(lambda o: lik.nll(o[None], y[n : n + 1]).sum(), out[n])
+            torch.testing.assert_close(v.T @ v, want.reshape(v.shape[1], v.shape[1]))

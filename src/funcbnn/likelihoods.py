@@ -155,7 +155,7 @@ def _categorical_summary(outputs: Any, *, outputs_are: str | None = None, **opti
         raise ValueError(f"categorical outputs must be (S, ..., C), got {tuple(first.shape)}")
     if _outputs_are(outputs_are) == "logits":
         return class_summary(torch.log_softmax(first, -1))
-    if bool(((first < 0) | ((first.sum(-1) - 1).abs() > 1e-3)).any()):
+    if bool((first < 0).any()) or bool(((first.sum(-1) - 1).abs() > 1e-3).any()):
         raise ValueError("outputs_are='probs' needs non-negative rows that sum to 1 over the last axis")
     return class_summary(first.log())
 
