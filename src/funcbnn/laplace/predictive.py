@@ -134,6 +134,8 @@ def linearize(
                 chunks.append((pieces.outputs, _dense_jacobian(pieces)))
             else:
                 chunks.append((pieces.outputs, pieces))
+    if len(chunks) == 1:
+        return Linearization(x, *chunks[0], state.structure)
     f = torch.cat([c[0] for c in chunks])
     if state.structure == "diag":
         jacobian = _concat_pieces([c[1] for c in chunks])
