@@ -14,13 +14,17 @@ from .._registry import Registry
 from .base import CAPABILITIES, REQUIRED, capabilities, check_family, require
 from .dense_gaussian import DenseGaussian, DenseGaussianState, dense_gaussian
 from .diag_gaussian import DiagGaussian, DiagGaussianState, diag_gaussian, inverse_softplus
+from .dropout import Dropout, DropoutState, dropout
+from .empirical import Empirical, EmpiricalState, empirical
+from .lowrank_gaussian import LowRankGaussian, LowRankGaussianState, lowrank_gaussian
+from .mixture import Mixture, MixtureState, mixture
 from .kron_gaussian import KronDecomposed, KronEigen, KronGaussian, KronGaussianState, KronJacobian, kron_gaussian
 
 FAMILIES: Registry = Registry("posterior family")
 """Registry of family factories by name (``FAMILIES.build("diag_gaussian", init_std=0.01)``)."""
 
 torch.serialization.add_safe_globals(
-    [DiagGaussianState, KronGaussianState, KronDecomposed, KronEigen, KronJacobian, DenseGaussianState]
+    [DiagGaussianState, KronGaussianState, KronDecomposed, KronEigen, KronJacobian, DenseGaussianState, LowRankGaussianState, MixtureState, EmpiricalState, DropoutState]
 )
 
 
@@ -75,8 +79,51 @@ def _dense_gaussian_example(params, generator):
 FAMILIES.register("diag_gaussian", example=_diag_gaussian_example)(diag_gaussian)
 FAMILIES.register("kron_gaussian", example=_kron_gaussian_example)(kron_gaussian)
 
+
+def _lowrank_gaussian_example(params, generator):
+    """Diagonal variances 0.05-1.05 and a rank-3 factor: correlations across every leaf."""
+    diag = {k: 0.05 + torch.rand(v.shape, generator=generator, dtype=v.dtype).to(v.device) for k, v in params.items()}
+    factor = {k: 0.3 * torch.randn((3, *v.shape), generator=generator, dtype=v.dtype).to(v.device) for k, v in params.items()}
+    return lowrank_gaussian(), LowRankGaussianState({k: v.detach().clone() for k, v in params.items()}, diag, factor)
+
+
+def _mixture_example(params, generator):
+    """Two diagonal Gaussians with different means and spreads."""
+    component = diag_gaussian()
+    shifted = {k: v + 1.0 for k, v in params.items()}
+    states = (component.from_moments(params, 0.3), component.from_moments(shifted, 0.6))
+    return mixture(component), MixtureState(states)
+
+
+def _empirical_example(params, generator):
+    post = empirical(num_members=4, init_std=0.5)
+    return post, post.init(params, generator=generator)
+
+
+def _dropout_example(params, generator):
+    post = dropout()
+    return post, post.init(params)
+
+
+FAMILIES.register("lowrank_gaussian", example=_lowrank_gaussian_example)(lowrank_gaussian)
+FAMILIES.register("mixture", example=_mixture_example)(mixture)
+FAMILIES.register("empirical", example=_empirical_example)(empirical)
+FAMILIES.register("dropout", example=_dropout_example)(dropout)
+
 __all__ = [
     "FAMILIES",
+    "LowRankGaussian",
+    "LowRankGaussianState",
+    "lowrank_gaussian",
+    "Mixture",
+    "MixtureState",
+    "mixture",
+    "Empirical",
+    "EmpiricalState",
+    "empirical",
+    "Dropout",
+    "DropoutState",
+    "dropout",
     "CAPABILITIES",
     "REQUIRED",
     "capabilities",
