@@ -262,6 +262,30 @@ def test_a_closure_built_per_call_keeps_its_decisions_on_its_owner(monkeypatch):
     assert len(timings) == 1
 
 
+def test_a_decision_measured_on_a_busy_machine_is_measured_again_later(monkeypatch):
+    timings = []
+    real = _engine._vmap_is_faster
+    monkeypatch.setattr(_engine, "_vmap_is_faster", lambda *a: timings.append(1) or real(*a))
+    busy = {"cores": 1.0}
+    monkeypatch.setattr(_engine._LoadWindow, "others", lambda self: busy["cores"])
+    monkeypatch.setattr(_engine, "RECHECK_AFTER", 4)
+    apply_fn, params, _ = functionalize(make_mlp())
+    samples = {k: v.expand(3, *v.shape).clone() for k, v in params.items()}
+    x = torch.randn(5, 4)
+    for _ in range(1 + 4 * (_engine.MAX_RECHECKS + 2)):
+        apply_samples(apply_fn, samples, x)
+    assert len(timings) == 1 + _engine.MAX_RECHECKS  # busy every time: re-measured, then kept
+    # once a measurement finds the machine quiet, the decision stands
+    timings.clear()
+    apply_fn2, params2, _ = functionalize(make_mlp(seed=1))
+    samples2 = {k: v.expand(3, *v.shape).clone() for k, v in params2.items()}
+    apply_samples(apply_fn2, samples2, x)  # busy: provisional
+    busy["cores"] = 0.0
+    for _ in range(4 * 4):
+        apply_samples(apply_fn2, samples2, x)
+    assert len(timings) == 2
+
+
 class _FakeClock:
     """A perf_counter that advances only when a fake path 'runs'."""
 

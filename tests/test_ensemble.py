@@ -110,3 +110,15 @@ def test_bad_input_is_named():
         ensemble.init_members(net, 0)
     with pytest.raises(ValueError, match="at least 2 members"):
         ensemble.disagreement(torch.ones(1, 3, 2) / 2)
+
+
+def test_members_that_do_not_fit_the_model_and_tree_inputs_for_fgsm_are_named():
+    net = nn.Linear(3, 2)
+    apply_fn, _, _ = functionalize(net)
+    x, y = torch.randn(10, 3), torch.randint(0, 2, (10,))
+    bad = EmpiricalState({"weight": torch.randn(3, 2, 4), "bias": torch.randn(3, 2)})
+    with pytest.raises(ValueError, match="state.members"):
+        ensemble.fit(apply_fn, bad, (x, y))
+    members = ensemble.init_members(net, 2, generator=gen(0))
+    with pytest.raises(TypeError, match="floating-point"):
+        ensemble.fit(apply_fn, members, (x.long(), y), adversarial_eps=0.1)

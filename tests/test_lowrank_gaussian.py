@@ -74,3 +74,9 @@ def test_bad_state_is_named():
         post.sample(bad, 2)
     with pytest.raises(ValueError, match="rank must be"):
         lowrank_gaussian(rank=-1)
+
+
+def test_negative_diagonal_is_refused_before_sampling():
+    bad = LowRankGaussianState({"w": torch.zeros(2)}, {"w": torch.tensor([1.0, -1.0])}, {"w": torch.zeros(0, 2)})
+    with pytest.raises(ValueError, match="state.diag"):
+        lowrank_gaussian().sample(bad, 1)

@@ -89,3 +89,42 @@ def test_summaries_and_errors():
         post.kl(post.init(params), None)
     with pytest.raises(ValueError, match="seed"):
         apply_fn({"params": params, "seed": torch.tensor(1.0)}, torch.randn(2, 5))
+
+
+def test_float16_inputs_drop_at_the_rate():
+    net = nn.Sequential(nn.Linear(100, 100), nn.Dropout(0.5)).half()
+    apply_fn, params, _ = mc_dropout.functionalize(net)
+    x = torch.ones(200, 100, dtype=torch.float16)
+    hidden = apply_fn({"params": params, "seed": torch.tensor(1)}, x)
+    dense = apply_fn(params, x)
+    dropped = ((hidden == 0) & (dense != 0)).float().sum() / (dense != 0).float().sum()
+    assert abs(dropped.item() - 0.5) < 0.02
+
+
+def test_channel_dropout_follows_torch_layouts():
+    # Dropout1d on an unbatched (C, L) input drops whole rows (channels), as torch does
+    apply_fn, params, _ = mc_dropout.functionalize(nn.Sequential(nn.Identity(), nn.Dropout1d(0.5)))
+    h = apply_fn({"params": params, "seed": torch.tensor(3)}, torch.ones(16, 7))
+    kept = h != 0
+    assert bool((kept.all(1) | (~kept).all(1)).all()) and 0 < kept.all(1).sum() < 16
+    # batched (N, C, L): one number per (example, channel)
+    h = apply_fn({"params": params, "seed": torch.tensor(3)}, torch.ones(4, 16, 7))
+    kept = h != 0
+    assert bool((kept.all(2) | (~kept).all(2)).all())
+    # Dropout3d on an unbatched (C, D, H, W) input: one number per channel
+    apply_fn, params, _ = mc_dropout.functionalize(nn.Sequential(nn.Identity(), nn.Dropout3d(0.5)))
+    h = apply_fn({"params": params, "seed": torch.tensor(3)}, torch.ones(8, 3, 4, 4))
+    kept = (h != 0).reshape(8, -1)
+    assert bool((kept.all(1) | (~kept).all(1)).all())
+
+
+def test_alpha_dropout_is_refused_and_the_model_pickles():
+    import pickle
+
+    with pytest.raises(ValueError, match="AlphaDropout"):
+        mc_dropout.functionalize(nn.Sequential(nn.Linear(2, 2), nn.AlphaDropout(0.2)))
+    apply_fn, params, _ = mc_dropout.functionalize(_net())
+    again = pickle.loads(pickle.dumps(apply_fn))
+    draw = {"params": params, "seed": torch.tensor(9)}
+    x = torch.randn(3, 5)
+    torch.testing.assert_close(again(draw, x), apply_fn(draw, x))

@@ -147,3 +147,40 @@ def test_bad_input_is_named():
         swag.init({"w": torch.zeros(3)}, max_rank=0)
     with pytest.raises(ValueError, match="form"):
         swag.posterior(swag.update(state, {"w": torch.ones(3)}), form="full")
+
+
+def test_bn_update_instance_norm_records_the_mean_of_per_instance_variances():
+    net = nn.Sequential(nn.InstanceNorm1d(2, track_running_stats=True), nn.Flatten(), nn.Linear(16, 1)).eval()
+    apply_fn, params, _ = functionalize(net)
+    x = torch.randn(4, 2, 8, generator=gen(0)) + 10 * torch.arange(4.0)[:, None, None]
+    got = swag.bn_update(apply_fn, {k: v[None] for k, v in params.items()}, [x])
+    ref = nn.InstanceNorm1d(2, track_running_stats=True, momentum=1.0).train()
+    ref(x)
+    torch.testing.assert_close(got["0.running_var"][0], ref.running_var)
+    torch.testing.assert_close(got["0.running_mean"][0], ref.running_mean)
+
+
+def test_degenerate_and_mismatched_input_is_refused_by_name():
+    one = swag.update(swag.init({"w": torch.zeros(3)}, max_rank=4), {"w": torch.ones(3)})
+    with pytest.raises(ValueError, match="at least 2"):
+        swag.posterior(one)
+    rank1 = swag.init({"w": torch.zeros(3)}, max_rank=1)
+    for v in (torch.ones(3), torch.zeros(3)):
+        rank1 = swag.update(rank1, {"w": v})
+    with pytest.raises(ValueError, match="max_rank=1"):
+        swag.posterior(rank1)
+    assert swag.posterior(rank1, form="diag")[1].mean["w"].shape == (3,)
+    with pytest.raises(TypeError, match="dtype"):
+        swag.update(one, {"w": torch.ones(3, dtype=torch.float64)})
+    other = swag.update(swag.update(swag.init({"w": torch.zeros(4)}), {"w": torch.ones(4)}), {"w": torch.zeros(4)})
+    two = swag.update(one, {"w": torch.zeros(3)})
+    with pytest.raises(ValueError, match=r"states\[1\]"):
+        swag.multiswag([two, other])
+    apply_fn, params, _ = functionalize(nn.Linear(3, 1))
+    data = [(torch.randn(8, 3), torch.randn(8, 1))]
+    with pytest.raises(ValueError, match="no iterate was collected"):
+        swag.fit(apply_fn, params, data, "regression", epochs=1, collect_every=5)
+    net = _bn_net()
+    apply_fn, params, _ = functionalize(net)
+    with pytest.raises(ValueError, match="at least 2"):
+        swag.bn_update(apply_fn, {k: v[None] for k, v in params.items()}, [torch.randn(4, 4), torch.randn(1, 4)])

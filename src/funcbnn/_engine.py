@@ -40,7 +40,11 @@ writes its own ``vmap``-or-loop code. It holds four things:
      slower, and a fixed order would always hand that penalty to one path),
      compared by their minimum (other processes only ever add time);
    - while the two are within :data:`DECISIVE` of each other it measures
-     again, up to :data:`MAX_ROUNDS` rounds or :data:`BUDGET_S` seconds.
+     again, up to :data:`MAX_ROUNDS` rounds or :data:`BUDGET_S` seconds;
+   - a decision measured while other processes kept the machine busy (at
+     least :data:`CONTENDED_CORES` cores, read from ``/proc/stat`` on Linux)
+     is provisional: it is measured again after :data:`RECHECK_AFTER` calls,
+     up to :data:`MAX_RECHECKS` times, instead of being kept for good.
 
    **The choice never changes results beyond float rounding**: both paths
    compute the same function of the same samples. Timing runs consume no
@@ -112,6 +116,13 @@ DECISIVE = 1.10
 """A ratio of the two paths' best times at which ``"auto"`` stops measuring."""
 BUDGET_S = 2.0
 """Past this many seconds of timing (after :data:`MIN_ROUNDS`), ``"auto"`` decides on what it has."""
+
+CONTENDED_CORES = 0.25
+"""Other processes using this many cores on average while ``"auto"`` measured make its decision provisional."""
+RECHECK_AFTER = 32
+"""Calls after which a provisional decision is measured again (at most :data:`MAX_RECHECKS` times)."""
+MAX_RECHECKS = 3
+"""How often a decision measured on a busy machine is measured again before it stands."""
 
 _GRAD_LAYOUT_MIN_NUMEL = 2**16
 """Leaves smaller than this skip :class:`_ContiguousGrad` (its Python cost would outweigh the copy it saves)."""
@@ -192,9 +203,9 @@ def _stack(outs: list[Any]) -> Any:
 
 
 def _rng_devices(*trees: Any) -> list[torch.device]:
-    """Non-CPU devices of the tensors in ``trees`` (for ``fork_rng``)."""
+    """CUDA devices of the tensors in ``trees``: whose RNG ``fork_rng`` saves besides the CPU's."""
     found = {t.device for tree in trees for t in optree.tree_leaves(tree) if isinstance(t, Tensor)}
-    return sorted((d for d in found if d.type != "cpu"), key=str)
+    return sorted((d for d in found if d.type == "cuda"), key=str)
 
 
 def _loop(
@@ -209,7 +220,7 @@ def _loop(
     columns = [t.unbind(0) for t in leaves]
     if randomness != "same":
         return _stack([apply_fn(optree.tree_unflatten(spec, [c[i] for c in columns]), x, *args) for i in range(num)])
-    devices = [d for d in _rng_devices(leaves, x) if d.type == "cuda"]
+    devices = _rng_devices(leaves, x)
     outs = []
     with torch.random.fork_rng(devices=devices):
         start = torch.random.get_rng_state()
@@ -252,7 +263,7 @@ def _vmapped(
 class _Entry:
     """Per (function, signature): the probe's footprint and every decision taken."""
 
-    __slots__ = ("bytes_per_example", "vmap_failed", "stochastic", "vmap_faster")
+    __slots__ = ("bytes_per_example", "vmap_failed", "stochastic", "vmap_faster", "recheck")
 
     def __init__(self, bytes_per_example: int) -> None:
         self.bytes_per_example = bytes_per_example  # largest intermediate of one sample's forward, per example
@@ -260,6 +271,9 @@ class _Entry:
         self.stochastic: bool | None = None  # the forward calls random ops (known after the first "auto" call)
         # (num_samples, chunk, timed with a backward?) -> True where the batched path measured faster
         self.vmap_faster: dict[tuple[int, int, bool], bool] = {}
+        # Provisional decisions (measured while other processes were busy): calls until the
+        # next measurement, and measurements left.
+        self.recheck: dict[tuple[int, int, bool], list[int]] = {}
 
 
 _CACHE: "weakref.WeakKeyDictionary[Any, dict[tuple, _Entry]]" = weakref.WeakKeyDictionary()
@@ -378,6 +392,37 @@ def _probe(apply_fn: Callable[..., Any], first: Any, x: Any, args: tuple) -> _En
 # the measured choice
 
 
+class _LoadWindow:
+    """How many cores other processes kept busy since construction (Linux ``/proc/stat``; 0 elsewhere).
+
+    A decision measured while a neighbour was busy may reflect the neighbour, not
+    the two paths (a 2-thread batched op suffers more from a taken core than a
+    loop of small ones), so it is measured again later rather than kept forever.
+    """
+
+    def __init__(self) -> None:
+        self.busy0, self.own0, self.wall0 = _machine_busy_seconds(), time.process_time(), time.perf_counter()
+
+    def others(self) -> float:
+        busy1 = _machine_busy_seconds()
+        wall = time.perf_counter() - self.wall0
+        if self.busy0 is None or busy1 is None or wall <= 0:
+            return 0.0
+        own = time.process_time() - self.own0
+        return max(busy1 - self.busy0 - own, 0.0) / wall
+
+
+def _machine_busy_seconds() -> float | None:
+    """CPU seconds (all cores) the machine has spent busy, or ``None`` where ``/proc/stat`` is missing."""
+    try:
+        with open("/proc/stat") as f:
+            fields = f.readline().split()
+        user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in fields[1:9])
+    except (OSError, ValueError):
+        return None
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
 def _is_randomness_error(err: Exception) -> bool:
     return isinstance(err, RuntimeError) and "randomness error mode" in str(err)
 
@@ -455,10 +500,16 @@ def _decide(
     num: int,
     chunk: int,
     backward_to: Sequence[Tensor] | None,
-) -> bool | None:
-    """Measure the first chunk both ways; True for vmap, False for the loop, None if vmap failed (warned)."""
+) -> tuple[bool | None, bool]:
+    """Measure the first chunk both ways.
+
+    Returns ``(faster, contended)``: ``faster`` is True for vmap, False for the loop,
+    None if vmap failed (warned); ``contended`` says other processes kept at least
+    :data:`CONTENDED_CORES` busy meanwhile.
+    """
     unit = leaves if chunk >= num else [t[:chunk] for t in leaves]
     size = min(chunk, num)
+    load = _LoadWindow()
     with torch.random.fork_rng(devices=_rng_devices(leaves, x)):
         # Warm-up of the batched path, and two tests: does the forward run under vmap at
         # all, and does it call random ops ("error" mode raises on the first one)?
@@ -471,14 +522,15 @@ def _decide(
                 # timed choice would make results depend on a stopwatch. The batched path
                 # is the documented one (the real run still falls back if it fails).
                 entry.stochastic = True
-                return True
+                return True, False
             entry.vmap_failed = True
             _warn_fallback(err)
-            return None
+            return None, False
         entry.stochastic = False
         run_loop = _with_backward(lambda: _loop(apply_fn, unit, spec, x, args, size, "different"), backward_to)
         run_loop()  # warm-up
-        return _vmap_is_faster(run_vmap, run_loop)
+        faster = _vmap_is_faster(run_vmap, run_loop)
+    return faster, load.others() >= CONTENDED_CORES
 
 
 # ---------------------------------------------------------------------------------------------
@@ -588,12 +640,22 @@ def apply_samples(
     if randomness == "different" and not entry.stochastic:
         decision = (num, chunk, bool(backward_to) and torch.is_grad_enabled())
         faster = entry.vmap_faster.get(decision)
+        if faster is not None and entry.recheck and decision in entry.recheck:
+            countdown = entry.recheck[decision]
+            countdown[0] -= 1
+            if countdown[0] <= 0:
+                faster = None  # provisional: measure again now
         if faster is None:
-            faster = _decide(entry, apply_fn, leaves, spec, x, args, num, chunk, backward_to if decision[2] else None)
+            faster, contended = _decide(
+                entry, apply_fn, leaves, spec, x, args, num, chunk, backward_to if decision[2] else None
+            )
             if faster is None:  # vmap failed: warned, loop from now on
                 return _loop(apply_fn, leaves, spec, x, args, num, randomness)
             if not entry.stochastic:
                 entry.vmap_faster[decision] = faster
+                left = entry.recheck.pop(decision, [0, MAX_RECHECKS])[1]
+                if contended and left > 0:
+                    entry.recheck[decision] = [RECHECK_AFTER, left - 1]
         if not faster:
             return _loop(apply_fn, leaves, spec, x, args, num, randomness)
     try:

@@ -6,7 +6,7 @@ random data order, optionally with an adversarial-training term, and
 predicting as the uniform mixture of their predictive distributions.
 
 Here the ``K`` members are one parameter tree with a leading member axis
-(:class:`~funcbnn.families.EmpiricalState`), and every optimiser step is one
+(:class:`~funcbnn.families.empirical.EmpiricalState`), and every optimiser step is one
 ``vmap``-ed forward and backward over the members, each on its own minibatch.
 Because ``torch.optim`` optimisers such as SGD and Adam act element by element,
 one optimiser over the stacked leaves is exactly ``K`` independent optimisers:
@@ -147,8 +147,10 @@ def fit(
         One vmapped forward and backward over the members, or a loop of
         per-member ones on the same batches (same numbers up to float rounding;
         the loop also serves forwards vmap cannot run). ``"auto"`` times both on
-        the first batch (forward and backward, no optimiser step, no randomness
-        consumed) and keeps the faster; a forward that fails under vmap loops.
+        the first batch (forward and backward, no optimiser step; the data orders
+        are drawn before, so the generator's stream is unchanged, though a forward
+        with global-RNG dropout draws from the global RNG) and keeps the faster; a
+        forward that fails under vmap loops.
 
     Returns
     -------
@@ -178,9 +180,18 @@ def fit(
     if not eps >= 0:
         raise ValueError(f"adversarial_eps must be >= 0, got {adversarial_eps!r}")
     leaves0 = optree.tree_leaves(state.members)
+    if not leaves0 or leaves0[0].dim() == 0:
+        raise ValueError("state.members must be a tree of tensors with a leading member axis")
     k = leaves0[0].shape[0]
     if any(t.dim() == 0 or t.shape[0] != k for t in leaves0):
         raise ValueError("state.members: every leaf needs the same leading member axis")
+    if callable(getattr(apply_fn, "check_params", None)):
+        apply_fn.check_params(state.members, "state.members", leading=1)  # trailing shapes fit the model
+    if eps and not (isinstance(x, Tensor) and x.is_floating_point()):
+        raise TypeError(
+            "adversarial_eps > 0 perturbs the inputs along their gradient: x must be one floating-point tensor, "
+            f"got {type(x).__name__ if not isinstance(x, Tensor) else x.dtype}"
+        )
     members = optree.tree_map(lambda t: t.detach().clone().requires_grad_(True), state.members)
     leaves = optree.tree_leaves(members)
     opt = optimizer(leaves) if optimizer is not None else torch.optim.Adam(leaves, lr=1e-3)
@@ -291,8 +302,11 @@ def pairwise_kl(probs: Tensor) -> Tensor:
     tensor(0.)
     """
     probs = _check_probs(probs, "probs")
+    # Probabilities are floored at the dtype's smallest normal number, so disjoint supports give a
+    # large finite KL (about 87 nats per class in float32, 708 in float64) rather than inf.
     logp = probs.clamp_min(torch.finfo(probs.dtype).tiny).log()
     k = probs.shape[0]
-    # KL(i || j) = sum_c p_i (log p_i - log p_j), for all pairs at once: (K, K, N)
-    kl = (probs[:, None] * (logp[:, None] - logp[None])).sum(-1)
-    return kl.mean(-1).sum() / (k * (k - 1))
+    total = probs.new_zeros(())
+    for i in range(k):  # one member against all: (K, N) at a time, not a (K, K, N, C) tensor
+        total = total + (probs[i] * (logp[i] - logp)).sum(-1).mean(-1).sum()
+    return total / (k * (k - 1))

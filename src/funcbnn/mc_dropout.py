@@ -83,6 +83,45 @@ class _Seeds(threading.local):
         self.seed: Tensor | None = None
         self.calls: dict[int, int] = {}  # per dropout layer: how often it ran in this forward
 
+    def __reduce__(self):  # thread-local storage does not pickle; a fresh one is equivalent between calls
+        return (_Seeds, ())
+
+
+# Spatial dims of each channel-dropout layer; an input with exactly one more dim is unbatched (C, ...),
+# as torch reads it. (Dropout2d reads a 3-D input as batched (N, C, L), torch's historical behaviour.)
+_SPATIAL = {nn.Dropout1d: 1, nn.Dropout3d: 3}
+
+
+class _SeededMask:
+    """Forward hook of one dropout layer: replaces its (identity, eval-mode) output by a seeded mask.
+
+    A class rather than a closure so that the model pickles.
+    """
+
+    def __init__(self, seeds: "_Seeds", index: int, layer: nn.Module) -> None:
+        self.seeds, self.index, self.p = seeds, index, float(layer.p)
+        self.channelwise = not isinstance(layer, nn.Dropout)
+        self.spatial = _SPATIAL.get(type(layer))
+
+    def __call__(self, module: nn.Module, inputs: tuple, output: Tensor) -> Tensor | None:
+        seed, p = self.seeds.seed, self.p
+        if seed is None or p == 0.0:
+            return None
+        calls = self.seeds.calls
+        call = calls[self.index] = calls.get(self.index, -1) + 1  # a layer reused in one forward gets fresh masks
+        x = inputs[0]
+        if p >= 1.0:
+            return torch.zeros_like(x)
+        if not self.channelwise:
+            shape = x.shape
+        elif self.spatial is not None and x.dim() == self.spatial + 1:  # unbatched (C, *spatial)
+            shape = x.shape[:1] + (1,) * (x.dim() - 1)
+        else:  # one number per (example, channel), broadcast over the spatial axes
+            shape = x.shape[:2] + (1,) * (x.dim() - 2)
+        # float32 uniforms whatever x's dtype: float16 cannot hold the 24-bit grid (it would overflow to inf)
+        keep = hash_uniform(seed, (self.index << 16) + call, torch.Size(shape)) >= p
+        return x * keep.to(x.dtype) * (1.0 / (1.0 - p))
+
 
 class DropoutModel:
     """``apply_fn(draw, x)``: a :class:`~funcbnn.model.FunctionalModel` whose dropout layers use seeded masks.
@@ -97,28 +136,8 @@ class DropoutModel:
         self.rates = {}
         for index, (name, m) in enumerate(n_m for n_m in base.module.named_modules() if isinstance(n_m[1], DROPOUT_LAYERS)):
             m.training = False  # the hook applies the mask; the layer itself is the identity
-            m.register_forward_hook(self._hook(index, m))
+            m.register_forward_hook(_SeededMask(self._seeds, index, m))
             self.rates[name] = float(m.p)
-
-    def _hook(self, index: int, layer: nn.Module):
-        channelwise = not isinstance(layer, nn.Dropout)
-        p = float(layer.p)
-
-        def hook(module: nn.Module, inputs: tuple, output: Tensor) -> Tensor | None:
-            seed = self._seeds.seed
-            if seed is None or p == 0.0:
-                return None
-            calls = self._seeds.calls
-            call = calls[index] = calls.get(index, -1) + 1  # a layer reused in one forward gets fresh masks
-            x = inputs[0]
-            if p >= 1.0:
-                return torch.zeros_like(x)
-            # channel dropout: one number per (example, channel), broadcast over the spatial axes
-            shape = x.shape[:2] + (1,) * (x.dim() - 2) if channelwise and x.dim() > 2 else x.shape
-            u = hash_uniform(seed, (index << 16) + call, shape, x.dtype if x.is_floating_point() else torch.float32)
-            return x * (u >= p).to(x.dtype) * (1.0 / (1.0 - p))
-
-        return hook
 
     @property
     def module(self) -> nn.Module:
@@ -159,6 +178,12 @@ def functionalize(module: nn.Module, *, train: TrainMode = False) -> Functional:
     """
     if not isinstance(module, nn.Module):
         raise TypeError(f"module must be an nn.Module, got {type(module).__name__}")
+    unsupported = sorted({type(m).__name__ for m in module.modules() if isinstance(m, (nn.AlphaDropout, nn.FeatureAlphaDropout))})
+    if unsupported:
+        raise ValueError(
+            f"module has {unsupported} layers, which seeded MC dropout does not cover (their masks also shift and "
+            f"scale the activations); supported: {', '.join(c.__name__ for c in DROPOUT_LAYERS)}"
+        )
     if not any(isinstance(m, DROPOUT_LAYERS) for m in module.modules()):
         raise ValueError(f"module {type(module).__name__} has no dropout layer ({', '.join(c.__name__ for c in DROPOUT_LAYERS)})")
     base, params, buffers = _functionalize(module, train=train)

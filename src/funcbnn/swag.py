@@ -44,7 +44,7 @@ from .families.lowrank_gaussian import LowRankGaussian, LowRankGaussianState, lo
 from .families.mixture import Mixture, MixtureState, mixture
 from .likelihoods import Likelihood, get_likelihood
 from .model import _STATS_LAYERS, FunctionalModel
-from .tree import Tree, check_same_structure
+from .tree import Tree, check_same_structure, leaf_names
 
 __all__ = [
     "SWAGState",
@@ -127,6 +127,9 @@ def update(state: SWAGState, params: Tree) -> SWAGState:
     """
     state = _check_state(state)
     check_same_structure(state.mean, params, "params")
+    for path, m, t in zip(leaf_names(params), optree.tree_leaves(state.mean), optree.tree_leaves(params)):
+        if t.dtype != m.dtype:
+            raise TypeError(f"params leaf '{path}' has dtype {t.dtype}, but the SWAG state holds {m.dtype}")
     n = int(state.num_models) + 1
     with torch.no_grad():
         theta = optree.tree_map(lambda t: t.detach(), params)
@@ -190,31 +193,47 @@ def posterior(
     var_clamp = positive_float(var_clamp, "var_clamp")
     if form not in ("lowrank", "diag"):
         raise ValueError(f"form must be 'lowrank' or 'diag', got {form!r}")
+    if form == "diag" and n < 2:
+        raise ValueError("the SWAG state holds 1 iterate: a variance needs at least 2 (call swag.update again)")
     var = optree.tree_map(lambda s, m: (s - m * m).clamp_min(var_clamp), state.sq_mean, state.mean)
     mean = optree.tree_map(torch.clone, state.mean)
     if form == "diag":
         post = diag_gaussian()
         return post, post.from_moments(mean, optree.tree_map(lambda v: (scale * v).sqrt(), var))
+    if len(state.deviations) < 2:
+        raise ValueError(
+            "max_rank=1 keeps no low-rank information (one deviation column has no spread); "
+            "use form='diag' or swag.init(..., max_rank >= 2)"
+        )
+    if n < 2:
+        raise ValueError(
+            "the SWAG state holds 1 iterate: a covariance needs at least 2 (call swag.update again, "
+            "or lower collect_every in swag.fit)"
+        )
     cols = deviations(state)
     k = min(n, len(state.deviations))
-    if k < 2:  # one column is theta_1 - theta_1 = 0: no low-rank part yet
-        cols = optree.tree_map(lambda d: d[:0], cols)
     factor = optree.tree_map(lambda d: d * math.sqrt(scale / max(k - 1, 1)), cols)
     return lowrank_gaussian(), LowRankGaussianState(mean, optree.tree_map(lambda v: scale * v, var), factor)
 
 
 def multiswag(
-    states: Iterable[SWAGState], *, form: Literal["lowrank", "diag"] = "lowrank", scale: float = 0.5
+    states: Iterable[SWAGState],
+    *,
+    form: Literal["lowrank", "diag"] = "lowrank",
+    scale: float = 0.5,
+    var_clamp: float = 1e-30,
 ) -> tuple[Mixture, MixtureState]:
     """MultiSWAG (Wilson & Izmailov 2020): the equal-weight mixture of several SWAG posteriors.
 
     Returns a :func:`~funcbnn.families.mixture` family over the components'
     family and its state; ``sample`` draws from every component in turn.
     """
-    states = list(states)
+    states = [_check_state(s) for s in states]
     if not states:
         raise ValueError("states must hold at least one SWAGState")
-    pairs = [posterior(s, form=form, scale=scale) for s in states]
+    for i, s in enumerate(states[1:], 1):
+        check_same_structure(states[0].mean, s.mean, f"states[{i}].mean")
+    pairs = [posterior(s, form=form, scale=scale, var_clamp=var_clamp) for s in states]
     return mixture(pairs[0][0]), MixtureState(tuple(q for _, q in pairs))
 
 
@@ -231,11 +250,15 @@ def bn_update(
     """BatchNorm running statistics recomputed for every weight sample, with one pass over ``data`` each.
 
     What the SWAG reference code does before predicting (``bn_update``): the
-    statistics are reset and re-estimated with the network in training mode,
-    as the average of the batch statistics weighted by batch size (batch means
-    and unbiased batch variances), which with equal batches is what
-    ``torch.optim.swa_utils.update_bn`` computes. Functional: ``apply_fn`` and
-    its module are never changed.
+    statistics are reset and re-estimated with the normalisation layers in
+    training mode, as the average of the batch statistics weighted by batch
+    size (batch means and unbiased batch variances; per-instance variances for
+    InstanceNorm), which with equal batches is what
+    ``torch.optim.swa_utils.update_bn`` computes. Only the normalisation layers
+    switch to training mode (the reference code puts the whole network in
+    training mode, dropout included). ``data`` is iterated once per sample (a
+    one-shot iterator is materialised first). Functional: ``apply_fn`` and its
+    module are never changed.
 
     Parameters
     ----------
@@ -257,8 +280,18 @@ def bn_update(
         raise TypeError(f"apply_fn must come from funcbnn.functionalize, got {type(apply_fn).__name__}")
     apply_fn.check_params(samples, "samples", leading=1)
     base = dict(apply_fn.buffers if buffers is None else buffers)
-    batches = [b[0] if isinstance(b, (tuple, list)) else b for b in data]
-    if not batches:
+    if iter(data) is data:  # a one-shot iterator: keep its batches for the passes of every sample
+        data = list(data)
+    inputs = lambda: (b[0] if isinstance(b, (tuple, list)) else b for b in data)  # noqa: E731
+    num_batches = 0
+    for x in inputs():
+        num_batches += 1
+        if isinstance(x, Tensor) and x.dim() > 0 and x.shape[0] < 2:
+            raise ValueError(
+                f"data batch {num_batches - 1} has {x.shape[0]} example; BatchNorm statistics need batches of "
+                "at least 2 (drop_last=True in the DataLoader)"
+            )
+    if not num_batches:
         raise ValueError("data is empty: bn_update needs at least one batch")
     layers = {
         name: m
@@ -278,12 +311,17 @@ def bn_update(
     sums: dict[str, list[Tensor]] = {}
 
     def record(name: str) -> Callable:
+        instance = isinstance(layers[name], nn.modules.instancenorm._InstanceNorm)
+
         def hook(module: nn.Module, inputs: tuple) -> None:
             x = inputs[0].detach()
-            dims = [d for d in range(x.dim()) if d != 1]
-            count = x.numel() // x.shape[1]
-            mean = x.mean(dims)
-            var = x.var(dims, correction=1) if count > 1 else torch.zeros_like(mean)
+            if instance:
+                # InstanceNorm records the mean over instances of each instance's own (unbiased) variance
+                dims = list(range(2, x.dim()))
+                mean, var = x.mean(dims).mean(0), x.var(dims, correction=1).mean(0)
+            else:
+                dims = [d for d in range(x.dim()) if d != 1]
+                mean, var = x.mean(dims), x.var(dims, correction=1)
             acc = sums.setdefault(name, [torch.zeros_like(mean), torch.zeros_like(var), 0])
             b = x.shape[0]
             acc[0] += b * mean
@@ -300,7 +338,7 @@ def bn_update(
             params = optree.tree_unflatten(spec, [t[s] for t in leaves])
             sums.clear()
             with torch.no_grad():
-                for x in batches:
+                for x in inputs():
                     train_fn(params, x, base)
             new = dict(base)
             for name, (m_sum, v_sum, count) in sums.items():
@@ -308,7 +346,7 @@ def bn_update(
                 new[prefix + "running_mean"] = (m_sum / count).to(base[prefix + "running_mean"].dtype)
                 new[prefix + "running_var"] = (v_sum / count).to(base[prefix + "running_var"].dtype)
                 if prefix + "num_batches_tracked" in new:
-                    new[prefix + "num_batches_tracked"] = torch.tensor(len(batches), dtype=torch.int64)
+                    new[prefix + "num_batches_tracked"] = torch.tensor(num_batches, dtype=torch.int64)
             out.append(new)
     finally:
         for h in handles:
@@ -463,5 +501,10 @@ def fit(
                 f"collected {int(state.num_models)}",
                 file=sys.stderr,
             )
+    if int(state.num_models) == 0:
+        raise ValueError(
+            f"no iterate was collected: collect_every={cycle} exceeds the {epochs * steps_per_epoch} steps "
+            "after burn-in; lower collect_every or raise epochs"
+        )
     final = optree.tree_map(lambda t: t.detach().clone(), theta)
     return SWAGResult(state, final, torch.stack(history))

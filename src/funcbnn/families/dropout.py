@@ -39,7 +39,8 @@ def sample(state: DropoutState, num_samples: int, *, generator: torch.Generator 
     """``{"params": params with a leading axis (a broadcast view), "seed": (num_samples,) int64}``."""
     _check(state)
     num_samples = positive_int(num_samples, "num_samples")
-    seeds = torch.randint(0, 2**31 - 1, (num_samples,), generator=generator, dtype=torch.int64)
+    device = generator.device if generator is not None else torch.device("cpu")  # draw where the generator lives
+    seeds = torch.randint(0, 2**31 - 1, (num_samples,), generator=generator, dtype=torch.int64, device=device)
     ref = optree.tree_leaves(state.params)[0]
     return {
         "params": optree.tree_map(lambda t: t.expand(num_samples, *t.shape), state.params),

@@ -50,7 +50,8 @@ def sample(state: EmpiricalState, num_samples: int, *, generator: torch.Generato
     if num_samples == k:
         return optree.tree_map(torch.clone, state.members)
     ref = optree.tree_leaves(state.members)[0]
-    idx = torch.randint(0, k, (num_samples,), generator=generator).to(ref.device)
+    device = generator.device if generator is not None else torch.device("cpu")  # draw where the generator lives
+    idx = torch.randint(0, k, (num_samples,), generator=generator, device=device).to(ref.device)
     return optree.tree_map(lambda t: t.index_select(0, idx), state.members)
 
 
@@ -105,15 +106,23 @@ def empirical(num_members: int = 5, init_std: float = 0.0) -> Empirical:
     torch.Size([3, 2])
     """
     num_members = positive_int(num_members, "num_members")
-    init_std = float(init_std)
-    if not init_std >= 0:
-        raise ValueError(f"init_std must be >= 0, got {init_std}")
+    try:
+        init_std = float(init_std)
+    except (TypeError, ValueError):
+        raise TypeError(f"init_std must be a number >= 0, got {init_std!r}") from None
+    if not (init_std >= 0 and init_std != float("inf")):
+        raise ValueError(f"init_std must be finite and >= 0, got {init_std}")
 
     def init(params: Tree, *, generator: torch.Generator | None = None) -> EmpiricalState:
+        leaves = optree.tree_leaves(params)
+        if not leaves or not all(isinstance(t, Tensor) and t.is_floating_point() for t in leaves):
+            raise TypeError("params must be a non-empty tree of floating-point tensors")
+
         def stack(t: Tensor) -> Tensor:
             out = t.detach().expand(num_members, *t.shape).clone()
             if init_std:
-                out += init_std * torch.randn(out.shape, dtype=t.dtype, generator=generator).to(t.device)
+                device = generator.device if generator is not None else torch.device("cpu")
+                out += init_std * torch.randn(out.shape, dtype=t.dtype, generator=generator, device=device).to(t.device)
             return out
 
         return EmpiricalState(optree.tree_map(stack, params))

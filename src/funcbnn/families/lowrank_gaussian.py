@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from .._validation import check_positive_tree, positive_float, positive_int
-from ..tree import Tree, check_same_structure, diag_normal, tree_size
+from ..tree import Tree, check_same_structure, diag_normal, leaf_names, tree_size
 from ._kl import check_reduction, monte_carlo_kl
 
 __all__ = ["LowRankGaussianState", "LowRankGaussian", "lowrank_gaussian"]
@@ -80,6 +80,9 @@ def _project(factor: Tree, tree: Tree, lead: int) -> Tensor:
 def _draw(state: LowRankGaussianState, num_samples: int, generator: torch.Generator | None, differentiable: bool) -> Tree:
     rank = _check_state(state)
     positive_int(num_samples, "num_samples")
+    for name, d in zip(leaf_names(state.diag), optree.tree_leaves(state.diag)):
+        if d.numel() and not bool((d.detach() >= 0).all() and torch.isfinite(d.detach()).all()):
+            raise ValueError(f"state.diag must be finite and >= 0 (variances), got min {d.min().item()} in leaf '{name}'")
     std = optree.tree_map(torch.sqrt, state.diag)
     draws = diag_normal(state.mean, std, num_samples, generator=generator, differentiable=differentiable)
     if rank == 0:

@@ -1,11 +1,13 @@
-"""Laplace approximations on a fast per-example curvature engine (Daxberger et al. 2021).
+"""Laplace approximations on a fast per-example curvature engine (Daxberger et al. 2021)::
 
->>> la, state = funcbnn.laplace.fit(apply_fn, params_map, loader, "classification")  # doctest: +SKIP
->>> state = la.tune(state)                          # marginal-likelihood prior precision (Immer et al. 2021)
->>> probs = la.predict(state, x)                    # linearised predictive, probit link
->>> post = la.posterior(state)                      # a family state: la.family.sample(post, 64), la.family.kl(...)
->>> torch.save(state, "la.pt")                      # later, elsewhere, without the data:
->>> la = funcbnn.laplace.from_state(apply_fn, params_map, torch.load("la.pt"))
+    la, state = funcbnn.laplace.fit(apply_fn, params_map, loader, "classification")
+    state = la.tune(state)              # marginal-likelihood prior precision (Immer et al. 2021)
+    probs = la.predict(state, x)        # linearised predictive, probit link
+    lin = la.linearize(state, x_val)    # reused across hyperparameters: a prior-precision search
+    nll = [loss(la.predict(state, lin, prior_precision=p), y_val) for p in grid]
+    post = la.posterior(state)          # a family state: la.family.sample(post, 64), la.family.kl(...)
+    torch.save(state, "la.pt")          # later, elsewhere, without the data:
+    la = funcbnn.laplace.from_state(apply_fn, params_map, torch.load("la.pt"))
 
 The fitter only; one concept per module: :mod:`~funcbnn.laplace.curvature`
 (diagonal and dense per-example curvature), :mod:`~funcbnn.laplace.kron` (KFAC
