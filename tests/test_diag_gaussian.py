@@ -118,7 +118,7 @@ def test_bad_arguments_are_rejected_early(tree):
 
 
 def test_family_registry_names_unknown_families():
-    with pytest.raises(ValueError, match="unknown posterior family .gaussian_process.; registered posterior family names: diag_gaussian"):
+    with pytest.raises(ValueError, match="unknown posterior family .gaussian_process.; registered posterior family names: .*diag_gaussian"):
         families.FAMILIES.build("gaussian_process")
 
 

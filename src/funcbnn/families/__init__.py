@@ -78,9 +78,7 @@ def _dense_gaussian_example(params, generator):
 
 FAMILIES.register("diag_gaussian", example=_diag_gaussian_example)(diag_gaussian)
 FAMILIES.register("kron_gaussian", example=_kron_gaussian_example)(kron_gaussian)
-# TODO(issue 9): FAMILIES.register("dense_gaussian", example=_dense_gaussian_example)(dense_gaussian) once
-# tests/test_diag_gaussian.py::test_family_registry_names_unknown_families stops matching the whole sorted
-# listing ("names: diag_gaussian"); dense_gaussian would sort first. It passes the contract suite already.
+FAMILIES.register("dense_gaussian", example=_dense_gaussian_example)(dense_gaussian)
 
 
 def _lowrank_gaussian_example(params, generator):
