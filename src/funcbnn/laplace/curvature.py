@@ -45,7 +45,7 @@ from .._validation import positive_int
 from ..likelihoods import Likelihood, get_likelihood
 from ..model import FunctionalModel
 from ._subset import Subset, split
-from ._taps import Layer, structured_layers, tapped_forward
+from ._taps import Layer, OutsideForward, math_attention, structured_layers, tapped_forward
 
 __all__ = ["CurvatureStats", "diag_curvature", "dense_curvature", "output_hessian_sqrt", "check_data", "unit_likelihood"]
 
@@ -266,12 +266,15 @@ def _generic_batch(
     for start in range(0, n, chunk_size):
         xs, ys = x[start : start + chunk_size], y[start : start + chunk_size]
         if kind == "ef":
-            g = torch.func.vmap(torch.func.grad(nll_one), in_dims=(None, 0, 0))(sub, xs, ys)
+            with math_attention():
+                g = torch.func.vmap(torch.func.grad(nll_one), in_dims=(None, 0, 0))(sub, xs, ys)
             squares = optree.tree_map(lambda t: t.square().sum(0), g)
         elif kind == "ggn":
-            jac = torch.func.vmap(torch.func.jacrev(f_one), in_dims=(None, 0))(sub, xs)  # (n, *out, *leaf)
+            with math_attention():
+                jac = torch.func.vmap(torch.func.jacrev(f_one), in_dims=(None, 0))(sub, xs)  # (n, *out, *leaf)
             with torch.no_grad():
-                f = torch.func.vmap(f_one, in_dims=(None, 0))(sub, xs)
+                # One batched forward (examples are independent): no vmap fallback for fused kernels.
+                f = apply_fn(subset.merge(sub), xs)
                 V = output_hessian_sqrt(likelihood, f)  # (K, n, *out)
             k = V.shape[0]
             Vf = V.reshape(k, V.shape[1], -1)
@@ -285,11 +288,12 @@ def _generic_batch(
             squares = optree.tree_map(contract, jac)
         else:
             with torch.no_grad():
-                f = torch.func.vmap(f_one, in_dims=(None, 0))(sub, xs)
+                f = apply_fn(subset.merge(sub), xs)
             squares = None
             for _ in range(num_mc):
                 y_hat = _sample_targets(likelihood, f, generator)
-                g = torch.func.vmap(torch.func.grad(nll_one), in_dims=(None, 0, 0))(sub, xs, y_hat)
+                with math_attention():
+                    g = torch.func.vmap(torch.func.grad(nll_one), in_dims=(None, 0, 0))(sub, xs, y_hat)
                 sq = optree.tree_map(lambda t: t.square().sum(0) / num_mc, g)
                 squares = sq if squares is None else optree.tree_map(torch.add, squares, sq)
         optree.tree_map_(lambda acc, s: acc.add_(s.detach()), out, squares)
@@ -375,6 +379,36 @@ def diag_curvature(
         if method == "structured":
             raise ValueError("method='structured' needs apply_fn from funcbnn.functionalize")
         layers = []
+    # One structured pass registers hooks on the shared shell: hold its lock throughout.
+    ctx = apply_fn._lock if isinstance(apply_fn, FunctionalModel) else contextlib.nullcontext()
+    with ctx:
+        while True:
+            try:
+                return _diag_pass(apply_fn, params, batches, lik, layers, active, method, kind, num_mc, generator, chunk_size)
+            except OutsideForward as err:
+                # Weights read outside their layer's forward (attention's out_proj): the generic engine takes them.
+                if method == "structured":
+                    names = sorted(n for layer in err.layers for n in (layer.weight, layer.bias) if n)
+                    raise ValueError(
+                        f"method='structured' cannot handle leaves {names}: the model reads them outside their "
+                        "layer's forward (e.g. nn.MultiheadAttention's out_proj); use method='auto'"
+                    ) from None
+                layers = [layer for layer in layers if layer not in err.layers]
+
+
+def _diag_pass(
+    apply_fn: Any,
+    params: dict[str, Tensor],
+    batches: list,
+    lik: Likelihood,
+    layers: list[Layer],
+    active: set[str],
+    method: str,
+    kind: Kind,
+    num_mc: int,
+    generator: torch.Generator | None,
+    chunk_size: int,
+) -> tuple[dict[str, Tensor], CurvatureStats]:
     covered = {n for layer in layers for n in (layer.weight, layer.bias) if n}
     if method == "structured" and active - covered:
         raise ValueError(f"method='structured' cannot handle leaves {sorted(active - covered)}; use method='auto'")
@@ -385,22 +419,19 @@ def diag_curvature(
     generic_out = optree.tree_map(torch.zeros_like, sub)
     loss = None
     num_data = num_outputs = 0
-    # One structured pass registers hooks on the shared shell: hold its lock throughout.
-    ctx = apply_fn._lock if isinstance(apply_fn, FunctionalModel) else contextlib.nullcontext()
-    with ctx:
-        for x, y in batches:
-            if layers:
-                batch_loss = _structured_batch(apply_fn, params, layers, x, y, lik, kind, num_mc, generator, out)
-            else:
-                with torch.no_grad():
-                    f = apply_fn(optree.tree_map(lambda t: t.detach(), params), x)
-                lik.check(f, y)
-                batch_loss = lik.nll(f, y).sum()
-            if generic_names:
-                _generic_batch(apply_fn, sub, subset, x, y, lik, kind, num_mc, generator, chunk_size, generic_out)
-            loss = batch_loss if loss is None else loss + batch_loss
-            num_data += y.shape[0]
-            num_outputs += lik.num_outputs(y)
+    for x, y in batches:
+        if layers:
+            batch_loss = _structured_batch(apply_fn, params, layers, x, y, lik, kind, num_mc, generator, out)
+        else:
+            with torch.no_grad():
+                f = apply_fn(optree.tree_map(lambda t: t.detach(), params), x)
+            lik.check(f, y)
+            batch_loss = lik.nll(f, y).sum()
+        if generic_names:
+            _generic_batch(apply_fn, sub, subset, x, y, lik, kind, num_mc, generator, chunk_size, generic_out)
+        loss = batch_loss if loss is None else loss + batch_loss
+        num_data += y.shape[0]
+        num_outputs += lik.num_outputs(y)
     out.update(generic_out)
     return {k: out[k] for k in params if k in active}, CurvatureStats(loss.detach(), num_data, num_outputs)
 

@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from .._validation import positive_int
 from ._subset import split
-from ._taps import Layer, structured_layers, tapped_forward
+from ._taps import Layer, OutsideForward, math_attention, structured_layers, tapped_forward
 from .curvature import _grads_from, _unfold
 
 __all__ = ["LayerPiece", "JacobianPieces", "jacobian_pieces", "layer_jacobian", "diag_output_covariance"]
@@ -74,7 +74,10 @@ class _Unstructured(Exception):
 
 def _structured(apply_fn: Any, params: dict[str, Tensor], layers: list[Layer], x: Tensor) -> tuple[Tensor, list[LayerPiece]]:
     """Outputs ``(N, *out)`` and one piece per structured layer (each must be called exactly once)."""
-    f, calls = tapped_forward(apply_fn, params, layers, x)
+    try:
+        f, calls = tapped_forward(apply_fn, params, layers, x)
+    except OutsideForward as err:  # weights read outside their layer's forward: the generic path takes them
+        raise _Unstructured(err.layers) from None
     count = [0] * len(layers)
     for c in calls:
         count[c.layer] += 1
@@ -109,7 +112,8 @@ def _generic_jacobian(apply_fn: Any, params: dict[str, Tensor], names: list[str]
     def f_one(p: dict[str, Tensor], xi: Tensor) -> Tensor:
         return apply_fn(subset.merge(p), xi[None])[0].reshape(-1)
 
-    return torch.func.vmap(torch.func.jacrev(f_one), in_dims=(None, 0))(sub, x)  # leaf: (N, O, *leaf)
+    with math_attention():
+        return torch.func.vmap(torch.func.jacrev(f_one), in_dims=(None, 0))(sub, x)  # leaf: (N, O, *leaf)
 
 
 def jacobian_pieces(apply_fn: Any, params: dict[str, Tensor], names: list[str], x: Tensor) -> JacobianPieces:

@@ -44,7 +44,7 @@ from .._validation import positive_int
 from ..families.kron_gaussian import BlockKey, KronDecomposed, KronEigen
 from ..likelihoods import Likelihood
 from ..model import FunctionalModel
-from ._taps import Layer, structured_layers, tapped_forward
+from ._taps import Layer, OutsideForward, structured_layers, tapped_forward
 from .curvature import (
     _patches,
     CurvatureStats,
@@ -222,6 +222,34 @@ def _kron_batch(
     return loss
 
 
+def _kron_pass(
+    apply_fn: FunctionalModel,
+    params: dict[str, Tensor],
+    batches: list,
+    lik: Likelihood,
+    layers: list[Layer],
+    kind: Kind,
+    num_mc: int,
+    generator: torch.Generator | None,
+) -> tuple[list[Tensor], list[Tensor], list[int], CurvatureStats | None]:
+    A, G, rows = [], [], [0] * len(layers)
+    for layer in layers:
+        w = params[layer.weight]
+        d = w[0].numel() + (layer.bias is not None)
+        A.append(torch.zeros(d, d, dtype=w.dtype, device=w.device))
+        G.append(torch.zeros(w.shape[0], w.shape[0], dtype=w.dtype, device=w.device))
+    if not layers:
+        return A, G, rows, None
+    loss, num_data, num_outputs = None, 0, 0
+    with apply_fn._lock:  # hooks live on the shared shell
+        for x, y in batches:
+            batch_loss = _kron_batch(apply_fn, params, layers, x, y, lik, kind, num_mc, generator, A, G, rows)
+            loss = batch_loss if loss is None else loss + batch_loss
+            num_data += y.shape[0]
+            num_outputs += lik.num_outputs(y)
+    return A, G, rows, CurvatureStats(loss.detach(), num_data, num_outputs)
+
+
 def kron_curvature(
     apply_fn: FunctionalModel,
     params: dict[str, Tensor],
@@ -305,28 +333,15 @@ def kron_curvature(
     if not active:
         raise ValueError("subset is empty: nothing to compute")
     layers = structured_layers(apply_fn, active)
+    while True:
+        try:
+            A, G, rows, stats = _kron_pass(apply_fn, params, batches, lik, layers, kind, num_mc, generator)
+            break
+        except OutsideForward as err:
+            # Weights read outside their layer's forward (attention's out_proj) get the diagonal instead.
+            layers = [layer for layer in layers if layer not in err.layers]
     covered = {n for layer in layers for n in (layer.weight, layer.bias) if n}
     diag_names = [k for k in params if k in active and k not in covered]
-
-    A, G, rows = [], [], [0] * len(layers)
-    for layer in layers:
-        w = params[layer.weight]
-        d = w[0].numel() + (layer.bias is not None)
-        A.append(torch.zeros(d, d, dtype=w.dtype, device=w.device))
-        G.append(torch.zeros(w.shape[0], w.shape[0], dtype=w.dtype, device=w.device))
-
-    stats = None
-    if layers:
-        loss, num_data, num_outputs = None, 0, 0
-        with apply_fn._lock:  # hooks live on the shared shell
-            for x, y in batches:
-                batch_loss = _kron_batch(
-                    apply_fn, params, layers, x, y, lik, kind, num_mc, generator, A, G, rows
-                )
-                loss = batch_loss if loss is None else loss + batch_loss
-                num_data += y.shape[0]
-                num_outputs += lik.num_outputs(y)
-        stats = CurvatureStats(loss.detach(), num_data, num_outputs)
 
     diag: dict[str, Tensor] = {}
     if diag_names:
