@@ -742,7 +742,7 @@ def test_non_positive_prior_precision_is_refused(small, bad):
 
 def test_prior_precision_of_the_wrong_length_is_refused(small):
     apply_fn, params, data = small
-    with pytest.raises(ValueError, match=r"one value per leaf \(4 leaves\), got shape \(3,\)"):
+    with pytest.raises(ValueError, match=r"one value per leaf \(4 leaves\) or one per parameter \(67 parameters\), got shape \(3,\)"):
         fit(apply_fn, params, [data], "categorical", prior_precision=[1.0, 2.0, 3.0])
 
 

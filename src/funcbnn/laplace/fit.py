@@ -27,9 +27,23 @@ from .curvature import Kind, check_data, dense_curvature, diag_curvature
 from .kron import kron_curvature, kron_decompose
 from .marglik import log_marglik, tune
 from .predictive import Linearization, linearize, output_covariance, predict
-from .state import STRUCTURES, LaplaceState, as_prior_precision, as_sigma, family_of, posterior, precision
+from .state import (
+    STRUCTURES,
+    LaplaceState,
+    as_prior_mean,
+    as_prior_precision,
+    as_sigma,
+    as_temperature,
+    family_of,
+    leafwise,
+    posterior,
+    precision,
+    prior_mean_of,
+)
+from .subnetwork import Subnetwork, check_subnetwork, scatter_into
+from .validation import ValidationInfo, tune_validation
 
-__all__ = ["Laplace", "fit", "from_state", "last_layer_names"]
+__all__ = ["Laplace", "fit", "from_state", "last_layer_names", "check_apply_fn"]
 
 
 class Laplace(NamedTuple):
@@ -46,8 +60,13 @@ class Laplace(NamedTuple):
         prior defaults to the state's own ``N(0, prior_precision^-1)``.
     precision : (state, prior_precision=None, sigma=None)
         The posterior precision in the structure's form (:func:`funcbnn.laplace.state.precision`).
-    log_marglik, tune
-        :func:`funcbnn.laplace.marglik.log_marglik` and :func:`~funcbnn.laplace.marglik.tune`.
+    log_marglik
+        :func:`funcbnn.laplace.marglik.log_marglik`.
+    tune : (state, *, method="marglik", val_data=None, **options) -> LaplaceState
+        :func:`funcbnn.laplace.marglik.tune` (``method="marglik"``) or
+        :func:`funcbnn.laplace.validation.tune_validation` (``method="val_nll"``, on ``val_data``).
+    tune_validation : (state, val_data, **options) -> (LaplaceState, ValidationInfo)
+        Validation-NLL tuning with its diagnostics.
     linearize, output_covariance, predict
         :mod:`funcbnn.laplace.predictive`; ``predict`` and ``output_covariance``
         take inputs or ``linearize(state, x)``'s result.
@@ -68,6 +87,7 @@ class Laplace(NamedTuple):
     precision: Callable[..., Any]
     log_marglik: Callable[..., Tensor]
     tune: Callable[..., LaplaceState]
+    tune_validation: Callable[..., tuple[LaplaceState, ValidationInfo]]
     linearize: Callable[..., Linearization]
     output_covariance: Callable[..., tuple[Tensor, Tensor]]
     predict: Callable[..., Any]
@@ -108,10 +128,21 @@ def last_layer_names(apply_fn: FunctionalModel, params: dict[str, Tensor], x: An
     return candidates[called[-1]]
 
 
+def check_apply_fn(apply_fn: Any) -> None:
+    """Refuse an ``nn.Module`` (or anything not callable) where ``apply_fn(params, x)`` is expected."""
+    if isinstance(apply_fn, nn.Module):
+        raise TypeError(
+            f"apply_fn must be a function of (params, x), got the nn.Module {type(apply_fn).__name__} itself; "
+            "call `apply_fn, params, _ = funcbnn.functionalize(model)` and pass apply_fn and params"
+        )
+    if not callable(apply_fn):
+        raise TypeError(f"apply_fn must be callable as apply_fn(params, x), got {type(apply_fn).__name__}")
+
+
 def _subset_names(apply_fn: Any, params: dict[str, Tensor], subset: Any, data: list) -> list[str]:
     if isinstance(subset, str) and subset not in ("all", "last_layer"):
         raise ValueError(
-            f"subset must be 'all', 'last_layer', an iterable of leaf names or a predicate, got {subset!r}"
+            f"subset must be 'all', 'last_layer', an iterable of leaf names, a predicate or a Subnetwork, got {subset!r}"
         )
     if subset == "all":
         names = list(params)
@@ -130,17 +161,34 @@ def _subset_names(apply_fn: Any, params: dict[str, Tensor], subset: Any, data: l
     return names
 
 
+def subnetwork_model(apply_fn: Any, params: dict[str, Tensor], indices: dict[str, Tensor]) -> tuple[Callable, dict[str, Tensor]]:
+    """``(model, sub)``: the model as a function of the chosen entries only, and their MAP values (1-D per leaf).
+
+    ``model(sub, x) = apply_fn(params with sub written at indices, x)``; ``params`` is snapshotted.
+    """
+    base = {k: v.detach().clone() for k, v in params.items()}
+    sub = {k: base[k].reshape(-1)[idx].clone() for k, idx in indices.items()}
+
+    def model(p: dict[str, Tensor], x: Any) -> Any:
+        return apply_fn(scatter_into(base, indices, p), x)
+
+    return model, sub
+
+
 def fit(
     apply_fn: Any,
     params: dict[str, Tensor],
     data: Iterable,
     likelihood: str | Likelihood,
     *,
-    subset: Literal["all", "last_layer"] | Iterable[str] | Callable[[str, Tensor], bool] = "all",
+    subset: Literal["all", "last_layer"] | Iterable[str] | Callable[[str, Tensor], bool] | Subnetwork = "all",
     structure: Literal["diag", "kron", "full"] = "diag",
     curvature: Kind = "ggn",
-    prior_precision: float | Tensor = 1.0,
+    prior_precision: float | Tensor | dict[str, Any] = 1.0,
+    prior_mean: float | Tensor | dict[str, Any] = 0.0,
+    temperature: float | Tensor = 1.0,
     sigma: float | Tensor | None = None,
+    joint_bias: bool = True,
     num_mc: int = 1,
     generator: torch.Generator | None = None,
     chunk_size: int = 32,
@@ -150,28 +198,50 @@ def fit(
     Parameters
     ----------
     apply_fn, params
-        From :func:`funcbnn.functionalize`, with ``params`` at the MAP.
+        From :func:`funcbnn.functionalize`, with ``params`` at the MAP (not the
+        ``nn.Module`` itself).
     data : iterable of (x, y)
         The training data (all of it: curvature is summed over examples).
     likelihood : str or Likelihood
         ``"categorical"`` / ``"classification"``, ``"gaussian"`` / ``"regression"``
         (sigma tunable), ``"bernoulli"`` / ``"binary"``, ``"heteroscedastic_gaussian"``.
-    subset : {"all", "last_layer"}, iterable of names, or predicate
-        Leaves that get a posterior; the others stay at their MAP values.
+    subset : {"all", "last_layer"}, iterable of names, predicate, or Subnetwork
+        Leaves that get a posterior; the others stay at their MAP values. A
+        :class:`~funcbnn.laplace.subnetwork.Subnetwork` picks single weights
+        (subnetwork Laplace, Daxberger et al. 2021; structure ``"full"`` or
+        ``"diag"``): the posterior's leaves are then the chosen entries, 1-D.
     structure : {"diag", "kron", "full"}
         Diagonal precision; Kronecker-factored blocks per Linear/Conv layer
         (KFAC, Martens & Grosse 2015; other leaves diagonal); or a dense one over
-        the subset (last layer, small nets).
+        the subset (last layer, subnetworks, small nets).
     curvature : {"ggn", "ef", "mc_ggn"}
         Exact GGN (default, as laplace-torch), empirical Fisher, or sampled-label GGN.
-    prior_precision : number or Tensor
-        Initial prior precision: a scalar (number, 0-d or shape-``(1,)`` tensor)
-        or one value per leaf; tune with ``la.tune``. A tensor keeps its graph
-        in the state, so ``la.log_marglik(state)`` is differentiable in it.
+    prior_precision : number, Tensor or dict
+        Initial prior precision: a scalar (number, 0-d or shape-``(1,)``
+        tensor), one value per leaf ``(L,)``, one per parameter ``(P,)`` (leaves
+        flattened in ``params`` order; not with ``"kron"``), or a dict of
+        per-leaf values (scalars or leaf-shaped). Tune with ``la.tune``. A
+        tensor keeps its graph in the state, so ``la.log_marglik(state)`` is
+        differentiable in it.
+    prior_mean : number, Tensor or dict
+        Mean of the Gaussian prior (laplace-torch's ``prior_mean``): a scalar,
+        one value per parameter, or a dict of per-leaf values. It enters the
+        marginal likelihood's scatter term and the default prior of ``la.kl``;
+        the posterior stays centred on ``params``.
+    temperature : number or Tensor
+        Likelihood temperature ``T`` (laplace-torch's ``temperature``): the
+        curvature and the data term of the marginal likelihood are divided by
+        ``T`` (``T < 1`` sharpens the posterior, "cold posteriors").
     sigma : number or Tensor, optional
         Initial observation noise std of a Gaussian likelihood (number, 0-d or
         shape-``(1,)`` tensor); by default the likelihood's own (1 for
         ``"gaussian"`` given by name).
+    joint_bias : bool
+        For ``"kron"``: one Kronecker block per layer over ``[W | b]`` (the
+        default) or laplace-torch's separate weight and bias blocks. The joint
+        block is KFAC as Martens & Grosse (2015) define it (the bias is a weight
+        on a constant input), exact on a single example, and keeps the
+        weight-bias correlations that separate blocks drop, at no extra cost.
     num_mc, generator
         Sampled labels per example for ``"mc_ggn"``, and their randomness.
     chunk_size : int
@@ -180,6 +250,11 @@ def fit(
     Returns
     -------
     (Laplace, LaplaceState)
+
+    Raises
+    ------
+    TypeError
+        For an ``nn.Module`` passed as ``apply_fn`` (functionalize it first).
 
     Examples
     --------
@@ -193,6 +268,7 @@ def fit(
     >>> type(la.posterior(state)).__name__
     'DenseGaussianState'
     """
+    check_apply_fn(apply_fn)
     lik = get_likelihood(likelihood)
     if structure not in STRUCTURES:
         raise ValueError(f"structure must be 'diag', 'kron' or 'full', got {structure!r}")
@@ -200,29 +276,47 @@ def fit(
         raise TypeError("params must be a non-empty dict of tensors")
     if curvature not in ("ggn", "ef", "mc_ggn"):
         raise ValueError(f"curvature must be 'ggn', 'ef' or 'mc_ggn', got {curvature!r}")
+    if not isinstance(joint_bias, bool):
+        raise TypeError(f"joint_bias must be a bool, got {type(joint_bias).__name__}")
     ref = next(iter(params.values()))
     sd = as_sigma(sigma if sigma is not None else (lik.sigma if lik.sigma is not None else 1.0), ref)
     if lik.sigma is None and float(sd) != 1.0:
         raise ValueError(
             f"sigma applies to the 'gaussian' likelihood only (a fixed observation noise), not {lik.name!r}"
         )
+    temp = as_temperature(temperature, ref)
     positive_int(num_mc, "num_mc")
-    if subset == "last_layer":
-        data = check_data(data)  # materialised once: the first batch finds the layer called last
-    names = _subset_names(apply_fn, params, subset, data)
-    pp = as_prior_precision(prior_precision, names, params[names[0]])
+    indices = None
+    if isinstance(subset, Subnetwork):
+        if structure == "kron":
+            raise ValueError("a Subnetwork takes structure='full' (or 'diag'); its weights have no Kronecker layout")
+        indices = check_subnetwork(subset, params)
+        model, fit_params = subnetwork_model(apply_fn, params, indices)
+        names = list(fit_params)
+    else:
+        if subset == "last_layer":
+            data = check_data(data)  # materialised once: the first batch finds the layer called last
+        model, fit_params = apply_fn, params
+        names = _subset_names(apply_fn, params, subset, data)
+    mean, fixed = split(fit_params, names, clone=True)  # snapshots: later edits to params do not reach the posterior
+    pp = as_prior_precision(prior_precision, mean, ref)
+    pm = as_prior_mean(prior_mean, mean, ref)
+    if structure == "kron" and pp.dim() == 1 and pp.numel() != len(names):
+        raise ValueError(
+            "structure='kron' takes a scalar prior precision or one per leaf, not one per parameter "
+            "(the Kronecker eigenbasis needs an isotropic prior within each block); use structure='diag' or 'full'"
+        )
 
     kw = dict(kind=curvature, num_mc=num_mc, generator=generator, chunk_size=chunk_size, subset=names)
     if structure == "diag":
-        curv, stats = diag_curvature(apply_fn, params, data, lik, **kw)
+        curv, stats = diag_curvature(model, fit_params, data, lik, **kw)
     elif structure == "kron":
         if not isinstance(apply_fn, FunctionalModel):
             raise TypeError("structure='kron' needs apply_fn from funcbnn.functionalize (it hooks the layers)")
-        factors, stats = kron_curvature(apply_fn, params, data, lik, **kw)
+        factors, stats = kron_curvature(apply_fn, params, data, lik, joint_bias=joint_bias, **kw)
         curv = kron_decompose(factors)
     else:
-        curv, stats = dense_curvature(apply_fn, params, data, lik, **kw)
-    mean, fixed = split(params, names, clone=True)  # snapshots: later edits to params do not reach the posterior
+        curv, stats = dense_curvature(model, fit_params, data, lik, **kw)
     state = LaplaceState(
         mean=mean,
         curvature=curv,
@@ -236,8 +330,11 @@ def fit(
         # Gaussian curvature was taken at unit noise: the GGN scales as sigma^-2, the EF (squared
         # gradients of (f - y) / sigma^2) as sigma^-4.
         scale_power=0 if lik.sigma is None else (4 if curvature == "ef" else 2),
+        prior_mean=pm,
+        temperature=temp,
+        indices=indices,
     )
-    return _build(apply_fn, fixed, names, structure, lik), state
+    return _build(model, fixed, names, structure, lik), state
 
 
 def from_state(
@@ -265,8 +362,9 @@ def from_state(
     Raises
     ------
     TypeError, ValueError
-        For a state that is not a ``LaplaceState``, leaves missing from
-        ``params`` or of another shape, or a likelihood that does not match.
+        For a state that is not a ``LaplaceState``, an ``nn.Module`` as
+        ``apply_fn``, leaves missing from ``params`` or of another shape, or a
+        likelihood that does not match.
 
     Examples
     --------
@@ -279,6 +377,7 @@ def from_state(
     >>> torch.equal(again.predict(state, x), la.predict(state, x))
     True
     """
+    check_apply_fn(apply_fn)
     if not isinstance(state, LaplaceState):
         raise TypeError(f"state must be a LaplaceState (from funcbnn.laplace.fit), got {type(state).__name__}")
     if state.structure not in STRUCTURES:
@@ -288,8 +387,12 @@ def from_state(
     for k, v in state.mean.items():
         if k not in params:
             raise ValueError(f"params has no leaf {k!r}, which the state's posterior covers")
-        if params[k].shape != v.shape:
+        if state.indices is None and params[k].shape != v.shape:
             raise ValueError(f"params[{k!r}] has shape {tuple(params[k].shape)}, the state's mean {tuple(v.shape)}")
+        if state.indices is not None and (v.shape != state.indices[k].shape or int(state.indices[k].max()) >= params[k].numel()):
+            raise ValueError(
+                f"params[{k!r}] has shape {tuple(params[k].shape)}, too small for the state's subnetwork indices"
+            )
     try:
         lik = get_likelihood(state.likelihood if likelihood is None else likelihood)
     except ValueError as err:
@@ -300,8 +403,22 @@ def from_state(
             f"curvature scale power {state.scale_power})"
         )
     names = list(state.mean)
-    _, fixed = split(params, names, clone=True)
-    return _build(apply_fn, fixed, names, state.structure, lik)
+    if state.indices is not None:
+        model, fit_params = subnetwork_model(apply_fn, params, state.indices)
+    else:
+        model, fit_params = apply_fn, params
+    _, fixed = split(fit_params, names, clone=True)
+    return _build(model, fixed, names, state.structure, lik)
+
+
+def _default_prior(state: LaplaceState) -> Any:
+    """The state's own prior ``N(prior_mean, diag(prior_precision)^-1)`` as a :func:`funcbnn.priors.gaussian`."""
+    pp = leafwise(state.prior_precision, state.mean)
+    pm = leafwise(prior_mean_of(state), state.mean)
+    return gaussian(
+        std={k: pp[k].expand(m.shape).rsqrt() if pp[k].dim() else pp[k].rsqrt() for k, m in state.mean.items()},
+        mean={k: pm[k].expand(m.shape) if pm[k].dim() else pm[k] for k, m in state.mean.items()},
+    )
 
 
 def _build(apply_fn: Any, fixed: Subset, names: list[str], structure: str, lik: Likelihood) -> Laplace:
@@ -315,26 +432,37 @@ def _build(apply_fn: Any, fixed: Subset, names: list[str], structure: str, lik: 
         return family.sample(posterior(state), num_samples, generator=generator)
 
     def kl(state: LaplaceState, prior: Any = None, **kwargs: Any) -> Tensor:
-        """``family.kl(posterior(state), prior)``; by default against the state's prior ``N(0, prior_precision^-1)``."""
-        if prior is None:
-            pp = state.prior_precision
-            prior = gaussian(std={k: (pp if pp.dim() == 0 else pp[i]).rsqrt() for i, k in enumerate(state.mean)})
-        return family.kl(posterior(state), prior, **kwargs)
+        """``family.kl(posterior(state), prior)``; by default against the state's prior ``N(prior_mean, prior_precision^-1)``."""
+        return family.kl(posterior(state), _default_prior(state) if prior is None else prior, **kwargs)
 
-    def tune_(state: LaplaceState, **kwargs: Any) -> LaplaceState:
-        """:func:`funcbnn.laplace.marglik.tune` with the fitted likelihood (``per_leaf``, ``tune_sigma``, ``steps``, ``lr``)."""
-        return tune(state, lik, **kwargs)
+    def tune_(state: LaplaceState, *, method: str = "marglik", val_data: Any = None, **kwargs: Any) -> LaplaceState:
+        """Tune the hyperparameters: :func:`funcbnn.laplace.marglik.tune` (``method="marglik"``: ``per_leaf``,
+        ``prior_structure``, ``tune_sigma``, ``steps``, ``lr``) or :func:`funcbnn.laplace.validation.tune_validation`
+        (``method="val_nll"`` on ``val_data``)."""
+        if method == "marglik":
+            if val_data is not None:
+                raise ValueError("val_data is for method='val_nll'; the marginal likelihood needs no validation data")
+            return tune(state, lik, **kwargs)
+        if method == "val_nll":
+            if val_data is None:
+                raise ValueError("method='val_nll' needs val_data=(x_val, y_val) or an iterable of batches")
+            return tune_validation_(state, val_data, **kwargs)[0]
+        raise ValueError(f"method must be 'marglik' or 'val_nll', got {method!r}")
 
-    def log_marglik_(state: LaplaceState, prior_precision: Any = None, sigma: Any = None) -> Tensor:
+    def tune_validation_(state: LaplaceState, val_data: Any, **kwargs: Any) -> tuple[LaplaceState, ValidationInfo]:
+        """:func:`funcbnn.laplace.validation.tune_validation` with the fitted model and likelihood."""
+        return tune_validation(apply_fn, fixed, lik, state, val_data, **kwargs)
+
+    def log_marglik_(state: LaplaceState, prior_precision: Any = None, sigma: Any = None, temperature: Any = None) -> Tensor:
         """:func:`funcbnn.laplace.marglik.log_marglik` with the fitted likelihood."""
-        return log_marglik(state, lik, prior_precision, sigma)
+        return log_marglik(state, lik, prior_precision, sigma, temperature)
 
     def linearize_(state: LaplaceState, x: Tensor, *, chunk_size: int = 64) -> Linearization:
         """:func:`funcbnn.laplace.predictive.linearize`: reuse the result in ``predict`` / ``output_covariance``."""
         return linearize(apply_fn, fixed, state, x, chunk_size=chunk_size)
 
     def output_covariance_(state: LaplaceState, x: Any, **kwargs: Any) -> tuple[Tensor, Tensor]:
-        """:func:`funcbnn.laplace.predictive.output_covariance` (``prior_precision``, ``sigma``, ``chunk_size``)."""
+        """:func:`funcbnn.laplace.predictive.output_covariance` (``prior_precision``, ``sigma``, ``temperature``, ``chunk_size``)."""
         return output_covariance(apply_fn, fixed, state, x, **kwargs)
 
     def predict_(state: LaplaceState, x: Any, **kwargs: Any) -> Any:
@@ -342,7 +470,7 @@ def _build(apply_fn: Any, fixed: Subset, names: list[str], structure: str, lik: 
 
         ``x`` is inputs or ``linearize(state, x)``; keywords ``pred_type``,
         ``link_approx``, ``num_samples``, ``generator``, ``prior_precision``,
-        ``sigma``, ``chunk_size``.
+        ``sigma``, ``temperature``, ``chunk_size``.
         """
         return predict(apply_fn, fixed, lik, state, x, **kwargs)
 
@@ -354,6 +482,7 @@ def _build(apply_fn: Any, fixed: Subset, names: list[str], structure: str, lik: 
         precision=precision,
         log_marglik=log_marglik_,
         tune=tune_,
+        tune_validation=tune_validation_,
         linearize=linearize_,
         output_covariance=output_covariance_,
         predict=predict_,

@@ -8,7 +8,13 @@ default of laplace-torch, Daxberger et al. 2021): ``f(x; theta) ~ f(x; theta_MAP
 (``functional_variance``). Classification then needs ``E[softmax(f)]``:
 
 - ``"probit"``: ``softmax(mu / sqrt(1 + pi/8 diag(S)))`` (MacKay 1992);
-- ``"bridge"``: the Laplace bridge to a Dirichlet (Hobbhahn et al. 2022);
+- ``"bridge"``: the Laplace bridge to a Dirichlet (Hobbhahn et al. 2022), in
+  the paper's form: the Gaussian is first conditioned on its logits summing to
+  zero (softmax ignores that sum; the bridge's moment match assumes it), then
+  ``alpha_k = (1 - 2/K + e^{mu_k} / K^2 sum_l e^{-mu_l}) / S_kk``, and the
+  predictive is the Dirichlet mean ``alpha / sum(alpha)`` (:func:`laplace_bridge`);
+- ``"bridge_norm"``: the same after the paper's variance normalisation
+  (laplace-torch's ``"bridge_norm"``);
 - ``"mc"``: Monte Carlo over the linearised logits.
 
 Regression returns the mean and the variance including the noise ``sigma^2``.
@@ -39,7 +45,9 @@ from ._subset import Subset
 from .glm import JacobianPieces, LayerPiece, jacobian_pieces, layer_jacobian, pieces_covariance
 from .state import LaplaceState, family_of, hyperparameters, posterior
 
-__all__ = ["Linearization", "linearize", "output_covariance", "predict"]
+__all__ = ["Linearization", "linearize", "output_covariance", "predict", "laplace_bridge", "LINK_APPROXIMATIONS"]
+
+LINK_APPROXIMATIONS: tuple[str, ...] = ("probit", "bridge", "bridge_norm", "mc")
 
 
 class Linearization(NamedTuple):
@@ -159,6 +167,7 @@ def output_covariance(
     *,
     prior_precision: Any = None,
     sigma: Any = None,
+    temperature: Any = None,
     chunk_size: int = 64,
 ) -> tuple[Tensor, Tensor]:
     """Outputs at the MAP ``(N, *out)`` and the linearised output covariance ``J P^-1 J^T`` ``(N, O, O)``.
@@ -168,7 +177,7 @@ def output_covariance(
     covariance is differentiable in tensor hyperparameters.
     """
     chunk_size = positive_int(chunk_size, "chunk_size")
-    post = posterior(state, *hyperparameters(state, prior_precision, sigma))
+    post = posterior(state, *hyperparameters(state, prior_precision, sigma, temperature))
     if isinstance(x, Linearization):
         if x.structure != state.structure:
             raise ValueError(f"x is a Linearization for structure {x.structure!r}, the state is {state.structure!r}")
@@ -187,6 +196,64 @@ def _class_probs(outputs: Tensor, lik: Likelihood) -> Tensor:
     return lik.inverse_link(outputs).mean(0)
 
 
+def laplace_bridge(mean: Tensor, cov: Tensor, *, normalize: bool = False) -> Tensor:
+    """The Laplace bridge: class probabilities from Gaussian logits ``N(mean, cov)`` (Hobbhahn et al. 2022).
+
+    "Fast Predictive Uncertainty for Classification with Bayesian Deep
+    Networks": softmax is invariant to adding a constant to every logit, while
+    the bridge's moment match assumes the logits sum to zero. The Gaussian is
+    first conditioned on ``1^T f = 0`` (the zero-mean correction)::
+
+        mu' = mu - S 1 (1^T mu) / (1^T S 1),     S' = S - S 1 1^T S / (1^T S 1),
+
+    then mapped to the Dirichlet with
+
+        alpha_k = (1 - 2/K + e^{mu'_k} / K^2 sum_l e^{-mu'_l}) / S'_kk,
+
+    and the predictive is its mean ``alpha / sum_k alpha_k``. ``normalize``
+    first rescales as laplace-torch's ``"bridge_norm"``: with
+    ``c = mean_k S'_kk / sqrt(K / 2)``, ``mu' / sqrt(c)`` and ``S'_kk / c``.
+
+    Parameters
+    ----------
+    mean : Tensor
+        ``(N, K)`` logit means.
+    cov : Tensor
+        ``(N, K, K)`` logit covariances.
+    normalize : bool
+        Apply the variance normalisation.
+
+    Returns
+    -------
+    Tensor
+        ``(N, K)`` probabilities. A row whose corrected variances vanish (no
+        uncertainty) gets ``softmax(mean)``, the limit of the bridge.
+
+    Examples
+    --------
+    >>> mu, cov = torch.tensor([[2.0, 0.0, -1.0]]), 0.5 * torch.eye(3)[None]
+    >>> laplace_bridge(mu, cov).sum(-1)
+    tensor([1.])
+    """
+    if mean.dim() != 2 or cov.shape != (*mean.shape, mean.shape[-1]):
+        raise ValueError(f"mean must be (N, K) and cov (N, K, K), got {tuple(mean.shape)} and {tuple(cov.shape)}")
+    k = mean.shape[-1]
+    row = cov.sum(-1)  # S 1, (N, K)
+    total = row.sum(-1, keepdim=True)  # 1^T S 1, (N, 1)
+    safe = total.clamp_min(torch.finfo(total.dtype).tiny)
+    mu = mean - row * mean.sum(-1, keepdim=True) / safe
+    var = torch.diagonal(cov, dim1=-2, dim2=-1) - row.square() / safe
+    if normalize:
+        c = var.mean(-1, keepdim=True) / math.sqrt(k / 2)
+        mu = mu / c.sqrt()
+        var = var / c
+    sum_exp = torch.exp(-mu).sum(-1, keepdim=True)
+    alpha = (1 - 2 / k + mu.exp() / k**2 * sum_exp) / var
+    probs = alpha / alpha.sum(-1, keepdim=True)
+    degenerate = ~torch.isfinite(probs).all(-1, keepdim=True) | (var <= 0).any(-1, keepdim=True)
+    return torch.where(degenerate, mean.softmax(-1), probs)
+
+
 def predict(
     apply_fn: Callable,
     subset: Subset,
@@ -195,23 +262,25 @@ def predict(
     x: Any,
     *,
     pred_type: Literal["glm", "nn"] = "glm",
-    link_approx: Literal["probit", "bridge", "mc"] = "probit",
+    link_approx: Literal["probit", "bridge", "bridge_norm", "mc"] = "probit",
     num_samples: int = 100,
     generator: torch.Generator | None = None,
     prior_precision: Any = None,
     sigma: Any = None,
+    temperature: Any = None,
     chunk_size: int = 64,
 ) -> Any:
     """Posterior predictive (module docstring): probabilities, or ``(mean, variance)`` for regression.
 
     ``x`` is inputs or a :class:`Linearization` of them (``la.linearize``);
-    ``prior_precision`` and ``sigma`` override the state's. The GLM predictive
-    is differentiable in tensor hyperparameters; the sampled ones are not.
+    ``prior_precision``, ``sigma`` and ``temperature`` override the state's. The
+    GLM predictive is differentiable in tensor hyperparameters; the sampled
+    ones are not.
     """
     if pred_type not in ("glm", "nn"):
         raise ValueError(f"pred_type must be 'glm' or 'nn', got {pred_type!r}")
-    if link_approx not in ("probit", "bridge", "mc"):
-        raise ValueError(f"link_approx must be 'probit', 'bridge' or 'mc', got {link_approx!r}")
+    if link_approx not in LINK_APPROXIMATIONS:
+        raise ValueError(f"link_approx must be one of {list(LINK_APPROXIMATIONS)}, got {link_approx!r}")
     if lik.link not in ("identity", "softmax", "sigmoid"):
         raise ValueError(
             f"predict covers likelihoods with a softmax, sigmoid or identity link (categorical, bernoulli, "
@@ -219,18 +288,20 @@ def predict(
         )
     if link_approx == "mc" or pred_type == "nn":
         positive_int(num_samples, "num_samples")
-    pp, sd = hyperparameters(state, prior_precision, sigma)
+    pp, sd, temp = hyperparameters(state, prior_precision, sigma, temperature)
     regression = not lik.is_classification
     if pred_type == "nn":
         from ..predict import sample_outputs
 
         inputs = x.inputs if isinstance(x, Linearization) else x
-        draws = family_of(state.structure).sample(posterior(state, pp, sd), num_samples, generator=generator)
+        draws = family_of(state.structure).sample(posterior(state, pp, sd, temp), num_samples, generator=generator)
         outs = sample_outputs(lambda sub, xs: apply_fn(subset.merge(sub), xs), draws, inputs)
         if regression:
             return outs.mean(0), outs.var(0, correction=0) + sd**2
         return _class_probs(outs, lik)
-    f, cov = output_covariance(apply_fn, subset, state, x, prior_precision=pp, sigma=sd, chunk_size=chunk_size)
+    f, cov = output_covariance(
+        apply_fn, subset, state, x, prior_precision=pp, sigma=sd, temperature=temp, chunk_size=chunk_size
+    )
     f_flat = f.reshape(f.shape[0], -1)
     var_f = torch.diagonal(cov, dim1=1, dim2=2)
     if regression:
@@ -238,13 +309,10 @@ def predict(
     if link_approx == "probit":
         kappa = 1 / torch.sqrt(1 + math.pi / 8 * var_f)
         return lik.inverse_link(f_flat * kappa).reshape(f.shape)
-    if link_approx == "bridge":
+    if link_approx in ("bridge", "bridge_norm"):
         if lik.link != "softmax":
-            raise ValueError(f"link_approx='bridge' is for the softmax (categorical) likelihood, not {lik.name!r}")
-        k = f_flat.shape[-1]
-        sum_exp = torch.exp(-f_flat).sum(-1, keepdim=True)
-        alpha = (1 - 2 / k + f_flat.exp() / k**2 * sum_exp) / var_f
-        return alpha / alpha.sum(-1, keepdim=True)
+            raise ValueError(f"link_approx={link_approx!r} is for the softmax (categorical) likelihood, not {lik.name!r}")
+        return laplace_bridge(f_flat, cov, normalize=link_approx == "bridge_norm")
     # A square root through the eigendecomposition: the output covariance is often rank
     # deficient (fewer uncertain directions than classes), where Cholesky fails.
     evals, evecs = torch.linalg.eigh(cov)
