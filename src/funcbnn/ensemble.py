@@ -31,6 +31,7 @@ import optree
 import torch
 from torch import Tensor, nn
 
+from . import distributed
 from ._validation import positive_int
 from .families.empirical import EmpiricalState
 from .likelihoods import Likelihood, get_likelihood
@@ -119,6 +120,7 @@ def fit(
     generator: torch.Generator | None = None,
     method: Literal["auto", "vmap", "loop"] = "auto",
     progress: bool = False,
+    process_group: Any = None,
 ) -> EnsembleResult:
     """Train every member of ``state`` on ``data``, all at once.
 
@@ -151,6 +153,13 @@ def fit(
         are drawn before, so the generator's stream is unchanged, though a forward
         with global-RNG dropout draws from the global RNG) and keeps the faster; a
         forward that fails under vmap loops.
+
+    process_group : torch.distributed group, optional
+        Spread the members over the ranks (contiguous blocks, the first ranks one
+        more; a rank may have none): each rank trains its members on the whole
+        ``data`` with the data orders one process would draw for them, and the
+        members are gathered back, so every rank returns what one process
+        returns. ``generator`` must be in the same state on every rank.
 
     Returns
     -------
@@ -192,7 +201,18 @@ def fit(
             "adversarial_eps > 0 perturbs the inputs along their gradient: x must be one floating-point tensor, "
             f"got {type(x).__name__ if not isinstance(x, Tensor) else x.dtype}"
         )
-    members = optree.tree_map(lambda t: t.detach().clone().requires_grad_(True), state.members)
+    rank, size = distributed.world(process_group)
+    distributed.agree(
+        {
+            "state.members": distributed.fingerprint(state.members),
+            "data": (tuple(y.shape), [tuple(t.shape) for t in optree.tree_leaves(x)]),
+            "epochs, batch_size, adversarial_eps": (epochs, batch_size, eps),
+        },
+        process_group,
+    )
+    mine = distributed.shard_range(k, rank, size)  # this rank's members
+    k_all, k = k, len(mine)
+    members = optree.tree_map(lambda t: t[mine.start : mine.stop].detach().clone().requires_grad_(True), state.members)
     leaves = optree.tree_leaves(members)
     opt = optimizer(leaves) if optimizer is not None else torch.optim.Adam(leaves, lr=1e-3)
     if not isinstance(opt, torch.optim.Optimizer):
@@ -215,8 +235,13 @@ def fit(
 
     history: list[Tensor] = []
     for epoch in range(epochs):
-        orders = torch.stack([torch.randperm(n, generator=generator) for _ in range(k)]).to(device)  # (K, N)
+        # every rank draws all K orders (the one-process stream) and keeps its members' rows
+        orders = torch.stack([torch.randperm(n, generator=generator) for _ in range(k_all)])[mine.start : mine.stop]
+        orders = orders.to(device)  # (K, N)
         for start in range(0, n, batch_size):
+            if k == 0:  # a rank without members still walks the steps, to return the same history shape
+                history.append(torch.zeros(0))
+                continue
             idx = orders[:, start : start + batch_size]  # (K, B): every member its own batch
             xb = optree.tree_map(lambda t: t[idx], x)
             yb = y[idx]
@@ -233,7 +258,13 @@ def fit(
             history.append(losses.detach())
         if progress:
             print(f"epoch {epoch + 1}/{epochs}: member losses {[round(v, 4) for v in history[-1].tolist()]}", file=sys.stderr)
-    return EnsembleResult(EmpiricalState(optree.tree_map(lambda t: t.detach(), members)), torch.stack(history))
+    trained = optree.tree_map(lambda t: t.detach(), members)
+    hist = torch.stack(history) if k else torch.zeros(len(history), 0, dtype=leaves0[0].dtype)
+    if process_group is not None:
+        counts = [len(distributed.shard_range(k_all, r, size)) for r in range(size)]
+        trained = distributed.all_gather_blocks(trained, counts, process_group)
+        hist = distributed.all_gather_blocks(hist.T.contiguous().to(leaves0[0].dtype), counts, process_group).T
+    return EnsembleResult(EmpiricalState(trained), hist)
 
 
 def _pick_path(batched: Callable, looped: Callable, members: Tree, xb: Any, yb: Tensor) -> str:

@@ -38,6 +38,7 @@ import optree
 import torch
 from torch import Tensor, nn
 
+from . import distributed
 from ._validation import positive_float, positive_int
 from .families.diag_gaussian import DiagGaussian, DiagGaussianState, diag_gaussian
 from .families.lowrank_gaussian import LowRankGaussian, LowRankGaussianState, lowrank_gaussian
@@ -392,6 +393,30 @@ class SWAGResult(NamedTuple):
     history: Tensor
 
 
+def _sharded_mean_loss(apply_fn, theta, leaves, x, y, lik, buffers, process_group) -> Tensor:
+    """Backward of the mean NLL over the union of the ranks' batches; returns that mean.
+
+    Each rank differentiates its batch's *sum* of NLLs; summing gradients and
+    counts over ranks and dividing gives the gradient of the global mean, also
+    for uneven (or empty) batches.
+    """
+    n_local = y.shape[0]
+    if n_local:
+        out = apply_fn(theta, x) if buffers is None else apply_fn(theta, x, buffers)
+        total = lik.nll(out, y).sum()
+        total.backward()
+    else:
+        total = y.new_zeros((), dtype=leaves[0].dtype)
+    stats = distributed.all_reduce_tree(
+        torch.stack([total.detach().to(leaves[0].dtype), torch.tensor(float(n_local), dtype=leaves[0].dtype)]),
+        process_group,
+    )
+    grads = distributed.all_reduce_tree([p.grad if p.grad is not None else torch.zeros_like(p) for p in leaves], process_group)
+    for p, g in zip(leaves, grads):
+        p.grad = g / stats[1]
+    return stats[0] / stats[1]
+
+
 def _lr_at(step_in_cycle: int, cycle: int, lr: float, lr_min: float, schedule: str) -> float:
     if schedule == "constant":
         return lr
@@ -417,6 +442,7 @@ def fit(
     max_rank: int = 20,
     buffers: dict[str, Tensor] | None = None,
     progress: bool = False,
+    process_group: Any = None,
 ) -> SWAGResult:
     """Run SGD from ``params`` and collect a SWAG state along the way.
 
@@ -436,6 +462,12 @@ def fit(
     likelihood : str or Likelihood
     progress : bool, default False
         Print one line per epoch to stderr.
+    process_group : torch.distributed group, optional
+        Data-parallel SGD: ``data`` is this rank's shard (every rank the same
+        number of batches; batch sizes may differ, a rank may have empty
+        batches), gradients are combined so that each step follows the mean
+        loss over the union of the ranks' batches, and every rank ends with the
+        state one process gets on the concatenated batches.
 
     Returns
     -------
@@ -469,6 +501,10 @@ def fit(
     leaves = optree.tree_leaves(theta)
     opt = torch.optim.SGD(leaves, lr=lr, momentum=momentum, weight_decay=weight_decay)
     state = init(theta, max_rank=max_rank)
+    distributed.agree(
+        {"params": distributed.fingerprint(params), "batches per epoch": steps_per_epoch, "epochs": (burn_in, epochs)},
+        process_group,
+    )
     history: list[Tensor] = []
     step = 0
     for epoch in range(burn_in + epochs):
@@ -481,13 +517,16 @@ def fit(
                 for group in opt.param_groups:
                     group["lr"] = _lr_at(step % cycle, cycle, lr, lr_min, schedule)
             opt.zero_grad()
-            out = apply_fn(theta, x) if buffers is None else apply_fn(theta, x, buffers)
-            loss = lik.nll(out, y).mean()
+            if process_group is None:
+                out = apply_fn(theta, x) if buffers is None else apply_fn(theta, x, buffers)
+                loss = lik.nll(out, y).mean()
+                loss.backward()
+            else:
+                loss = _sharded_mean_loss(apply_fn, theta, leaves, x, y, lik, buffers, process_group)
             if not torch.isfinite(loss):
                 raise FloatingPointError(
                     f"the SGD loss became {loss.item()} at epoch {epoch}; lower lr (now {lr}) or check the data"
                 )
-            loss.backward()
             opt.step()
             history.append(loss.detach())
             if collecting:

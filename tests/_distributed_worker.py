@@ -1,0 +1,71 @@
+"""Worker processes for tests/test_distributed.py: two gloo ranks on the loopback interface.
+
+Each scenario runs the distributed call on its rank and saves what it got (or the
+error it raised) to ``out_dir/rank{r}.pt``; the test compares with one process.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import traceback
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+def data(n=24, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 4, generator=g)
+    y = (x[:, 0] - x[:, 1] > 0).long() + (x[:, 2] > 0.5).long()
+    return x, y
+
+
+def net():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+
+
+def swag_batches(rank=None):
+    """8 batches of 6 rows; with a rank, that rank's uneven share: rows [0, 4) to rank 0, [4, 6) to rank 1."""
+    x, y = data(48)
+    batches = [(x[i : i + 6], y[i : i + 6]) for i in range(0, 48, 6)]
+    if rank is None:
+        return batches
+    cut = slice(0, 4) if rank == 0 else slice(4, 6)
+    return [(bx[cut], by[cut]) for bx, by in batches]
+
+
+def run(rank: int, world_size: int, port: int, out_dir: str, scenario: str) -> None:
+    import funcbnn
+    from funcbnn import ensemble, swag
+
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
+        timeout=datetime.timedelta(seconds=30),
+    )
+    torch.set_num_threads(1)
+    group = dist.group.WORLD
+    result = {}
+    try:
+        apply_fn, params, _ = funcbnn.functionalize(net())
+        if scenario == "fitters":
+            res = swag.fit(apply_fn, params, swag_batches(rank), "classification", epochs=3, lr=0.05,
+                           collect_every=4, max_rank=3, process_group=group)
+            result["swag"] = res
+            members = ensemble.init_members(net(), 3, generator=torch.Generator().manual_seed(1))
+            result["ensemble"] = ensemble.fit(apply_fn, members, data(), epochs=2, batch_size=8, method="vmap",
+                                              generator=torch.Generator().manual_seed(2), process_group=group)
+            one = ensemble.init_members(net(), 1, generator=torch.Generator().manual_seed(1))  # rank 1: no member
+            result["ensemble_one"] = ensemble.fit(apply_fn, one, data(), epochs=1, batch_size=8, method="loop",
+                                                  generator=torch.Generator().manual_seed(2), process_group=group)
+        elif scenario == "mismatch":
+            if rank == 1:
+                params = {k: v + 1.0 for k, v in params.items()}  # a rank whose parameters differ from rank 0's
+            swag.fit(apply_fn, params, swag_batches(rank), "classification", epochs=1, process_group=group)
+    except Exception as err:  # noqa: BLE001 - the test inspects what each rank raised
+        result["error"] = f"{type(err).__name__}: {err}"
+        result["traceback"] = traceback.format_exc()
+    torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.destroy_process_group()
