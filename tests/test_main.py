@@ -194,3 +194,22 @@ def test_regression_split_standardises_on_training_data_only():
     # original units come back through y_scale / y_shift
     back = torch.cat([s.y_train, s.y_val]).reshape(-1) * s.y_scale + s.y_shift
     assert float(back.mean()) == pytest.approx(float(y.mean()), abs=2.0)
+
+
+def test_readme_block_is_replaced_with_headings_down_and_figure_links_relative(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# title\n\n## Evaluation\n{report.README_BEGIN}\nold\n{report.README_END}\n\n## Next\n")
+    out = tmp_path / "docs" / "eval"
+    out.mkdir(parents=True)
+    report.embed_in_readme(readme, "## Results\n\n| a |\n|---|\n\n![gap](gap.png)\n", out)
+    text = readme.read_text()
+    assert "old" not in text and "### Results" in text and "![gap](docs/eval/gap.png)" in text
+    assert text.startswith("# title") and text.endswith("## Next\n")
+    with pytest.raises(ValueError, match="block to fill"):
+        evaluate(scale="quick", datasets=["gap"], methods=["map"], out=out, stream=None, readme=_plain(tmp_path))
+
+
+def _plain(tmp_path):
+    path = tmp_path / "plain.md"
+    path.write_text("# no markers\n")
+    return path

@@ -37,6 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="same seed, same numbers (default 0)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1; the networks are small)")
     parser.add_argument("--no-figures", action="store_true", help="skip the PNG figures")
+    parser.add_argument("--readme", default=None, help="also write the results into this Markdown file's marked block")
     args = parser.parse_args(argv)
     scale = "quick" if args.quick else "full" if args.full else "default"
     try:
@@ -48,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
             seed=args.seed,
             threads=args.threads,
             figures_on=not args.no_figures,
+            readme=args.readme,
         )
     except ValueError as err:
         parser.error(str(err))

@@ -53,7 +53,7 @@ SCALES = {
 _RECIPES = {
     # Hernández-Lobato & Adams 2015: one hidden layer of 50 ReLU units, 40 epochs
     "uci": Recipe(hidden=(50,), activation="relu", epochs=40, batch_size=32, lr=1e-2, weight_decay=1e-4, dropout=0.05,
-                  vi_epochs=120, swag_epochs=20, swag_lr=1e-2, ensemble_lr=1e-2),
+                  vi_epochs=80, swag_epochs=20, swag_lr=1e-2, ensemble_lr=1e-2),
     # a few hundred images so the MAP overfits, as real models do
     "digits": Recipe(hidden=(100, 100), activation="relu", epochs=60, batch_size=32, lr=3e-3, weight_decay=1e-4,
                      dropout=0.1, vi_epochs=180, swag_epochs=20, swag_lr=2e-2, ensemble_lr=3e-3, adversarial=False),

@@ -17,7 +17,10 @@ from .methods import is_bayesian
 from .published import PUBLISHED
 from .tasks import TaskResult
 
-__all__ = ["COLUMNS", "Claim", "aggregate", "check_claims", "markdown_table", "text_table", "write_csv"]
+__all__ = ["COLUMNS", "Claim", "aggregate", "check_claims", "markdown_table", "text_table", "write_csv", "embed_in_readme"]
+
+README_BEGIN = "<!-- python -m funcbnn --readme: begin -->"
+README_END = "<!-- python -m funcbnn --readme: end -->"
 
 COLUMNS = {
     "regression": ["rmse", "nll", "crps", "picp95", "width95", "calib", "time_s"],
@@ -259,3 +262,34 @@ def check_claims(results: dict[str, TaskResult]) -> list[Claim]:
     if "gap" in results:
         claims += _gap_claims(results["gap"])
     return claims
+
+
+def embed_in_readme(readme: Path, markdown: str, out: Path) -> None:
+    """Replace the text between :data:`README_BEGIN` and :data:`README_END` in ``readme`` with ``markdown``.
+
+    Headings move one level down (the results sit inside the README's
+    "Evaluation" section) and figure links are rewritten relative to the
+    README, so they resolve wherever ``out`` is.
+
+    Raises
+    ------
+    ValueError
+        If ``readme`` lacks either marker.
+    """
+    import os
+
+    text = readme.read_text()
+    if README_BEGIN not in text or README_END not in text:
+        raise ValueError(f"{readme} has no '{README_BEGIN}' ... '{README_END}' block to fill")
+    rel = Path(os.path.relpath(out.resolve(), readme.resolve().parent))
+    lines = []
+    for line in markdown.splitlines():
+        if line.startswith("#"):
+            line = "#" + line
+        if line.startswith("![") and line.endswith(".png)"):
+            label, name = line[2:-1].split("](")
+            line = f"![{label}]({(rel / name).as_posix()})"
+        lines.append(line)
+    head, rest = text.split(README_BEGIN, 1)
+    _, tail = rest.split(README_END, 1)
+    readme.write_text(head + README_BEGIN + "\n" + "\n".join(lines).strip() + "\n" + README_END + tail)

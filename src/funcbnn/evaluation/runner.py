@@ -58,6 +58,7 @@ def evaluate(
     threads: int | None = 1,
     stream: TextIO | None = sys.stderr,
     figures_on: bool = True,
+    readme: str | Path | None = None,
 ) -> Evaluation:
     """Run the evaluation and write ``results.md``, one CSV per task and the figures into ``out``.
 
@@ -79,12 +80,21 @@ def evaluate(
         thread made training several times slower in our measurements).
     stream : text stream, optional
         Progress lines (default stderr; ``None`` for silence).
+    figures_on : bool
+        Draw the PNG figures (when matplotlib is installed).
+    readme : path, optional
+        A Markdown file whose block between :data:`funcbnn.evaluation.report.README_BEGIN`
+        and ``README_END`` is replaced by the results (how the README's tables are made).
     """
     if scale not in SCALES:
         raise ValueError(f"scale must be one of {list(SCALES)}, got {scale!r}")
     sc = SCALES[scale]
     methods = _check_names(methods, list(METHODS), "methods")
     datasets = _check_names(datasets, list(TASKS), "datasets")
+    if readme is not None:
+        text = Path(readme).read_text()
+        if report.README_BEGIN not in text or report.README_END not in text:
+            raise ValueError(f"{readme} has no '{report.README_BEGIN}' ... '{report.README_END}' block to fill")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     previous_threads = torch.get_num_threads()
@@ -129,6 +139,8 @@ def evaluate(
     markdown = _markdown(results, claims, skipped, info, figure_note, [f for f in files if f.suffix == ".png"])
     (out / "results.md").write_text(markdown)
     files.append(out / "results.md")
+    if readme is not None:
+        report.embed_in_readme(Path(readme), markdown, out)
     return Evaluation(results, claims, skipped, files, seconds, markdown)
 
 
