@@ -128,3 +128,26 @@ def test_alpha_dropout_is_refused_and_the_model_pickles():
     draw = {"params": params, "seed": torch.tensor(9)}
     x = torch.randn(3, 5)
     torch.testing.assert_close(again(draw, x), apply_fn(draw, x))
+
+
+@pytest.mark.parametrize("num_samples", [1, 3])
+def test_vi_fit_of_a_dropout_model_is_reproducible_and_keeps_dropout_on(num_samples):
+    import funcbnn
+    from funcbnn import vi
+
+    net = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Dropout(0.5), nn.Linear(16, 3))
+    torch.manual_seed(0)
+    x, y = torch.randn(32, 4), torch.randint(0, 3, (32,))
+    post, prior = funcbnn.diag_gaussian(init_std=1e-3), funcbnn.priors.gaussian(1.0)
+
+    def run(apply_fn, params, global_seed):
+        torch.manual_seed(global_seed)  # must play no part
+        return vi.fit(apply_fn, post, prior, post.init(params), (x, y), epochs=3, batch_size=16,
+                      num_samples=num_samples, generator=gen(7)).history.loss
+
+    apply_fn, params, _ = mc_dropout.functionalize(net)
+    a, b = run(apply_fn, params, 1), run(apply_fn, params, 2)
+    torch.testing.assert_close(a, b)
+    plain_fn, plain_params, _ = funcbnn.functionalize(net)
+    # the first step draws the same weights for both (seeds come after them): only the masks differ
+    assert not torch.isclose(a[0], run(plain_fn, plain_params, 1)[0])

@@ -31,12 +31,13 @@ from __future__ import annotations
 import threading
 from typing import Any
 
+import optree
 import torch
 from torch import Tensor, nn
 
 from .model import Functional, FunctionalModel, TrainMode, functionalize as _functionalize
 
-__all__ = ["functionalize", "DropoutModel", "hash_uniform", "DROPOUT_LAYERS"]
+__all__ = ["functionalize", "DropoutModel", "hash_uniform", "draw_seeds", "DROPOUT_LAYERS"]
 
 DROPOUT_LAYERS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)
 """The dropout modules whose masks are replaced by seeded masks."""
@@ -76,6 +77,13 @@ def hash_uniform(seed: Tensor, stream: int, shape: torch.Size, dtype: torch.dtyp
     index = torch.arange(shape.numel(), dtype=torch.int64, device=seed.device).reshape(shape) & _MASK32
     bits = _hash32(_hash32(index ^ key) + 0x632BE5AB & _MASK32)
     return (bits >> 8).to(dtype) * (1.0 / (1 << 24))
+
+
+def draw_seeds(num_samples: int | None, generator: torch.Generator | None, device: torch.device | str = "cpu") -> Tensor:
+    """Mask seeds: ``(num_samples,)`` int64 (0-d for ``None``) from ``generator``, placed on ``device``."""
+    where = generator.device if generator is not None else torch.device("cpu")  # draw where the generator lives
+    shape = () if num_samples is None else (num_samples,)
+    return torch.randint(0, 2**31 - 1, shape, generator=generator, dtype=torch.int64, device=where).to(device)
 
 
 class _Seeds(threading.local):
@@ -142,6 +150,17 @@ class DropoutModel:
     @property
     def module(self) -> nn.Module:
         return self.base.module
+
+    def with_seeds(self, params: Any, num_samples: int | None, generator: torch.Generator | None) -> dict[str, Any]:
+        """``{"params": params, "seed": seeds}``: weight draws (a leading axis of ``num_samples``, or none
+        for ``None``) paired with mask seeds drawn from ``generator``.
+
+        :mod:`funcbnn.vi` calls this on any ``apply_fn`` that has it, so a dropout
+        model trained by variational inference draws its masks from the same
+        generator as its weights: the loss history is reproducible.
+        """
+        ref = optree.tree_leaves(params)[0]
+        return {"params": params, "seed": draw_seeds(num_samples, generator, ref.device)}
 
     def __call__(self, draw: Any, x: Any, buffers: dict[str, Tensor] | None = None) -> Any:
         if isinstance(draw, dict) and set(draw) == {"params", "seed"}:

@@ -232,6 +232,13 @@ def _local_moments(post: Any, state: Any) -> tuple[Tree, Tree]:
     return mean, optree.tree_map(torch.sqrt, variance)
 
 
+def _with_seeds(apply_fn: Callable, draws: Tree, num_samples: int | None, generator: torch.Generator | None) -> Any:
+    """Pair the weight draws with random-layer seeds from ``generator`` where the model takes them
+    (:class:`funcbnn.mc_dropout.DropoutModel`), so its dropout masks are reproducible too."""
+    seeded = getattr(apply_fn, "with_seeds", None)
+    return draws if seeded is None else seeded(draws, num_samples, generator)
+
+
 class _Terms(NamedTuple):
     nll: Tensor
     kl: Tensor | None
@@ -258,10 +265,12 @@ def _nll_and_kl(
             state, prior, None if num_samples == 1 else num_samples, generator=generator, kl_samples=kl_draws
         )
         if num_samples == 1:
+            draws = _with_seeds(apply_fn, draws, None, generator)
             return _Terms(_mean_nll(lik, _call(apply_fn, draws, x, buffers), y, validate, single=True), kl)
     else:
         draws = require(post, "rsample", "vi")(state, num_samples, generator=generator)
         kl = None
+    draws = _with_seeds(apply_fn, draws, num_samples, generator)
     outputs = _sampled_outputs(apply_fn, draws, x, buffers, num_samples, method, _trained_leaves(state))
     nll = _mean_nll(lik, outputs, y, validate)
     if want_kl and kl is None:

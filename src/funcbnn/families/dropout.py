@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from .._validation import positive_int
+from ..mc_dropout import draw_seeds
 from ..tree import Tree
 
 __all__ = ["DropoutState", "Dropout", "dropout"]
@@ -39,12 +40,10 @@ def sample(state: DropoutState, num_samples: int, *, generator: torch.Generator 
     """``{"params": params with a leading axis (a broadcast view), "seed": (num_samples,) int64}``."""
     _check(state)
     num_samples = positive_int(num_samples, "num_samples")
-    device = generator.device if generator is not None else torch.device("cpu")  # draw where the generator lives
-    seeds = torch.randint(0, 2**31 - 1, (num_samples,), generator=generator, dtype=torch.int64, device=device)
     ref = optree.tree_leaves(state.params)[0]
     return {
         "params": optree.tree_map(lambda t: t.expand(num_samples, *t.shape), state.params),
-        "seed": seeds.to(ref.device),
+        "seed": draw_seeds(num_samples, generator, ref.device),
     }
 
 
