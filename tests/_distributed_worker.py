@@ -37,6 +37,25 @@ def swag_batches(rank=None):
     return [(bx[cut], by[cut]) for bx, by in batches]
 
 
+def vi_batches(rank=None):
+    """2 batches of 12 rows; with a rank, its uneven share: rows [0, 8) to rank 0, [8, 12) to rank 1."""
+    x, y = data(24)
+    batches = [(x[:12], y[:12]), (x[12:], y[12:])]
+    if rank is None:
+        return batches
+    cut = slice(0, 8) if rank == 0 else slice(8, 12)
+    return [(bx[cut], by[cut]) for bx, by in batches]
+
+
+def predict_inputs():
+    import funcbnn
+
+    apply_fn, params, _ = funcbnn.functionalize(net())
+    post = funcbnn.diag_gaussian(init_std=0.2)
+    samples = post.sample(post.init(params), 5, generator=torch.Generator().manual_seed(3))
+    return apply_fn, samples, data(7)[0]
+
+
 def run(rank: int, world_size: int, port: int, out_dir: str, scenario: str) -> None:
     import funcbnn
     from funcbnn import ensemble, swag
@@ -60,10 +79,23 @@ def run(rank: int, world_size: int, port: int, out_dir: str, scenario: str) -> N
             one = ensemble.init_members(net(), 1, generator=torch.Generator().manual_seed(1))  # rank 1: no member
             result["ensemble_one"] = ensemble.fit(apply_fn, one, data(), epochs=1, batch_size=8, method="loop",
                                                   generator=torch.Generator().manual_seed(2), process_group=group)
+            post, prior = funcbnn.diag_gaussian(init_std=0.05), funcbnn.priors.gaussian(1.0)
+            result["vi"] = funcbnn.vi.fit(apply_fn, post, prior, post.init(params), vi_batches(rank), epochs=2, num_data=24,
+                                          num_samples=2, generator=torch.Generator().manual_seed(4), process_group=group)
+            p_fn, samples, x = predict_inputs()
+            result["predict_samples"] = funcbnn.sample_outputs(p_fn, samples, x, process_group=group)
+            result["predict_data"] = funcbnn.sample_outputs(p_fn, samples, x, process_group=group, shard="data")
+            one = {k: v[:1] for k, v in samples.items()}  # rank 1's block of samples is empty
+            result["predict_one"] = funcbnn.sample_outputs(p_fn, one, x, process_group=group)
         elif scenario == "mismatch":
             if rank == 1:
                 params = {k: v + 1.0 for k, v in params.items()}  # a rank whose parameters differ from rank 0's
             swag.fit(apply_fn, params, swag_batches(rank), "classification", epochs=1, process_group=group)
+        elif scenario == "sample_counts":
+            p_fn, samples, x = predict_inputs()
+            if rank == 1:
+                samples = {k: v[:4] for k, v in samples.items()}  # different sample counts
+            funcbnn.sample_outputs(p_fn, samples, x, process_group=group)
     except Exception as err:  # noqa: BLE001 - the test inspects what each rank raised
         result["error"] = f"{type(err).__name__}: {err}"
         result["traceback"] = traceback.format_exc()

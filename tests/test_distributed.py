@@ -10,6 +10,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import _distributed_worker as worker
+from optree import tree_leaves as optree_leaves
 from funcbnn import distributed, ensemble, functionalize, swag
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
@@ -62,10 +63,43 @@ def test_ensemble_members_spread_over_ranks_equal_one_process(fitters):
                 torch.testing.assert_close(res.state.members[k], ref.state.members[k], rtol=1e-5, atol=1e-6)
 
 
+def test_data_parallel_vi_equals_one_process_on_the_concatenated_batches(fitters):
+    import funcbnn
+
+    apply_fn, params, _ = functionalize(worker.net())
+    post, prior = funcbnn.diag_gaussian(init_std=0.05), funcbnn.priors.gaussian(1.0)
+    want = funcbnn.vi.fit(apply_fn, post, prior, post.init(params), worker.vi_batches(), epochs=2, num_samples=2, num_data=24,
+                          generator=torch.Generator().manual_seed(4))
+    for got in fitters:
+        res = got["vi"]
+        for a, b in zip(res.history, want.history):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        for a, b in zip(optree_leaves(res.state), optree_leaves(want.state)):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_sharded_prediction_equals_one_process(fitters):
+    import funcbnn
+
+    apply_fn, samples, x = worker.predict_inputs()
+    want = funcbnn.sample_outputs(apply_fn, samples, x)
+    want_one = funcbnn.sample_outputs(apply_fn, {k: v[:1] for k, v in samples.items()}, x)
+    for got in fitters:
+        torch.testing.assert_close(got["predict_samples"], want)
+        torch.testing.assert_close(got["predict_data"], want)
+        torch.testing.assert_close(got["predict_one"], want_one)
+
+
 def test_a_rank_with_different_parameters_is_an_error_on_every_rank(tmp_path):
     results = _spawn(tmp_path, "mismatch")
     for got in results:
         assert "ranks disagree on params" in got.get("error", ""), got
+
+
+def test_different_sample_counts_are_an_error_on_every_rank(tmp_path):
+    results = _spawn(tmp_path, "sample_counts")
+    for got in results:
+        assert "ranks disagree on samples" in got.get("error", ""), got
 
 
 def test_process_group_without_an_initialised_backend_is_named():

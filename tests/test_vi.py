@@ -665,3 +665,23 @@ def test_fit_hands_the_optimizer_named_groups_so_means_and_scales_get_their_own_
     # the default optimiser (Adam over the same groups) trains both
     default = vi.fit(apply_fn, post, priors.gaussian(1.0), state, (x, y), epochs=3, generator=_gen(0))
     assert any(not torch.equal(default.state.rho[k], state.rho[k].detach()) for k in state.rho)
+
+
+def test_step_zeroes_every_gradient_the_optimiser_holds():
+    """A learned noise scale in the same optimiser gets this step's gradient, not the sum over steps."""
+    import funcbnn
+    from funcbnn import vi
+
+    apply_fn, params, _ = funcbnn.functionalize(torch.nn.Linear(3, 1))
+    post, prior = funcbnn.diag_gaussian(init_std=0.1), funcbnn.priors.gaussian(1.0)
+    state = vi.trainable(post.init(params))
+    log_sigma = torch.zeros((), requires_grad=True)
+    opt = torch.optim.SGD(vi.leaves(state) + [log_sigma], lr=0.0)  # lr 0: the state stays, grads are comparable
+    x, y = torch.randn(16, 3), torch.randn(16, 1)
+    grads = []
+    for _ in range(2):
+        lik = funcbnn.likelihoods.gaussian(sigma=log_sigma.exp())
+        vi.step(apply_fn, post, prior, state, opt, (x, y), 16, likelihood=lik, generator=torch.Generator().manual_seed(0))
+        grads.append(log_sigma.grad.clone())
+    torch.testing.assert_close(grads[1], grads[0])  # same draws, same gradient: nothing accumulated
+    assert grads[0].abs() > 0  # and the gradient reaches the learned scale

@@ -15,6 +15,7 @@ from typing import Any, Callable, Literal
 import optree
 from torch import Tensor
 
+from . import distributed
 from ._engine import CHUNK_BUDGET_BYTES, VmapFallbackWarning, apply_samples
 from ._validation import positive_int
 from .likelihoods import Likelihood, get_likelihood
@@ -67,6 +68,8 @@ def sample_outputs(
     method: Literal["auto", "vmap", "loop"] = "auto",
     randomness: Literal["different", "same", "error"] = "different",
     memory_budget: int = CHUNK_BUDGET_BYTES,
+    process_group: Any = None,
+    shard: Literal["samples", "data"] = "samples",
 ) -> Any:
     """Evaluate ``apply_fn(sample_s, x)`` for every weight sample, as one batched forward.
 
@@ -101,6 +104,13 @@ def sample_outputs(
         on the chunk size and path. Timing runs consume no random numbers.
     memory_budget : int
         Byte cap used to pick ``chunk_size``.
+    process_group : torch.distributed group, optional
+        Split the work over the group's ranks and gather the result on every
+        rank (the same tensor one process returns). Every rank passes the same
+        ``samples`` (drawn from the same generator state) and ``x``.
+    shard : {"samples", "data"}
+        With ``process_group``: each rank runs a contiguous block of the samples
+        (default) or of the examples.
 
     Returns
     -------
@@ -143,16 +153,55 @@ def sample_outputs(
             "Functionalize the module with them in eval mode (train=False, or a predicate that returns "
             "False for BatchNorm layers), or pass method='loop'."
         )
-    return apply_samples(
-        apply_fn,
-        samples,
-        x,
-        method=method,
-        chunk_size=chunk_size,
-        memory_budget=memory_budget,
-        randomness=randomness,
-        validate=lambda: _check_samples(samples, apply_fn),
+    def run(part: Tree, inputs: Any) -> Any:
+        return apply_samples(
+            apply_fn,
+            part,
+            inputs,
+            method=method,
+            chunk_size=chunk_size,
+            memory_budget=memory_budget,
+            randomness=randomness,
+            validate=lambda: _check_samples(part, apply_fn),
+        )
+
+    if process_group is None:
+        return run(samples, x)
+    return _sharded(run, samples, x, shard, process_group)
+
+
+def _sharded(run: Callable[[Tree, Any], Any], samples: Tree, x: Any, shard: str, process_group: Any) -> Any:
+    """Every rank evaluates its block of samples (or of examples) and all ranks gather the blocks in order."""
+    if shard not in ("samples", "data"):
+        raise ValueError(f"shard must be 'samples' or 'data', got {shard!r}")
+    rank, size = distributed.world(process_group)
+    num = optree.tree_leaves(samples)[0].shape[0]
+    x_leaves = optree.tree_leaves(x)
+    n = x_leaves[0].shape[0] if x_leaves and isinstance(x_leaves[0], Tensor) and x_leaves[0].dim() else None
+    if shard == "data" and n is None:
+        raise ValueError("shard='data' needs x with a leading batch axis")
+    distributed.agree(
+        {"samples": distributed.fingerprint(samples), "x": [tuple(t.shape) for t in x_leaves if isinstance(t, Tensor)],
+         "shard": shard},
+        process_group,
     )
+    total = num if shard == "samples" else n
+    counts = [len(distributed.shard_range(total, r, size)) for r in range(size)]
+    mine = distributed.shard_range(total, rank, size)
+    if shard == "samples":
+        if len(mine):
+            local = run(optree.tree_map(lambda t: t[mine.start : mine.stop], samples), x)
+        else:  # an empty block still needs the output's trailing shape
+            local = optree.tree_map(lambda o: o[:0], run(optree.tree_map(lambda t: t[:1], samples), x))
+        return distributed.all_gather_blocks(local, counts, process_group)
+    head = optree.tree_map(lambda t: t[mine.start : mine.stop] if isinstance(t, Tensor) else t, x)
+    if len(mine):
+        local = run(samples, head)
+    else:
+        local = optree.tree_map(lambda o: o[:, :0], run(samples, optree.tree_map(lambda t: t[:1] if isinstance(t, Tensor) else t, x)))
+    # gather along the example axis (axis 1): move it first, gather, move it back
+    moved = optree.tree_map(lambda o: o.transpose(0, 1).contiguous(), local)
+    return optree.tree_map(lambda o: o.transpose(0, 1), distributed.all_gather_blocks(moved, counts, process_group))
 
 
 def summarize(

@@ -52,6 +52,7 @@ import optree
 import torch
 from torch import Tensor
 
+from . import distributed
 from ._engine import apply_samples
 from ._validation import positive_int
 from .families.base import capabilities, check_family, require
@@ -513,6 +514,7 @@ def step(
     kl_samples: int | None = None,
     buffers: dict[str, Tensor] | None = None,
     validate: bool = True,
+    process_group: Any = None,
 ) -> tuple[Any, ELBOInfo]:
     """One optimiser step on the VI loss of ``batch``; every argument explicit.
 
@@ -522,6 +524,17 @@ def step(
     returned state is ``state`` itself, trained by one step (build it with
     :func:`trainable` and the optimiser on :func:`leaves` of it). Use
     :func:`build_step` to close over the arguments that do not change.
+
+    All gradients the optimiser holds are zeroed first (not only the state's),
+    so a learned hyperparameter in the same optimiser (a noise scale) does not
+    accumulate gradients across steps.
+
+    With ``process_group`` (data-parallel VI): ``batch`` is this rank's share
+    of the global batch (non-empty; sizes may differ), ``num_data`` the size of
+    the whole data set, ``generator`` in the same state on every rank (so all
+    ranks draw the same weights). Gradients are averaged weighted by the
+    ranks' batch sizes, like DDP, so the step equals one process's step on the
+    concatenated batch, and the info holds the global loss terms.
 
     Returns
     -------
@@ -538,8 +551,17 @@ def step(
         raise ValueError(
             "optimizer holds none of the state's leaves; build it from vi.leaves(state) of this state"
         )
+    optimizer.zero_grad(set_to_none=True)
     for leaf in state_leaves:
         leaf.grad = None
+    if process_group is not None:
+        local = _check_batch(batch)[1].shape[0]
+        counts = distributed.all_reduce_tree(torch.tensor([float(local), float(local == 0)]), process_group)
+        if counts[1] > 0:
+            raise ValueError(
+                f"{int(counts[1])} rank(s) have an empty batch; data-parallel VI needs a non-empty share of "
+                "every global batch on every rank (the ranks must draw the same weights)"
+            )
     info = elbo(
         apply_fn,
         post,
@@ -557,6 +579,14 @@ def step(
         validate=validate,
     )
     info.loss.backward()
+    if process_group is not None:
+        weight = local / float(counts[0])  # this rank's share of the global batch
+        trained = [t for t in state_leaves if t.grad is not None]
+        summed = distributed.all_reduce_tree([t.grad * weight for t in trained], process_group)
+        for t, g in zip(trained, summed):
+            t.grad = g
+        terms = distributed.all_reduce_tree(torch.stack([info.loss.detach(), info.nll.detach()]) * weight, process_group)
+        info = ELBOInfo(terms[0], terms[1], info.kl)
     optimizer.step()
     return state, ELBOInfo(info.loss.detach(), info.nll.detach(), info.kl.detach())
 
@@ -577,6 +607,7 @@ def build_step(
     kl_samples: int | None = None,
     buffers: dict[str, Tensor] | None = None,
     validate: bool = True,
+    process_group: Any = None,
 ) -> StepFn:
     """``step(state, optimizer, batch, generator=None) -> (state, ELBOInfo)`` closing over the rest.
 
@@ -622,6 +653,7 @@ def build_step(
             kl_samples=kl_samples,
             buffers=buffers,
             validate=validate,
+            process_group=process_group,
         )
 
     return train_step
@@ -694,6 +726,7 @@ def fit(
     buffers: dict[str, Tensor] | None = None,
     progress: bool = False,
     progress_file: TextIO | None = None,
+    process_group: Any = None,
 ) -> FitResult:
     """Train ``state`` by Bayes-by-Backprop for ``epochs`` passes over ``data``.
 
@@ -723,6 +756,11 @@ def fit(
         ``progress_file`` (default ``sys.stderr``) after every epoch.
     likelihood, num_samples, kl_weight, generator, method, kl_samples, buffers
         As in :func:`elbo`.
+    process_group : torch.distributed group, optional
+        Data-parallel VI (see :func:`step`): ``data`` is this rank's shard, as an
+        iterable of batches or as tensors without ``batch_size`` (one batch);
+        every rank the same number of batches per epoch and the same
+        ``generator`` state; ``num_data`` defaults to the sum of the shards.
 
     Returns
     -------
@@ -745,8 +783,22 @@ def fit(
     torch.Size([2])
     """
     epochs = positive_int(epochs, "epochs")
+    if process_group is not None and batch_size is not None:
+        raise ValueError(
+            "with process_group, pass each rank's shard as an iterable of batches (or tensors without "
+            "batch_size): shuffling with the shared generator would desynchronise the ranks' weight draws"
+        )
     batches = _epoch_batches(data, batch_size, generator)
-    num_data = _default_num_data(data) if num_data is None else num_data
+    if num_data is None:
+        num_data = _default_num_data(data)
+        if process_group is not None:
+            num_data = int(distributed.all_reduce_tree(torch.tensor(float(num_data)), process_group))
+    if process_group is not None:
+        distributed.agree(
+            {"state": distributed.fingerprint(state), "epochs": epochs, "num_data": num_data,
+             "batches per epoch": len(batches()) if hasattr(batches(), "__len__") else None},
+            process_group,
+        )
     train_state = trainable(state)
     groups = param_groups(train_state)
     if optimizer is None:
@@ -766,6 +818,7 @@ def fit(
         method=method,
         kl_samples=kl_samples,
         buffers=buffers,
+        process_group=process_group,
     )
     history: list[ELBOInfo] = []
     out = progress_file if progress_file is not None else sys.stderr
