@@ -87,6 +87,15 @@ def run(rank: int, world_size: int, port: int, out_dir: str, scenario: str) -> N
             result["predict_data"] = funcbnn.sample_outputs(p_fn, samples, x, process_group=group, shard="data")
             one = {k: v[:1] for k, v in samples.items()}  # rank 1's block of samples is empty
             result["predict_one"] = funcbnn.sample_outputs(p_fn, one, x, process_group=group)
+            x, y = data(10)
+            shard = [(x[:7], y[:7])] if rank == 0 else [(x[7:], y[7:])]
+            for structure in ("diag", "kron", "full"):
+                la, st = funcbnn.laplace.fit(apply_fn, params, shard, "classification", structure=structure,
+                                             process_group=group)
+                result[f"laplace_{structure}"] = (la.log_marglik(st), la.predict(st, x), st.loss, st.num_data)
+            la, st = funcbnn.laplace.fit(apply_fn, params, [(x, y)] if rank == 0 else [], "classification",
+                                         process_group=group)  # rank 1: an empty shard
+            result["laplace_empty"] = (la.log_marglik(st), la.predict(st, x), st.loss, st.num_data)
         elif scenario == "mismatch":
             if rank == 1:
                 params = {k: v + 1.0 for k, v in params.items()}  # a rank whose parameters differ from rank 0's

@@ -90,6 +90,20 @@ def test_sharded_prediction_equals_one_process(fitters):
         torch.testing.assert_close(got["predict_one"], want_one)
 
 
+def test_laplace_on_sharded_data_equals_one_process_on_the_whole_data(fitters):
+    import funcbnn
+
+    apply_fn, params, _ = functionalize(worker.net())
+    x, y = worker.data(10)
+    for key, structure in (("laplace_diag", "diag"), ("laplace_kron", "kron"), ("laplace_full", "full"),
+                           ("laplace_empty", "diag")):
+        la, st = funcbnn.laplace.fit(apply_fn, params, [(x, y)], "classification", structure=structure)
+        want = (la.log_marglik(st), la.predict(st, x), st.loss, st.num_data)
+        for got in fitters:
+            for a, b in zip(got[key], want):
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=key)
+
+
 def test_a_rank_with_different_parameters_is_an_error_on_every_rank(tmp_path):
     results = _spawn(tmp_path, "mismatch")
     for got in results:

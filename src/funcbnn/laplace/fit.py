@@ -15,9 +15,11 @@ from __future__ import annotations
 
 from typing import Any, Callable, Iterable, Literal, NamedTuple
 
+import optree
 import torch
 from torch import Tensor, nn
 
+from .. import distributed
 from .._validation import positive_int
 from ..likelihoods import Likelihood, get_likelihood
 from ..model import FunctionalModel
@@ -192,6 +194,7 @@ def fit(
     num_mc: int = 1,
     generator: torch.Generator | None = None,
     chunk_size: int = 32,
+    process_group: Any = None,
 ) -> tuple[Laplace, LaplaceState]:
     """Fit a Laplace approximation at ``params`` (a MAP estimate).
 
@@ -214,6 +217,12 @@ def fit(
         Diagonal precision; Kronecker-factored blocks per Linear/Conv layer
         (KFAC, Martens & Grosse 2015; other leaves diagonal); or a dense one over
         the subset (last layer, subnetworks, small nets).
+    process_group : torch.distributed group, optional
+        ``data`` is this rank's shard (uneven or empty shards allowed): every
+        rank accumulates its shard's curvature and loss statistics, one
+        ``all_reduce`` sums them, and every rank returns the state one process
+        gets on the whole data (``"mc_ggn"``: the same distribution, not the
+        same label draws).
     curvature : {"ggn", "ef", "mc_ggn"}
         Exact GGN (default, as laplace-torch), empirical Fisher, or sampled-label GGN.
     prior_precision : number, Tensor or dict
@@ -307,16 +316,27 @@ def fit(
             "(the Kronecker eigenbasis needs an isotropic prior within each block); use structure='diag' or 'full'"
         )
 
+    empty_shard = False
+    if process_group is not None:
+        distributed.agree(
+            {"params": distributed.fingerprint(params), "structure, curvature, likelihood": (structure, curvature, lik.name),
+             "subset": names},
+            process_group,
+        )
+        data, empty_shard = _borrow_if_empty(data, process_group)
     kw = dict(kind=curvature, num_mc=num_mc, generator=generator, chunk_size=chunk_size, subset=names)
     if structure == "diag":
         curv, stats = diag_curvature(model, fit_params, data, lik, **kw)
     elif structure == "kron":
         if not isinstance(apply_fn, FunctionalModel):
             raise TypeError("structure='kron' needs apply_fn from funcbnn.functionalize (it hooks the layers)")
-        factors, stats = kron_curvature(apply_fn, params, data, lik, joint_bias=joint_bias, **kw)
-        curv = kron_decompose(factors)
+        curv, stats = kron_curvature(apply_fn, params, data, lik, joint_bias=joint_bias, **kw)
     else:
         curv, stats = dense_curvature(model, fit_params, data, lik, **kw)
+    if process_group is not None:
+        curv, stats = _sum_over_ranks(curv, stats, empty_shard, process_group)
+    if structure == "kron":
+        curv = kron_decompose(curv)
     state = LaplaceState(
         mean=mean,
         curvature=curv,
@@ -335,6 +355,40 @@ def fit(
         indices=indices,
     )
     return _build(model, fixed, names, structure, lik), state
+
+
+def _borrow_if_empty(data: Any, process_group: Any) -> tuple[list, bool]:
+    """This rank's batches; a rank with none borrows one example of the first rank that has data
+    (its curvature is then zeroed), so every rank runs the same collectives on tensors of the same shapes."""
+    try:
+        batches = check_data(data)
+    except ValueError:  # "data is empty"
+        batches = []
+    rank, size = distributed.world(process_group)
+    has = [None] * size
+    torch.distributed.all_gather_object(has, bool(batches), group=process_group)
+    if all(has):
+        return batches, False
+    if not any(has):
+        raise ValueError("data is empty on every rank of process_group")
+    src = has.index(True)
+    box = [None]
+    if rank == src:
+        x, y = batches[0]
+        box = [(x[:1] if isinstance(x, Tensor) else x, y[:1])]
+    torch.distributed.broadcast_object_list(box, src=torch.distributed.get_global_rank(process_group, src), group=process_group)
+    return (batches, False) if batches else ([box[0]], True)
+
+
+def _sum_over_ranks(curv: Any, stats: Any, empty_shard: bool, process_group: Any) -> tuple[Any, Any]:
+    """Curvature and data statistics summed over the ranks (one all_reduce per dtype)."""
+    totals = torch.stack([stats.loss.detach().double(), torch.tensor(float(stats.num_data), dtype=torch.float64),
+                          torch.tensor(float(stats.num_outputs), dtype=torch.float64)])
+    if empty_shard:  # the borrowed example only gave the shapes
+        curv = optree.tree_map(torch.zeros_like, curv)
+        totals = torch.zeros_like(totals)
+    curv, totals = distributed.all_reduce_tree((curv, totals), process_group)
+    return curv, type(stats)(totals[0].to(stats.loss.dtype), int(totals[1]), int(totals[2]))
 
 
 def from_state(
