@@ -1213,3 +1213,21 @@ def test_laplace_torch_readme_tuning_loop_runs_on_shape_1_tensors():
         opt.step()
         first = neg_marglik.item() if first is None else first
     assert neg_marglik.item() < first and log_prior.grad.shape == (1,)
+
+
+@pytest.mark.parametrize("lik,shape", [("categorical", (6, 5)), ("gaussian", (6, 3)), ("bernoulli", (6, 1))])
+def test_ggn_columns_keep_the_output_hessian_and_drop_only_null_directions(lik, shape):
+    from funcbnn.laplace.curvature import ggn_columns, output_hessian_sqrt, unit_likelihood
+
+    likelihood = unit_likelihood(lik)
+    f = torch.randn(*shape, generator=torch.Generator().manual_seed(0), dtype=DT)
+    full, reduced = output_hessian_sqrt(likelihood, f), ggn_columns(likelihood, f)
+    # The softmax Hessian diag(p) - p p^T has rank C - 1: one column fewer; full-rank Hessians keep theirs.
+    assert reduced.shape[0] == {"categorical": shape[1] - 1, "gaussian": shape[1], "bernoulli": 1}[lik]
+    for n in range(shape[0]):
+        h_full = torch.einsum("ko,kq->oq", full[:, n].reshape(full.shape[0], -1), full[:, n].reshape(full.shape[0], -1))
+        h_red = torch.einsum("ko,kq->oq", reduced[:, n].reshape(reduced.shape[0], -1), reduced[:, n].reshape(reduced.shape[0], -1))
+        assert_rel(h_red, h_full, 1e-12)
+        if lik == "categorical":
+            p = f[n].softmax(-1)
+            assert_rel(h_red, torch.diag(p) - torch.outer(p, p), 1e-12)

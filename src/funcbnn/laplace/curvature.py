@@ -82,6 +82,36 @@ def output_hessian_sqrt(likelihood: Likelihood, outputs: Tensor) -> Tensor:
     return likelihood.hessian_sqrt(outputs.detach())
 
 
+def ggn_columns(likelihood: Likelihood, outputs: Tensor) -> Tensor:
+    """:func:`output_hessian_sqrt` with numerically zero directions dropped: ``(K', *outputs.shape)``, ``K' <= K``.
+
+    The GGN costs one backward pass and one per-example weight product per
+    column, so columns that add nothing are worth removing. The softmax
+    Hessian ``diag(p) - p p^T`` has rank ``C - 1`` (``H 1 = 0``) but ``C``
+    columns ``sqrt(p_c) (e_c - p)``: with ``V`` an example's ``O x K``
+    columns, ``V W_r`` (``W_r`` the eigenvectors of ``V^T V`` with the ``r``
+    largest eigenvalues) has the same ``V W_r W_r^T V^T = V V^T`` whenever the
+    other eigenvalues vanish, so the GGN is unchanged up to round-off. ``r``
+    is the largest numerical rank over the batch (eigenvalues above
+    ``K eps`` of each example's largest); nothing is dropped for full-rank
+    Hessians (Gaussian), single columns (Bernoulli) or more than 64 columns.
+    """
+    V = output_hessian_sqrt(likelihood, outputs)
+    k, n = V.shape[:2]
+    flat = V.reshape(k, n, -1)
+    if k < 2 or k > 64:
+        return V
+    gram = torch.einsum("kno,jno->nkj", flat, flat)  # V^T V per example, (N, K, K)
+    evals, evecs = torch.linalg.eigh(gram)  # ascending
+    tol = k * torch.finfo(evals.dtype).eps * evals[:, -1:].clamp_min(torch.finfo(evals.dtype).tiny)
+    rank = int((evals > tol).sum(-1).max()) if n else k
+    if rank >= k:
+        return V
+    rank = max(rank, 1)
+    reduced = torch.einsum("kno,nkr->rno", flat, evecs[:, :, k - rank :])
+    return reduced.reshape(rank, *V.shape[1:])
+
+
 def _sample_targets(likelihood: Likelihood, outputs: Tensor, generator: torch.Generator | None) -> Tensor:
     return likelihood.sample_targets(outputs.detach(), generator)
 
@@ -165,8 +195,9 @@ def _per_example_grads(layer: Layer, a: Tensor, g: Tensor) -> tuple[Tensor | Non
     return gw[0], (None if gb is None else gb[0])
 
 
-# Columns per batched product: bounds the (columns x N x |W|) per-example gradients at ~64 MiB.
-_GRAD_BUDGET = 1 << 24
+# Floats of per-example weight gradients held at once (all columns of a chunk of examples): ~4 MiB,
+# so each chunk's product, squares and sum stay in cache instead of streaming a (C, N, |W|) tensor.
+_GRAD_BUDGET = 1 << 20
 
 
 def _accumulate(layer: Layer, acts: list[Tensor], gs: list[Tensor], out: dict[str, Tensor]) -> None:
@@ -184,21 +215,21 @@ def _accumulate(layer: Layer, acts: list[Tensor], gs: list[Tensor], out: dict[st
         if layer.bias:
             out[layer.bias] += g2.sum(0)
         return
-    # Unfold each call once and push all columns through one batched product (in groups that
-    # fit the budget) instead of one unfold and one thin product per column.
+    # Unfold each call once; push all columns of a chunk of examples through one batched product,
+    # square in place and reduce, chunk by chunk.
     rows = [_unfold(layer, a) for a in acts]
-    num_cols = gs[0].shape[0]
-    step = max(1, _GRAD_BUDGET // (acts[0].shape[0] * layer.module.weight.numel()))
-    for c0 in range(0, num_cols, step):
+    num_cols, n = gs[0].shape[:2]
+    step = max(1, _GRAD_BUDGET // (num_cols * layer.module.weight.numel()))
+    for n0 in range(0, n, step):
         gw_sum = gb_sum = None
         for r, g in zip(rows, gs):
-            gw, gb = _grads_from(layer, r, g[c0 : c0 + step])
+            gw, gb = _grads_from(layer, r[n0 : n0 + step], g[:, n0 : n0 + step])
             gw_sum = gw if gw_sum is None else gw_sum + gw
             if gb is not None:
                 gb_sum = gb if gb_sum is None else gb_sum + gb
-        out[layer.weight] += gw_sum.square().sum((0, 1))
+        out[layer.weight] += gw_sum.square_().sum((0, 1))
         if layer.bias:
-            out[layer.bias] += gb_sum.square().sum((0, 1))
+            out[layer.bias] += gb_sum.square_().sum((0, 1))
 
 
 def _structured_batch(
@@ -222,7 +253,7 @@ def _structured_batch(
         grads = [None if g is None else g[None] for g in torch.autograd.grad(likelihood.nll(f, y).sum(), taps, allow_unused=True)]
     elif kind == "ggn":
         # All columns in one vmapped backward: one (K*N)-row product per layer instead of K thin ones.
-        V = output_hessian_sqrt(likelihood, f)
+        V = ggn_columns(likelihood, f)
         grads = list(torch.autograd.grad(f, taps, grad_outputs=V, is_grads_batched=True, allow_unused=True))
     else:
         draws = []
@@ -275,7 +306,7 @@ def _generic_batch(
             with torch.no_grad():
                 # One batched forward (examples are independent): no vmap fallback for fused kernels.
                 f = apply_fn(subset.merge(sub), xs)
-                V = output_hessian_sqrt(likelihood, f)  # (K, n, *out)
+                V = ggn_columns(likelihood, f)  # (K, n, *out)
             k = V.shape[0]
             Vf = V.reshape(k, V.shape[1], -1)
 
@@ -498,7 +529,7 @@ def dense_curvature(
             if kind == "ggn":
                 jac = flat(torch.func.vmap(torch.func.jacrev(f_one), in_dims=(None, 0))(sub, xs), fs.dim())
                 jac = jac.reshape(jac.shape[0], -1, size)  # (n, outputs, P)
-                V = output_hessian_sqrt(lik, fs)
+                V = ggn_columns(lik, fs)
                 rows = torch.einsum("kno,nop->nkp", V.reshape(V.shape[0], V.shape[1], -1), jac).reshape(-1, size)
             else:
                 targets = [ys] if kind == "ef" else [_sample_targets(lik, fs, generator) for _ in range(num_mc)]

@@ -52,7 +52,7 @@ from .curvature import (
     _sample_targets,
     check_data,
     diag_curvature,
-    output_hessian_sqrt,
+    ggn_columns,
     unit_likelihood,
 )
 
@@ -166,7 +166,7 @@ def _cotangent_grads(
     if kind == "ggn":
         # All K cotangents in one vmapped backward: one (K*N)-row matmul per layer
         # instead of K thin ones.
-        V = output_hessian_sqrt(likelihood, f)
+        V = ggn_columns(likelihood, f)
         return list(torch.autograd.grad(f, taps, grad_outputs=V, is_grads_batched=True, allow_unused=True))
     # Sampled labels enter only through d nll / d f: draw all num_mc labels per example at
     # once on a detached, repeated copy of the outputs, then push every cotangent through

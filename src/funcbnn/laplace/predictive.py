@@ -43,9 +43,9 @@ from ..families.kron_gaussian import KronJacobian, kron_project_jacobian
 from ..likelihoods import Likelihood
 from ._subset import Subset
 from .glm import JacobianPieces, LayerPiece, jacobian_pieces, layer_jacobian, pieces_covariance
-from .state import LaplaceState, family_of, hyperparameters, posterior
+from .state import LaplaceState, _scale, family_of, hyperparameters, posterior, precision
 
-__all__ = ["Linearization", "linearize", "output_covariance", "predict", "laplace_bridge", "LINK_APPROXIMATIONS"]
+__all__ = ["Linearization", "DenseJacobian", "linearize", "output_covariance", "predict", "laplace_bridge", "LINK_APPROXIMATIONS"]
 
 LINK_APPROXIMATIONS: tuple[str, ...] = ("probit", "bridge", "bridge_norm", "mc")
 
@@ -64,8 +64,8 @@ class Linearization(NamedTuple):
         each structured layer's inputs and output gradients, dense Jacobians of
         the other leaves), weighed by the variances on each use; ``"kron"``: the
         Jacobian rotated into the curvature's eigenbasis, as factors for Linear
-        layers (:class:`funcbnn.families.KronJacobian`); ``"full"``: per-leaf
-        Jacobians ``(N, O, *leaf.shape)``.
+        layers (:class:`funcbnn.families.KronJacobian`); ``"full"``: the
+        Jacobian rotated into the curvature's eigenbasis (:class:`DenseJacobian`).
     structure : str
         The structure it was made for.
     """
@@ -74,6 +74,21 @@ class Linearization(NamedTuple):
     outputs: Tensor
     jacobian: Any
     structure: str
+
+
+class DenseJacobian(NamedTuple):
+    """A ``"full"`` posterior's Jacobian in the eigenbasis of its curvature ``C = V diag(lam) V^T``.
+
+    With a scalar prior precision ``delta`` the posterior precision ``s C + delta I``
+    shares that basis, so ``J P^-1 J^T = (J V) diag(1 / (s lam + delta)) (J V)^T``:
+    each candidate hyperparameter costs one weighing of ``J V`` instead of a
+    Cholesky factorisation and a triangular solve. Other prior precisions
+    rebuild ``J = (J V) V^T``.
+    """
+
+    rotated: Tensor  # (N, O, P): J V, leaves flattened in the state's mean order
+    evals: Tensor  # (P,)
+    evecs: Tensor  # (P, P)
 
 
 def _check_inputs(x: Any) -> None:
@@ -97,11 +112,12 @@ def _kron_jacobian(curvature: Any, pieces: JacobianPieces) -> KronJacobian:
     return kron_project_jacobian(curvature, dense, outer)
 
 
-def _dense_jacobian(pieces: JacobianPieces) -> dict[str, Tensor]:
+def _dense_jacobian(pieces: JacobianPieces, names: list[str]) -> Tensor:
+    """The Jacobian ``(N, O, P)`` with the leaves flattened in ``names`` order."""
     out = dict(pieces.generic)
     for piece in pieces.layers:
         out.update(layer_jacobian(piece))
-    return out
+    return torch.cat([out[k].reshape(*out[k].shape[:2], -1) for k in names], -1)
 
 
 def _concat_pieces(chunks: list[JacobianPieces]) -> JacobianPieces:
@@ -132,6 +148,9 @@ def linearize(
     mean = {k: v.detach() for k, v in state.mean.items()}
     params = subset.merge(mean)
     names = list(mean)
+    if state.structure == "full":
+        with torch.no_grad():
+            evals, evecs = torch.linalg.eigh(state.curvature.detach())
     chunks = []
     for start in range(0, x.shape[0], chunk_size):
         pieces = jacobian_pieces(apply_fn, params, names, x[start : start + chunk_size])
@@ -139,12 +158,15 @@ def linearize(
             if state.structure == "kron":  # rotate chunk by chunk: the unrotated Jacobian never exists whole
                 chunks.append((pieces.outputs, _kron_jacobian(state.curvature, pieces)))
             elif state.structure == "full":
-                chunks.append((pieces.outputs, _dense_jacobian(pieces)))
+                chunks.append((pieces.outputs, _dense_jacobian(pieces, names) @ evecs))
             else:
                 chunks.append((pieces.outputs, pieces))
+    f = chunks[0][0] if len(chunks) == 1 else torch.cat([c[0] for c in chunks])
+    if state.structure == "full":
+        rotated = chunks[0][1] if len(chunks) == 1 else torch.cat([c[1] for c in chunks])
+        return Linearization(x, f, DenseJacobian(rotated, evals, evecs), state.structure)
     if len(chunks) == 1:
-        return Linearization(x, *chunks[0], state.structure)
-    f = torch.cat([c[0] for c in chunks])
+        return Linearization(x, f, chunks[0][1], state.structure)
     if state.structure == "diag":
         jacobian = _concat_pieces([c[1] for c in chunks])
     else:
@@ -152,7 +174,22 @@ def linearize(
     return Linearization(x, f, jacobian, state.structure)
 
 
-def _covariance(state: LaplaceState, post: Any, lin: Linearization) -> Tensor:
+def _covariance(state: LaplaceState, hyper: tuple[Tensor, Tensor, Tensor], lin: Linearization) -> Tensor:
+    if state.structure == "full":
+        jac: DenseJacobian = lin.jacobian
+        pp, sd, temp = hyper
+        s = _scale(state, sd, temp)
+        if pp.dim() == 0:  # the precision shares the curvature's eigenbasis
+            weight = (s * jac.evals.clamp_min(0) + pp).reciprocal()
+            return (jac.rotated * weight) @ jac.rotated.transpose(1, 2)
+        J = jac.rotated @ jac.evecs.T
+        L, info = torch.linalg.cholesky_ex(precision(state, *hyper))
+        if int(info) != 0:
+            raise ValueError("the posterior precision is not positive definite; raise prior_precision")
+        n, o, p = J.shape
+        half = torch.linalg.solve_triangular(L, J.reshape(n * o, p).T, upper=False).T.reshape(n, o, p)
+        return half @ half.transpose(1, 2)
+    post = posterior(state, *hyper)
     variance_of = family_of(state.structure)
     if state.structure == "diag":  # weigh the pieces: the diagonal never forms the Jacobian
         return pieces_covariance(lin.jacobian, variance_of.variance(post))
@@ -177,17 +214,17 @@ def output_covariance(
     covariance is differentiable in tensor hyperparameters.
     """
     chunk_size = positive_int(chunk_size, "chunk_size")
-    post = posterior(state, *hyperparameters(state, prior_precision, sigma, temperature))
+    hyper = hyperparameters(state, prior_precision, sigma, temperature)
     if isinstance(x, Linearization):
         if x.structure != state.structure:
             raise ValueError(f"x is a Linearization for structure {x.structure!r}, the state is {state.structure!r}")
-        return x.outputs, _covariance(state, post, x)
+        return x.outputs, _covariance(state, hyper, x)
     _check_inputs(x)
     fs, covs = [], []
     for start in range(0, x.shape[0], chunk_size):
         lin = linearize(apply_fn, subset, state, x[start : start + chunk_size], chunk_size=chunk_size)
         fs.append(lin.outputs)
-        covs.append(_covariance(state, post, lin))
+        covs.append(_covariance(state, hyper, lin))
     return torch.cat(fs), torch.cat(covs)
 
 
