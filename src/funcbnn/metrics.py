@@ -99,10 +99,14 @@ def _floating(x: object, name: str, *, min_dim: int) -> Tensor:
 def _check_probs(probs: object, name: str = "probs") -> Tensor:
     probs = _floating(probs, name, min_dim=2)
     if probs.shape[-1] < 2:
-        raise ValueError(f"{name} must have at least 2 classes on its last axis, got shape {tuple(probs.shape)}")
+        raise ValueError(
+            f"{name} must have at least 2 classes on its last axis, got shape {tuple(probs.shape)}"
+        )
     lo, hi = float(probs.min()), float(probs.max())
     if lo < 0 or hi > 1:
-        raise ValueError(f"{name} must lie in [0, 1], got values in [{lo:.4g}, {hi:.4g}] (pass probabilities, not logits)")
+        raise ValueError(
+            f"{name} must lie in [0, 1], got values in [{lo:.4g}, {hi:.4g}] (pass probabilities, not logits)"
+        )
     err = (probs.sum(-1) - 1).abs().max()
     if float(err) > _SUM_TOL:
         raise ValueError(
@@ -112,7 +116,9 @@ def _check_probs(probs: object, name: str = "probs") -> Tensor:
     return probs
 
 
-def _check_labels(labels: object, batch_shape: torch.Size, num_classes: int | None, name: str = "labels") -> Tensor:
+def _check_labels(
+    labels: object, batch_shape: torch.Size, num_classes: int | None, name: str = "labels"
+) -> Tensor:
     """Integer labels broadcastable to ``batch_shape`` (``(*B, N)``), in ``[0, num_classes)``."""
     if not isinstance(labels, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(labels).__name__}")
@@ -121,7 +127,9 @@ def _check_labels(labels: object, batch_shape: torch.Size, num_classes: int | No
     if labels.is_floating_point() or labels.is_complex():
         raise TypeError(f"{name} must be an integer (or bool) tensor, got dtype {labels.dtype}")
     if labels.dim() < 1 or labels.shape[-1] != batch_shape[-1]:
-        raise ValueError(f"{name} must have {batch_shape[-1]} examples on its last axis, got shape {tuple(labels.shape)}")
+        raise ValueError(
+            f"{name} must have {batch_shape[-1]} examples on its last axis, got shape {tuple(labels.shape)}"
+        )
     try:
         torch.broadcast_shapes(labels.shape, batch_shape)
     except RuntimeError:
@@ -132,7 +140,9 @@ def _check_labels(labels: object, batch_shape: torch.Size, num_classes: int | No
     if num_classes is not None and labels.numel():
         lo, hi = int(labels.min()), int(labels.max())
         if lo < 0 or hi >= num_classes:
-            raise ValueError(f"{name} must lie in [0, {num_classes}) for {num_classes} classes, got values in [{lo}, {hi}]")
+            raise ValueError(
+                f"{name} must lie in [0, {num_classes}) for {num_classes} classes, got values in [{lo}, {hi}]"
+            )
     return labels.expand(batch_shape).long()
 
 
@@ -141,7 +151,9 @@ def _check_binary(targets: object, shape: torch.Size, name: str) -> Tensor:
     positives = targets.sum(-1)
     n = shape[-1]
     if bool((positives == 0).any()) or bool((positives == n).any()):
-        raise ValueError(f"{name} must hold both classes (0 and 1) in every row; a ranking metric is undefined otherwise")
+        raise ValueError(
+            f"{name} must hold both classes (0 and 1) in every row; a ranking metric is undefined otherwise"
+        )
     return targets
 
 
@@ -149,7 +161,9 @@ def _check_same_shape(a: Tensor, b: Tensor, name_a: str, name_b: str) -> None:
     try:
         torch.broadcast_shapes(a.shape, b.shape)
     except RuntimeError:
-        raise ValueError(f"{name_a} of shape {tuple(a.shape)} and {name_b} of shape {tuple(b.shape)} do not broadcast") from None
+        raise ValueError(
+            f"{name_a} of shape {tuple(a.shape)} and {name_b} of shape {tuple(b.shape)} do not broadcast"
+        ) from None
     if a.shape[-1] != b.shape[-1]:
         raise ValueError(
             f"{name_a} and {name_b} need the same number of examples on the last axis, got "
@@ -297,9 +311,15 @@ def _binned(conf: Tensor, correct: Tensor, bins: Tensor, num_bins: int) -> tuple
     rows = flat_conf.shape[0]
     index = flat_bins + num_bins * torch.arange(rows, device=conf.device).unsqueeze(-1)
     size = rows * num_bins
-    counts = torch.zeros(size, dtype=conf.dtype, device=conf.device).index_add_(0, index.reshape(-1), torch.ones_like(flat_conf).reshape(-1))
-    conf_sum = torch.zeros(size, dtype=conf.dtype, device=conf.device).index_add_(0, index.reshape(-1), flat_conf.reshape(-1))
-    corr_sum = torch.zeros(size, dtype=conf.dtype, device=conf.device).index_add_(0, index.reshape(-1), flat_correct.reshape(-1))
+    counts = torch.zeros(size, dtype=conf.dtype, device=conf.device).index_add_(
+        0, index.reshape(-1), torch.ones_like(flat_conf).reshape(-1)
+    )
+    conf_sum = torch.zeros(size, dtype=conf.dtype, device=conf.device).index_add_(
+        0, index.reshape(-1), flat_conf.reshape(-1)
+    )
+    corr_sum = torch.zeros(size, dtype=conf.dtype, device=conf.device).index_add_(
+        0, index.reshape(-1), flat_correct.reshape(-1)
+    )
     shape = (*batch, num_bins)
     return counts.reshape(shape), conf_sum.reshape(shape), corr_sum.reshape(shape)
 
@@ -426,7 +446,11 @@ def auroc(scores: Tensor, targets: Tensor) -> Tensor:
     targets = _check_binary(targets, scores.shape, "targets").to(scores.dtype)
     s = scores.sort(-1).values.contiguous()
     # 1-based mid-rank of every score among all scores: (#less + #less-or-equal + 1) / 2
-    ranks = (torch.searchsorted(s, scores.contiguous(), right=False) + torch.searchsorted(s, scores.contiguous(), right=True) + 1) / 2
+    ranks = (
+        torch.searchsorted(s, scores.contiguous(), right=False)
+        + torch.searchsorted(s, scores.contiguous(), right=True)
+        + 1
+    ) / 2
     pos = targets.sum(-1)
     neg = scores.shape[-1] - pos
     rank_sum = (ranks.to(scores.dtype) * targets).sum(-1)
@@ -473,10 +497,12 @@ def _ood_pair(score_in: Tensor, score_out: Tensor) -> tuple[Tensor, Tensor]:
             "(all but the last)"
         )
     scores = torch.cat([score_in, score_out], -1)
-    targets = torch.cat([
-        torch.zeros(score_in.shape[-1], dtype=torch.long, device=scores.device),
-        torch.ones(score_out.shape[-1], dtype=torch.long, device=scores.device),
-    ])
+    targets = torch.cat(
+        [
+            torch.zeros(score_in.shape[-1], dtype=torch.long, device=scores.device),
+            torch.ones(score_out.shape[-1], dtype=torch.long, device=scores.device),
+        ]
+    )
     return scores, targets
 
 
@@ -649,7 +675,9 @@ def gaussian_mixture_nll(means: Tensor, var: Tensor, y: Tensor, *, weights: Tens
     try:
         torch.broadcast_shapes(var.shape, means.shape)
     except RuntimeError:
-        raise ValueError(f"var of shape {tuple(var.shape)} does not broadcast against means {tuple(means.shape)}") from None
+        raise ValueError(
+            f"var of shape {tuple(var.shape)} does not broadcast against means {tuple(means.shape)}"
+        ) from None
     _check_positive(var, "var")
     num = means.shape[0]
     if weights is None:
@@ -657,7 +685,9 @@ def gaussian_mixture_nll(means: Tensor, var: Tensor, y: Tensor, *, weights: Tens
     else:
         weights = _floating(weights, "weights", min_dim=1)
         if weights.shape != (num,):
-            raise ValueError(f"weights must have shape ({num},) (one per component), got {tuple(weights.shape)}")
+            raise ValueError(
+                f"weights must have shape ({num},) (one per component), got {tuple(weights.shape)}"
+            )
         _check_positive(weights, "weights", allow_zero=True)
         if abs(float(weights.sum()) - 1) > _SUM_TOL:
             raise ValueError(f"weights must sum to one, got {float(weights.sum()):.6g}")

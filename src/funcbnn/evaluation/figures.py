@@ -27,8 +27,16 @@ def _reliability(plt: Any, data: dict[str, Any], path: Path) -> None:
         acc = [a if ne else 0.0 for a, ne in zip(r.accuracy.tolist(), nonempty)]
         conf = [c if ne else 0.0 for c, ne in zip(r.confidence.tolist(), nonempty)]
         ax.bar(edges[:-1], acc, width=width, align="edge", color="tab:blue", alpha=0.8, label="accuracy")
-        ax.bar(edges[:-1], [c - a for c, a in zip(conf, acc)], bottom=acc, width=width, align="edge",
-               color="tab:red", alpha=0.3, label="gap to confidence")
+        ax.bar(
+            edges[:-1],
+            [c - a for c, a in zip(conf, acc)],
+            bottom=acc,
+            width=width,
+            align="edge",
+            color="tab:red",
+            alpha=0.3,
+            label="gap to confidence",
+        )
         ax.plot([0, 1], [0, 1], "k--", lw=0.8)
         ax.set_title(f"{method}\nECE {float(r.ece):.3f}", fontsize=9)
         ax.set_xlim(0, 1)
@@ -68,7 +76,11 @@ def _shift(plt: Any, extra: list[dict[str, Any]], path: Path) -> None:
                 strengths = sorted({r["strength"] for r in extra if r["shift"] == kind and r["method"] == m})
                 vals = []
                 for s in strengths:
-                    v = [r[metric] for r in extra if r["shift"] == kind and r["method"] == m and r["strength"] == s]
+                    v = [
+                        r[metric]
+                        for r in extra
+                        if r["shift"] == kind and r["method"] == m and r["strength"] == s
+                    ]
                     vals.append(sum(v) / len(v))
                 style = {"color": "k", "lw": 2.2} if m == "map" else {"lw": 1.2}
                 ax.plot(strengths, vals, marker="o", ms=3, label=m, **style)
@@ -91,8 +103,12 @@ def _gap(plt: Any, data: dict[str, Any], path: Path) -> None:
         x, mean = c["x"].tolist(), c["mean"]
         tot, epi = c["total_std"], c["epistemic_std"]
         ax.axvspan(lo, hi, color="0.93")
-        ax.fill_between(x, (mean - 2 * tot).tolist(), (mean + 2 * tot).tolist(), color="tab:blue", alpha=0.15, lw=0)
-        ax.fill_between(x, (mean - 2 * epi).tolist(), (mean + 2 * epi).tolist(), color="tab:blue", alpha=0.35, lw=0)
+        ax.fill_between(
+            x, (mean - 2 * tot).tolist(), (mean + 2 * tot).tolist(), color="tab:blue", alpha=0.15, lw=0
+        )
+        ax.fill_between(
+            x, (mean - 2 * epi).tolist(), (mean + 2 * epi).tolist(), color="tab:blue", alpha=0.35, lw=0
+        )
         ax.plot(x, mean.tolist(), color="tab:blue", lw=1)
         ax.scatter(x_tr.tolist(), y_tr.tolist(), s=4, color="k", zorder=3)
         ax.set_ylim(-3, 3)

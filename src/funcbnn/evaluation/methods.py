@@ -178,7 +178,9 @@ def train(
     r, s = problem.recipe, problem.split
     lik = funcbnn.likelihoods.get_likelihood(_likelihood(problem.kind))
     theta = {k: v.detach().clone().requires_grad_(True) for k, v in params.items()}
-    opt = torch.optim.Adam(theta.values(), lr=r.lr, weight_decay=r.weight_decay if weight_decay is None else weight_decay)
+    opt = torch.optim.Adam(
+        theta.values(), lr=r.lr, weight_decay=r.weight_decay if weight_decay is None else weight_decay
+    )
     for _ in range(r.epochs):
         for xb, yb in _Batches(s.x_train, s.y_train, r.batch_size, generator):
             if seeded_dropout:
@@ -282,7 +284,11 @@ def fit_ensemble(ctx: Context) -> Predictor:
     def predict(xs: Tensor) -> Prediction:
         # the paper's combination: the mixture's moment-matched Gaussian (summarize's heteroscedastic summary)
         s = funcbnn.summarize(outputs_of(xs), "heteroscedastic")
-        return Prediction(mean=s.mean.reshape(-1), epistemic_var=s.epistemic_var.reshape(-1), noise_var=s.aleatoric_var.reshape(-1))
+        return Prediction(
+            mean=s.mean.reshape(-1),
+            epistemic_var=s.epistemic_var.reshape(-1),
+            noise_var=s.aleatoric_var.reshape(-1),
+        )
 
     return predict
 
@@ -290,19 +296,20 @@ def fit_ensemble(ctx: Context) -> Predictor:
 def _vi(ctx: Context, *, centred: bool) -> Predictor:
     p, r = ctx.problem, ctx.problem.recipe
     name = "bbb_map" if centred else "bbb"
-    if centred:
+    if centred:  # the means start at the MAP weights
         apply_fn, params = ctx.map()
-        post = families.diag_gaussian(init_std=1e-3)
-    else:
+    else:  # the means start at a fresh initialisation of the network's own scheme
         apply_fn, params, _ = funcbnn.functionalize(ctx.fresh_net(name))
-        post = families.diag_gaussian(init_std=1e-3)
+    post = families.diag_gaussian(init_std=1e-3)
     lik: Any = _likelihood(p.kind)
     if p.kind == "regression":
         # the likelihood's noise: the MAP's validation estimate (VI here does not learn it)
         map_fn, map_params = ctx.map()
         with torch.no_grad():
             resid = map_fn(map_params, p.split.x_val) - p.split.y_val
-        lik = funcbnn.likelihoods.get_likelihood("regression", sigma=float(resid.square().mean().sqrt().clamp_min(1e-3)))
+        lik = funcbnn.likelihoods.get_likelihood(
+            "regression", sigma=float(resid.square().mean().sqrt().clamp_min(1e-3))
+        )
     prior = priors.gaussian(std=r.prior_std)
     result = vi.fit(
         apply_fn,
@@ -395,7 +402,9 @@ def fit_laplace_val(ctx: Context) -> Predictor:
     grid = base * torch.logspace(-2, 4, 25)
     scores = [_val_nll(p, la, state, lin, pp.reshape(())) for pp in grid]
     best = grid[min(range(len(grid)), key=scores.__getitem__)]
-    return _laplace_predictor(p, la, state._replace(prior_precision=best.reshape(()).to(state.prior_precision.dtype)))
+    return _laplace_predictor(
+        p, la, state._replace(prior_precision=best.reshape(()).to(state.prior_precision.dtype))
+    )
 
 
 def fit_laplace_marglik(ctx: Context) -> Predictor:
@@ -404,7 +413,9 @@ def fit_laplace_marglik(ctx: Context) -> Predictor:
     apply_fn, params, _ = funcbnn.functionalize(ctx.fresh_net("laplace_marglik"))
     if training is not None:  # issue 12's online marginal-likelihood training (Immer et al. 2021)
         r = p.recipe
-        batches = _Batches(p.split.x_train, p.split.y_train, r.batch_size, ctx.generator("laplace_marglik-data"))
+        batches = _Batches(
+            p.split.x_train, p.split.y_train, r.batch_size, ctx.generator("laplace_marglik-data")
+        )
         result = training(
             apply_fn,
             params,
@@ -465,7 +476,8 @@ def fit_multiswag(ctx: Context, runs: int = 3) -> Predictor:
         method="vmap",
     ).state.members
     states = [
-        _swag_state(ctx, apply_fn, optree.tree_map(lambda t: t[i], maps), f"multiswag-swag{i}") for i in range(runs)
+        _swag_state(ctx, apply_fn, optree.tree_map(lambda t: t[i], maps), f"multiswag-swag{i}")
+        for i in range(runs)
     ]
     post, q = swag.multiswag(states)
     samples = post.sample(q, r.num_samples, generator=ctx.generator("multiswag-draws"))

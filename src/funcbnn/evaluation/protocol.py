@@ -44,23 +44,82 @@ class Scale(NamedTuple):
 
 SCALES = {
     "quick": Scale("quick", 1, 1, 0.25, 8, 200, 1, 1, 1, (0.3, 0.6), (30.0, 60.0)),
-    "default": Scale("default", 5, 3, 1.0, 32, 300, 1, 2, 1, (0.2, 0.4, 0.6), (20.0, 40.0, 60.0)),
-    "full": Scale("full", 20, 20, 1.0, 100, 300, 5, 10, 5, (0.1, 0.2, 0.3, 0.4, 0.5, 0.6), (15.0, 30.0, 45.0, 60.0, 75.0, 90.0)),
+    "default": Scale("default", 5, 2, 1.0, 32, 300, 1, 2, 1, (0.2, 0.4, 0.6), (20.0, 40.0, 60.0)),
+    "full": Scale(
+        "full",
+        20,
+        20,
+        1.0,
+        100,
+        300,
+        5,
+        10,
+        5,
+        (0.1, 0.2, 0.3, 0.4, 0.5, 0.6),
+        (15.0, 30.0, 45.0, 60.0, 75.0, 90.0),
+    ),
 }
 """The scales by name."""
 
 
 _RECIPES = {
     # Hernández-Lobato & Adams 2015: one hidden layer of 50 ReLU units, 40 epochs
-    "uci": Recipe(hidden=(50,), activation="relu", epochs=40, batch_size=32, lr=1e-2, weight_decay=1e-4, dropout=0.05,
-                  vi_epochs=80, swag_epochs=20, swag_lr=1e-2, ensemble_lr=1e-2),
+    "uci": Recipe(
+        hidden=(50,),
+        activation="relu",
+        epochs=40,
+        batch_size=32,
+        lr=1e-2,
+        weight_decay=1e-4,
+        dropout=0.05,
+        vi_epochs=80,
+        swag_epochs=20,
+        swag_lr=1e-2,
+        ensemble_lr=1e-2,
+    ),
     # a few hundred images so the MAP overfits, as real models do
-    "digits": Recipe(hidden=(100, 100), activation="relu", epochs=60, batch_size=32, lr=3e-3, weight_decay=1e-4,
-                     dropout=0.1, vi_epochs=180, swag_epochs=20, swag_lr=2e-2, ensemble_lr=3e-3, adversarial=False),
-    "cancer": Recipe(hidden=(50,), activation="relu", epochs=40, batch_size=32, lr=1e-2, weight_decay=1e-4, dropout=0.1,
-                     vi_epochs=120, swag_epochs=20, swag_lr=1e-2, ensemble_lr=1e-2, adversarial=False),
-    "gap": Recipe(hidden=(50, 50), activation="tanh", epochs=300, batch_size=40, lr=1e-2, weight_decay=1e-4,
-                  dropout=0.1, vi_epochs=900, swag_epochs=100, swag_lr=1e-2, ensemble_lr=1e-2, adversarial=False),
+    "digits": Recipe(
+        hidden=(100, 100),
+        activation="relu",
+        epochs=60,
+        batch_size=32,
+        lr=3e-3,
+        weight_decay=1e-4,
+        dropout=0.1,
+        vi_epochs=180,
+        swag_epochs=20,
+        swag_lr=2e-2,
+        ensemble_lr=3e-3,
+        adversarial=False,
+    ),
+    "cancer": Recipe(
+        hidden=(50,),
+        activation="relu",
+        epochs=40,
+        batch_size=32,
+        lr=1e-2,
+        weight_decay=1e-4,
+        dropout=0.1,
+        vi_epochs=120,
+        swag_epochs=20,
+        swag_lr=1e-2,
+        ensemble_lr=1e-2,
+        adversarial=False,
+    ),
+    "gap": Recipe(
+        hidden=(50, 50),
+        activation="tanh",
+        epochs=300,
+        batch_size=40,
+        lr=1e-2,
+        weight_decay=1e-4,
+        dropout=0.1,
+        vi_epochs=900,
+        swag_epochs=100,
+        swag_lr=1e-2,
+        ensemble_lr=1e-2,
+        adversarial=False,
+    ),
 }
 
 

@@ -17,7 +17,16 @@ from .methods import is_bayesian
 from .published import PUBLISHED
 from .tasks import TaskResult
 
-__all__ = ["COLUMNS", "Claim", "aggregate", "check_claims", "markdown_table", "text_table", "write_csv", "embed_in_readme"]
+__all__ = [
+    "COLUMNS",
+    "Claim",
+    "aggregate",
+    "check_claims",
+    "markdown_table",
+    "text_table",
+    "write_csv",
+    "embed_in_readme",
+]
 
 README_BEGIN = "<!-- python -m funcbnn --readme: begin -->"
 README_END = "<!-- python -m funcbnn --readme: end -->"
@@ -25,7 +34,19 @@ README_END = "<!-- python -m funcbnn --readme: end -->"
 COLUMNS = {
     "regression": ["rmse", "nll", "crps", "picp95", "width95", "calib", "time_s"],
     "gap": ["gap_std", "near_std", "ratio", "rmse", "nll", "time_s"],
-    "digits": ["acc", "nll", "ece", "aece", "brier", "aurc", "ood_auroc", "ood_aupr", "shift_nll", "shift_ece", "time_s"],
+    "digits": [
+        "acc",
+        "nll",
+        "ece",
+        "aece",
+        "brier",
+        "aurc",
+        "ood_auroc",
+        "ood_aupr",
+        "shift_nll",
+        "shift_ece",
+        "time_s",
+    ],
     "breast_cancer": ["acc", "nll", "ece", "aece", "brier", "aurc", "time_s"],
 }
 """The columns of each task's table."""
@@ -54,10 +75,13 @@ HEADERS = {
 
 
 def columns_of(task: str) -> list[str]:
+    """The columns of ``task``'s table (the regression columns for the regression data sets)."""
     return COLUMNS.get(task, COLUMNS["regression"])
 
 
-def aggregate(rows: list[dict[str, Any]], columns: list[str]) -> dict[str, dict[str, tuple[float, float, int]]]:
+def aggregate(
+    rows: list[dict[str, Any]], columns: list[str]
+) -> dict[str, dict[str, tuple[float, float, int]]]:
     """``{method: {column: (mean, sd, n)}}`` over the rows whose status is ok, in first-seen method order."""
     out: dict[str, dict[str, tuple[float, float, int]]] = {}
     methods = list(dict.fromkeys(r["method"] for r in rows))
@@ -69,7 +93,11 @@ def aggregate(rows: list[dict[str, Any]], columns: list[str]) -> dict[str, dict[
             if not vals:
                 continue
             mean = sum(vals) / len(vals)
-            sd = math.sqrt(sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)) if len(vals) > 1 else float("nan")
+            sd = (
+                math.sqrt(sum((v - mean) ** 2 for v in vals) / (len(vals) - 1))
+                if len(vals) > 1
+                else float("nan")
+            )
             stats[c] = (mean, sd, len(vals))
         out[m] = stats
     return out
@@ -112,14 +140,19 @@ def table_rows(result: TaskResult) -> tuple[list[str], list[list[str]]]:
 
 
 def markdown_table(header: list[str], body: list[list[str]]) -> str:
+    """A GitHub Markdown table."""
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(row) + " |" for row in body]
     return "\n".join(lines)
 
 
 def text_table(header: list[str], body: list[list[str]]) -> str:
+    """A plain-text table: the first column left-aligned, the others right-aligned."""
     widths = [max(len(str(r[i])) for r in [header, *body]) for i in range(len(header))]
-    fmt = lambda row: "  ".join(str(v).ljust(w) if i == 0 else str(v).rjust(w) for i, (v, w) in enumerate(zip(row, widths)))  # noqa: E731
+
+    def fmt(row: list[str]) -> str:
+        return "  ".join(str(v).ljust(w) if i == 0 else str(v).rjust(w) for i, (v, w) in enumerate(zip(row, widths)))
+
     return "\n".join([fmt(header), "  ".join("-" * w for w in widths), *[fmt(r) for r in body]])
 
 
@@ -173,14 +206,22 @@ def _uci_claims(results: dict[str, TaskResult]) -> list[Claim]:
         for pub in PUBLISHED[ds]:
             ours = {c: _mean(agg, pub.method, c) for c in ("rmse", "nll")}
             if None in ours.values():
-                claims.append(Claim(f"{ds}: {pub.method} within the published mean ± sd", None, "method not run"))
+                claims.append(
+                    Claim(f"{ds}: {pub.method} within the published mean ± sd", None, "method not run")
+                )
                 continue
             parts, ok = [], True
             for c, (m, s) in (("rmse", pub.rmse), ("nll", pub.nll)):
                 inside = abs(ours[c] - m) <= s
                 ok &= inside
-                parts.append(f"{c.upper()} {ours[c]:.2f} vs {m:.2f} ± {s:.2f} ({'inside' if inside else 'outside'})")
-            claims.append(Claim(f"{ds}: {pub.method} within the published mean ± sd (RMSE and NLL)", ok, "; ".join(parts)))
+                parts.append(
+                    f"{c.upper()} {ours[c]:.2f} vs {m:.2f} ± {s:.2f} ({'inside' if inside else 'outside'})"
+                )
+            claims.append(
+                Claim(
+                    f"{ds}: {pub.method} within the published mean ± sd (RMSE and NLL)", ok, "; ".join(parts)
+                )
+            )
     for ds in ("boston", "concrete", "diabetes"):
         if ds not in results:
             continue
@@ -205,11 +246,22 @@ def _digits_claims(result: TaskResult) -> list[Claim]:
     bayes = [m for m in agg if is_bayesian(m) and agg[m]]
     claims = []
     miss = [f"{m} {_mean(agg, m, 'acc'):.3f}" for m in bayes if _mean(agg, m, "acc") < acc0 - 0.01]
-    claims.append(Claim("digits: every Bayesian method keeps the MAP's accuracy within one point", not miss,
-                        f"MAP {acc0:.3f}; " + ("misses: " + ", ".join(miss) if miss else "all within")))
+    claims.append(
+        Claim(
+            "digits: every Bayesian method keeps the MAP's accuracy within one point",
+            not miss,
+            f"MAP {acc0:.3f}; " + ("misses: " + ", ".join(miss) if miss else "all within"),
+        )
+    )
     miss = [f"{m} {_mean(agg, m, 'nll'):.3f}" for m in bayes if _mean(agg, m, "nll") > 1.2 * nll0]
-    claims.append(Claim("digits: every Bayesian method's in-distribution NLL is within 1.2x the MAP's", not miss,
-                        f"MAP {nll0:.3f} (bound {1.2 * nll0:.3f}); " + ("misses: " + ", ".join(miss) if miss else "all within")))
+    claims.append(
+        Claim(
+            "digits: every Bayesian method's in-distribution NLL is within 1.2x the MAP's",
+            not miss,
+            f"MAP {nll0:.3f} (bound {1.2 * nll0:.3f}); "
+            + ("misses: " + ", ".join(miss) if miss else "all within"),
+        )
+    )
     # under every shift strength, averaged over splits
     cells: dict[tuple[str, str, float], dict[str, float]] = {}
     for r in result.extra:
@@ -226,16 +278,37 @@ def _digits_claims(result: TaskResult) -> list[Claim]:
             base = cells.get(("map", kind, s))
             if base and not v[metric] / v["n"] < base[metric] / base["n"]:
                 miss.append(f"{m} at {kind} {s:g}")
-        claims.append(Claim(f"digits: every Bayesian method lowers the MAP's {metric.upper()} under every shift strength",
-                            not miss, ("misses (" + str(len(miss)) + "): " + ", ".join(miss)) if miss else "all lower"))
+        claims.append(
+            Claim(
+                f"digits: every Bayesian method lowers the MAP's {metric.upper()} under every shift strength",
+                not miss,
+                ("misses (" + str(len(miss)) + "): " + ", ".join(miss)) if miss else "all lower",
+            )
+        )
     best = max(bayes, key=lambda m: _mean(agg, m, "ood_auroc"), default=None)
     if best is not None:
         v = _mean(agg, best, "ood_auroc")
-        claims.append(Claim("digits: the best OOD AUROC beats the MAP's", v > auroc0, f"best {best} {v:.3f} vs MAP {auroc0:.3f}"))
+        claims.append(
+            Claim(
+                "digits: the best OOD AUROC beats the MAP's",
+                v > auroc0,
+                f"best {best} {v:.3f} vs MAP {auroc0:.3f}",
+            )
+        )
     return claims
 
 
-GAP_METHODS = ("laplace_kron_ll", "laplace_diag", "laplace_val", "laplace_marglik", "ensemble", "swag", "multiswag", "bbb", "bbb_map")
+GAP_METHODS = (
+    "laplace_kron_ll",
+    "laplace_diag",
+    "laplace_val",
+    "laplace_marglik",
+    "ensemble",
+    "swag",
+    "multiswag",
+    "bbb",
+    "bbb_map",
+)
 """Methods of which the gap claim asks an epistemic std in the gap at least twice that at the data."""
 
 
@@ -268,8 +341,9 @@ def embed_in_readme(readme: Path, markdown: str, out: Path) -> None:
     """Replace the text between :data:`README_BEGIN` and :data:`README_END` in ``readme`` with ``markdown``.
 
     Headings move one level down (the results sit inside the README's
-    "Evaluation" section) and figure links are rewritten relative to the
-    README, so they resolve wherever ``out`` is.
+    "Evaluation" section) and figures become links relative to the README
+    (not embedded images: the output folder is not part of the repository, so
+    an image would show as broken until the command has been run).
 
     Raises
     ------
@@ -286,9 +360,11 @@ def embed_in_readme(readme: Path, markdown: str, out: Path) -> None:
     for line in markdown.splitlines():
         if line.startswith("#"):
             line = "#" + line
+            if line.endswith("Figures"):
+                line += " (written into the output folder by the run)"
         if line.startswith("![") and line.endswith(".png)"):
             label, name = line[2:-1].split("](")
-            line = f"![{label}]({(rel / name).as_posix()})"
+            line = f"- [{label}]({(rel / name).as_posix()})"
         lines.append(line)
     head, rest = text.split(README_BEGIN, 1)
     _, tail = rest.split(README_END, 1)

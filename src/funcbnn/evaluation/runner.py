@@ -94,7 +94,9 @@ def evaluate(
     if readme is not None:
         text = Path(readme).read_text()
         if report.README_BEGIN not in text or report.README_END not in text:
-            raise ValueError(f"{readme} has no '{report.README_BEGIN}' ... '{report.README_END}' block to fill")
+            raise ValueError(
+                f"{readme} has no '{report.README_BEGIN}' ... '{report.README_END}' block to fill"
+            )
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     previous_threads = torch.get_num_threads()
@@ -136,7 +138,9 @@ def evaluate(
         "load_after": _load(),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
     }
-    markdown = _markdown(results, claims, skipped, info, figure_note, [f for f in files if f.suffix == ".png"])
+    markdown = _markdown(
+        results, claims, skipped, info, figure_note, [f for f in files if f.suffix == ".png"]
+    )
     (out / "results.md").write_text(markdown)
     files.append(out / "results.md")
     if readme is not None:
@@ -212,4 +216,3 @@ def print_summary(ev: Evaluation, out: TextIO = sys.stdout) -> None:
         mark = {True: "PASS", False: "MISS", None: "n/a "}[c.ok]
         out.write(f"[{mark}] {c.text}: {c.detail}\n")
     out.flush()
-

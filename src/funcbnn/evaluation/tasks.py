@@ -45,7 +45,9 @@ class Progress:
             return
         elapsed = time.perf_counter() - self.start
         width = len(str(self.total))
-        self.stream.write(f"[{self.done:>{width}}/{self.total} {int(elapsed) // 60}m{int(elapsed) % 60:02d}s] {text} ({seconds:.1f} s)\n")
+        self.stream.write(
+            f"[{self.done:>{width}}/{self.total} {int(elapsed) // 60}m{int(elapsed) % 60:02d}s] {text} ({seconds:.1f} s)\n"
+        )
         self.stream.flush()
 
     def say(self, text: str) -> None:
@@ -55,7 +57,12 @@ class Progress:
 
 
 def _fit_all(
-    problem: Problem, seed: int, methods: list[str], label: str, progress: Progress, score: Callable[[str, Callable], dict]
+    problem: Problem,
+    seed: int,
+    methods: list[str],
+    label: str,
+    progress: Progress,
+    score: Callable[[str, Callable], dict],
 ) -> list[dict[str, Any]]:
     ctx = Context(problem, seed)
     rows = []
@@ -108,7 +115,9 @@ def run_regression(name: str, scale: Scale, methods: list[str], seed: int, progr
         def score(method: str, predictor: Callable) -> dict:
             return _regression_metrics(predictor(split.x_test), split, split.y_test)
 
-        for row in _fit_all(problem, seed * 1000 + i, methods, f"{name} split {i + 1}/{splits}", progress, score):
+        for row in _fit_all(
+            problem, seed * 1000 + i, methods, f"{name} split {i + 1}/{splits}", progress, score
+        ):
             rows.append({"task": name, "split": i, **row})
     note = datasets.BOSTON_CAVEAT if name == "boston" else ""
     return TaskResult(name, rows, [], {}, note)
@@ -145,9 +154,13 @@ def run_gap(scale: Scale, methods: list[str], seed: int, progress: Progress) -> 
                 **_regression_metrics(predictor(split.x_test), split, split.y_test),
             }
 
-        for row in _fit_all(problem, seed * 1000 + i, methods, f"gap seed {i + 1}/{scale.gap_seeds}", progress, score):
+        for row in _fit_all(
+            problem, seed * 1000 + i, methods, f"gap seed {i + 1}/{scale.gap_seeds}", progress, score
+        ):
             rows.append({"task": "gap", "split": i, **row})
-    figures = {"gap": {"curves": curves, "train": (split.x_train[:, 0], split.y_train[:, 0]), "interval": (lo, hi)}}
+    figures = {
+        "gap": {"curves": curves, "train": (split.x_train[:, 0], split.y_train[:, 0]), "interval": (lo, hi)}
+    }
     return TaskResult("gap", rows, [], figures)
 
 
@@ -202,7 +215,9 @@ def run_digits(scale: Scale, methods: list[str], seed: int, progress: Progress) 
             for kind, strength, xs in shifted:
                 ps = _normalised(predictor(xs).probs)
                 m = _class_metrics(ps, split.y_test)
-                extra.append({"task": "digits", "split": i, "method": method, "shift": kind, "strength": strength, **m})
+                extra.append(
+                    {"task": "digits", "split": i, "method": method, "shift": kind, "strength": strength, **m}
+                )
                 shift_nll.append(m["nll"])
                 shift_ece.append(m["ece"])
             row["shift_nll"] = sum(shift_nll) / len(shift_nll)
@@ -212,7 +227,9 @@ def run_digits(scale: Scale, methods: list[str], seed: int, progress: Progress) 
                 figures["entropy"][method] = (h_in, h_out)
             return row
 
-        for row in _fit_all(problem, seed * 1000 + i, methods, f"digits split {i + 1}/{scale.digits_splits}", progress, score):
+        for row in _fit_all(
+            problem, seed * 1000 + i, methods, f"digits split {i + 1}/{scale.digits_splits}", progress, score
+        ):
             rows.append({"task": "digits", "split": i, **row})
     # the shift rows of failed methods are absent; the figure reads the long rows
     figures["shift"] = extra
@@ -229,7 +246,14 @@ def run_cancer(scale: Scale, methods: list[str], seed: int, progress: Progress) 
         def score(method: str, predictor: Callable) -> dict:
             return _class_metrics(_normalised(predictor(split.x_test).probs), split.y_test.reshape(-1).long())
 
-        for row in _fit_all(problem, seed * 1000 + i, methods, f"breast cancer split {i + 1}/{scale.cancer_splits}", progress, score):
+        for row in _fit_all(
+            problem,
+            seed * 1000 + i,
+            methods,
+            f"breast cancer split {i + 1}/{scale.cancer_splits}",
+            progress,
+            score,
+        ):
             rows.append({"task": "breast_cancer", "split": i, **row})
     return TaskResult("breast_cancer", rows, [], {})
 
@@ -247,8 +271,12 @@ def _count(name: str, scale: Scale) -> int:
 
 TASKS: dict[str, Callable[..., TaskResult]] = {
     "boston": lambda scale, methods, seed, progress: run_regression("boston", scale, methods, seed, progress),
-    "concrete": lambda scale, methods, seed, progress: run_regression("concrete", scale, methods, seed, progress),
-    "diabetes": lambda scale, methods, seed, progress: run_regression("diabetes", scale, methods, seed, progress),
+    "concrete": lambda scale, methods, seed, progress: run_regression(
+        "concrete", scale, methods, seed, progress
+    ),
+    "diabetes": lambda scale, methods, seed, progress: run_regression(
+        "diabetes", scale, methods, seed, progress
+    ),
     "gap": run_gap,
     "digits": run_digits,
     "breast_cancer": run_cancer,
@@ -259,4 +287,3 @@ TASKS: dict[str, Callable[..., TaskResult]] = {
 def fits_in(names: list[str], scale: Scale, num_methods: int) -> int:
     """How many method fits a run of ``names`` at ``scale`` makes (for the progress display)."""
     return sum(_count(n, scale) for n in names) * num_methods
-
