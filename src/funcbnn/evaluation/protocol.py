@@ -44,7 +44,7 @@ class Scale(NamedTuple):
 
 SCALES = {
     "quick": Scale("quick", 1, 1, 0.25, 8, 200, 1, 1, 1, (0.3, 0.6), (30.0, 60.0)),
-    "default": Scale("default", 5, 2, 1.0, 32, 300, 1, 2, 1, (0.2, 0.4, 0.6), (20.0, 40.0, 60.0)),
+    "default": Scale("default", 5, 2, 1.0, 32, 300, 1, 2, 2, (0.2, 0.4, 0.6), (20.0, 40.0, 60.0)),
     "full": Scale(
         "full",
         20,
