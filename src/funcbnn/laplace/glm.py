@@ -60,10 +60,10 @@ class JacobianPieces(NamedTuple):
 
 def layer_jacobian(piece: LayerPiece) -> dict[str, Tensor]:
     """The dense per-example Jacobians ``(N, O, *leaf.shape)`` of a piece's weight (and bias)."""
-    gw, gb = _grads_from(piece.layer, _unfold(piece.layer, piece.inputs), piece.grads)  # (O, N, ...)
-    out = {piece.layer.weight: gw.transpose(0, 1)}
+    gw, gb = _grads_from(piece.layer, _unfold(piece.layer, piece.inputs), list(piece.grads))  # (N, O, ...)
+    out = {piece.layer.weight: gw}
     if piece.layer.bias:
-        out[piece.layer.bias] = gb.transpose(0, 1)
+        out[piece.layer.bias] = gb
     return out
 
 

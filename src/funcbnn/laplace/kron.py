@@ -49,10 +49,9 @@ from .curvature import (
     _patches,
     CurvatureStats,
     Kind,
-    _sample_targets,
     check_data,
     diag_curvature,
-    ggn_columns,
+    tap_gradients,
     unit_likelihood,
 )
 
@@ -134,51 +133,27 @@ def _grad_rows(layer: Layer, g: Tensor) -> Tensor:
 def _add_gram_(out: Tensor, x: Tensor) -> None:
     """``out += x^T x``, computing the symmetric result's upper blocks only.
 
-    Factors are grams of tall matrices; on wide ones (``d >= 256``) three
-    quarter-size products instead of one full product save ~20% of the time.
+    Factors are grams of tall matrices; on wide ones (``d >= 256``) the columns
+    are cut into ``k >= 2`` panels of about 768 and only the ``k (k + 1) / 2``
+    panel products on and above the diagonal are formed (58% of the work for
+    the curvature benchmark's 4608-wide input factor, 75% for ``k = 2``); the
+    lower blocks are their transposes.
     """
     d = x.shape[1]
     if d < 256:
         out.addmm_(x.T, x)
         return
-    h = d // 2
-    lo, hi = x[:, :h], x[:, h:]
-    out[:h, :h].addmm_(lo.T, lo)
-    out[h:, h:].addmm_(hi.T, hi)
-    cross = lo.T @ hi
-    out[:h, h:] += cross
-    out[h:, :h] += cross.T
-
-
-def _cotangent_grads(
-    f: Tensor,
-    y: Tensor,
-    taps: list[Tensor],
-    likelihood: Likelihood,
-    kind: Kind,
-    num_mc: int,
-    generator: torch.Generator | None,
-) -> list[Tensor | None]:
-    """Gradients ``(K, *tap.shape)`` at every tap, one slice per column ``c`` of ``G``'s sum."""
-    if kind == "ef":
-        grads = torch.autograd.grad(likelihood.nll(f, y).sum(), taps, allow_unused=True)
-        return [None if g is None else g[None] for g in grads]
-    if kind == "ggn":
-        # All K cotangents in one vmapped backward: one (K*N)-row matmul per layer
-        # instead of K thin ones.
-        V = ggn_columns(likelihood, f)
-        return list(torch.autograd.grad(f, taps, grad_outputs=V, is_grads_batched=True, allow_unused=True))
-    # Sampled labels enter only through d nll / d f: draw all num_mc labels per example at
-    # once on a detached, repeated copy of the outputs, then push every cotangent through
-    # the network in one batched backward.
-    f_rep = f.detach().expand(num_mc, *f.shape).reshape(num_mc * f.shape[0], *f.shape[1:])
-    f_rep.requires_grad_(True)
-    with torch.enable_grad():
-        y_hat = _sample_targets(likelihood, f_rep, generator)
-        cot = torch.autograd.grad(likelihood.nll(f_rep, y_hat).sum(), f_rep)[0].reshape(num_mc, *f.shape)
-    # 1/sqrt(num_mc) per column makes G the Monte-Carlo average over sampled labels.
-    V = cot / math.sqrt(num_mc)
-    return list(torch.autograd.grad(f, taps, grad_outputs=V, is_grads_batched=True, allow_unused=True))
+    k = max(2, math.ceil(d / 768))
+    edges = [round(i * d / k) for i in range(k + 1)]
+    for i in range(k):
+        a, b = edges[i], edges[i + 1]
+        left = x[:, a:b]
+        out[a:b, a:b].addmm_(left.T, left)
+        for j in range(i + 1, k):
+            c, e = edges[j], edges[j + 1]
+            block = left.T @ x[:, c:e]
+            out[a:b, c:e] += block
+            out[c:e, a:b] += block.T
 
 
 def _kron_batch(
@@ -202,7 +177,7 @@ def _kron_batch(
     loss = likelihood.nll(f.detach(), y).sum()
     if not calls:  # no structured layer ran: nothing to accumulate
         return loss
-    grads = _cotangent_grads(f, y, [tap for _, _, tap in calls], likelihood, kind, num_mc, generator)
+    grads = tap_gradients(f, y, [tap for _, _, tap in calls], likelihood, kind, num_mc, generator)
     with torch.no_grad():
         for (i, a, _), g in zip(calls, grads):
             layer = layers[i]
@@ -216,9 +191,8 @@ def _kron_batch(
                 A[i][d, :d] += col
                 A[i][d, d] += ar.shape[0]
             rows[i] += ar.shape[0]
-            if g is not None:
-                gr = _grad_rows(layer, g)
-                _add_gram_(G[i], gr)
+            for column in g or ():  # one gram per column: no (K * M, out) copy of the rows
+                _add_gram_(G[i], _grad_rows(layer, column[None]))
     return loss
 
 
