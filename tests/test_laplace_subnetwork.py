@@ -7,6 +7,7 @@ References: sorting by hand for the selections; the dense GGN of the per-example
 
 from __future__ import annotations
 
+import io
 import math
 
 import pytest
@@ -133,9 +134,15 @@ def test_the_subnetwork_glm_predictive_and_samples_move_only_the_chosen_weights(
 def test_a_saved_subnetwork_state_rebuilds_the_same_predictive():
     _, apply_fn, params, (x, y) = _setup()
     sub = subnetwork.largest_magnitude(params, 20)
-    la, state = fit(apply_fn, params, [(x, y)], "categorical", subset=sub, structure="full")
-    again = from_state(apply_fn, params, state)
-    assert torch.equal(again.predict(state, x), la.predict(state, x))
+    la, state = fit(apply_fn, params, [(x, y)], "categorical", subset=sub, structure="full", prior_mean=0.1,
+                    temperature=0.5)
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer)  # weights_only: indices, prior mean and temperature are plain tensors
+    again = from_state(apply_fn, params, loaded)
+    assert torch.equal(again.predict(loaded, x), la.predict(state, x))
+    assert torch.equal(again.log_marglik(loaded), la.log_marglik(state))
 
 
 def test_bad_subnetworks_are_refused():

@@ -269,8 +269,9 @@ def laplace_bridge(mean: Tensor, cov: Tensor, *, normalize: bool = False) -> Ten
     Examples
     --------
     >>> mu, cov = torch.tensor([[2.0, 0.0, -1.0]]), 0.5 * torch.eye(3)[None]
-    >>> laplace_bridge(mu, cov).sum(-1)
-    tensor([1.])
+    >>> probs = laplace_bridge(mu, cov)
+    >>> probs.argmax(-1).item(), round(probs.sum().item(), 6)
+    (0, 1.0)
     """
     if mean.dim() != 2 or cov.shape != (*mean.shape, mean.shape[-1]):
         raise ValueError(f"mean must be (N, K) and cov (N, K, K), got {tuple(mean.shape)} and {tuple(cov.shape)}")

@@ -160,6 +160,16 @@ def tune_validation(
     -------
     (LaplaceState, ValidationInfo)
         The state with the chosen (detached) hyperparameters, and the search's record.
+
+    Examples
+    --------
+    >>> import funcbnn
+    >>> apply_fn, params, _ = funcbnn.functionalize(nn.Sequential(nn.Linear(2, 8), nn.Tanh(), nn.Linear(8, 3)))
+    >>> x, y = torch.randn(40, 2), torch.randint(0, 3, (40,))
+    >>> la, state = funcbnn.laplace.fit(apply_fn, params, [(x[:30], y[:30])], "classification")
+    >>> tuned, info = la.tune_validation(state, (x[30:], y[30:]), grid=torch.logspace(-2, 2, 5))
+    >>> info.table.shape, bool(tuned.prior_precision in info.prior_precisions)
+    (torch.Size([5, 1]), True)
     """
     if method not in ("grid", "gradient"):
         raise ValueError(f"method must be 'grid' or 'gradient', got {method!r}")
