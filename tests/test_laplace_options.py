@@ -303,3 +303,13 @@ def test_the_bridge_without_uncertainty_falls_back_to_the_softmax():
     mu = torch.tensor([[1.0, -1.0, 0.5]], dtype=DT)
     got = laplace_bridge(mu, torch.zeros(1, 3, 3, dtype=DT))
     assert_rel(got, mu.softmax(-1), 1e-15)
+
+
+def test_the_object_front_end_passes_prior_mean_and_temperature_through():
+    from funcbnn.laplace import LaplaceApproximation
+
+    net, apply_fn, params, (x, y) = _classifier()
+    obj = LaplaceApproximation(net, "classification", prior_precision=2.0, prior_mean=0.1, temperature=0.5).fit([(x, y)])
+    la, state = fit(apply_fn, params, [(x, y)], "categorical", prior_precision=2.0, prior_mean=0.1, temperature=0.5)
+    assert_rel(obj.log_marglik(), la.log_marglik(state), 1e-14)
+    assert float(obj.state.temperature) == 0.5 and float(obj.state.prior_mean) == 0.1

@@ -60,6 +60,8 @@ class LaplaceApproximation:
     sigma : number or Tensor, optional
         Observation noise std for regression (a number, 0-d or shape-``(1,)``
         tensor); by default the likelihood's own (1 for ``"regression"``).
+    prior_mean, temperature
+        laplace-torch's options, as in :func:`funcbnn.laplace.fit`.
 
     Examples
     --------
@@ -80,6 +82,8 @@ class LaplaceApproximation:
         structure: Literal["diag", "kron", "full"] = "diag",
         curvature: Kind = "ggn",
         sigma: float | Tensor | None = None,
+        prior_mean: float | Tensor = 0.0,
+        temperature: float | Tensor = 1.0,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -90,6 +94,8 @@ class LaplaceApproximation:
         self.structure = structure
         self.curvature = curvature
         self.sigma = sigma
+        self.prior_mean = prior_mean
+        self.temperature = temperature
         self._laplace: Laplace | None = None
         self._state: LaplaceState | None = None
 
@@ -112,6 +118,8 @@ class LaplaceApproximation:
             curvature=self.curvature,
             prior_precision=self.prior_precision,
             sigma=self.sigma,
+            prior_mean=self.prior_mean,
+            temperature=self.temperature,
             generator=generator,
         )
         return self
