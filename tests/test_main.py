@@ -162,6 +162,10 @@ def test_cli_rejects_unknown_methods_and_data_sets(capsys):
     assert "unknown datasets ['mnist']" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["--quick", "--full"])
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit):
+            main(["--quick", "--device", "cuda"])
+        assert "device 'cuda' is not available" in capsys.readouterr().err
 
 
 def _result(name, rows, extra=()):

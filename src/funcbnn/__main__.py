@@ -44,6 +44,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="funcbnn-eval", help="output folder (default ./funcbnn-eval)")
     parser.add_argument("--seed", type=int, default=0, help="same seed, same numbers (default 0)")
     parser.add_argument(
+        "--device", default="cpu", help="torch device for data, weights and draws (default cpu)"
+    )
+    parser.add_argument(
         "--threads", type=int, default=1, help="torch threads (default 1; the networks are small)"
     )
     parser.add_argument("--no-figures", action="store_true", help="skip the PNG figures")
@@ -62,8 +65,9 @@ def main(argv: list[str] | None = None) -> int:
             threads=args.threads,
             figures_on=not args.no_figures,
             readme=args.readme,
+            device=args.device,
         )
-    except ValueError as err:
+    except ValueError as err:  # unknown names, a missing README block, an unavailable device
         parser.error(str(err))
     print_summary(ev)
     print(f"\nwrote {len(ev.files)} files to {args.out}/ in {ev.seconds:.0f} s (results.md has every table)")

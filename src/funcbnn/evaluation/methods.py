@@ -73,6 +73,7 @@ class Problem(NamedTuple):
     split: Split
     num_outputs: int
     recipe: Recipe
+    device: torch.device = torch.device("cpu")
 
 
 class Prediction(NamedTuple):
@@ -129,26 +130,43 @@ class _Batches:
         return math.ceil(len(self.y) / self.batch_size)
 
     def __iter__(self):
-        order = torch.randperm(len(self.y), generator=self.generator)
+        order = torch.randperm(len(self.y), generator=self.generator).to(self.y.device)
         for i in range(0, len(order), self.batch_size):
             idx = order[i : i + self.batch_size]
             yield self.x[idx], self.y[idx]
 
 
 class Context:
-    """One (task, split, seed): the problem, a generator per use, and the MAP shared by the methods built on it."""
+    """One (task, split, seed): the problem, a generator per use, and the MAP shared by the methods built on it.
+
+    Networks are initialised on the CPU (so a seed gives the same initial weights on every device) and
+    their parameters moved to ``problem.device``; data orders, initialisation seeds and dropout-mask
+    seeds come from CPU generators (:meth:`generator`), weight draws from generators on the device
+    (:meth:`draws`), seeded alike, so on the CPU both are the same stream.
+    """
 
     def __init__(self, problem: Problem, seed: int) -> None:
         self.problem = problem
         self.seed = seed
         self._map: tuple[Any, dict[str, Tensor]] | None = None
 
-    def generator(self, salt: str) -> torch.Generator:
-        """A generator seeded from the context's seed and ``salt`` (stable across runs and Python versions)."""
+    def _seed_of(self, salt: str) -> int:
         h = self.seed * 1_000_003
         for ch in salt:
             h = (h * 31 + ord(ch)) % (2**61 - 1)
-        return torch.Generator().manual_seed(h)
+        return h
+
+    def generator(self, salt: str) -> torch.Generator:
+        """A CPU generator seeded from the context's seed and ``salt`` (stable across runs and Python versions)."""
+        return torch.Generator().manual_seed(self._seed_of(salt))
+
+    def draws(self, salt: str) -> torch.Generator:
+        """Like :meth:`generator`, on the problem's device: for weight draws and VI's noise."""
+        return torch.Generator(self.problem.device).manual_seed(self._seed_of(salt))
+
+    def to_device(self, tree: Any) -> Any:
+        """``tree`` with every tensor moved to the problem's device."""
+        return optree.tree_map(lambda t: t.to(self.problem.device), tree)
 
     def fresh_net(self, salt: str, *, outputs: int | None = None, dropout: float = 0.0) -> nn.Module:
         p = self.problem
@@ -160,7 +178,7 @@ class Context:
         """``(apply_fn, params)`` of the MAP network (trained once per context)."""
         if self._map is None:
             apply_fn, params, _ = funcbnn.functionalize(self.fresh_net("map"))
-            params = train(apply_fn, params, self.problem, self.generator("map-data"))
+            params = train(apply_fn, self.to_device(params), self.problem, self.generator("map-data"))
             self._map = (apply_fn, params)
         return self._map
 
@@ -184,7 +202,7 @@ def train(
     for _ in range(r.epochs):
         for xb, yb in _Batches(s.x_train, s.y_train, r.batch_size, generator):
             if seeded_dropout:
-                seed = torch.randint(0, 2**31 - 1, (), generator=generator)
+                seed = torch.randint(0, 2**31 - 1, (), generator=generator).to(problem.device)
                 out = apply_fn({"params": theta, "seed": seed}, xb)
             else:
                 out = apply_fn(theta, xb)
@@ -200,7 +218,8 @@ def train(
 
 def _noise_from_validation(component_means: Tensor, y_val: Tensor) -> Tensor:
     """The observation noise variance maximising the validation likelihood of a mixture over ``(S, N)`` means."""
-    grid = torch.logspace(-2.5, 1.0, 141)  # noise std in standardised units
+    # noise std in standardised units
+    grid = torch.logspace(-2.5, 1.0, 141, dtype=component_means.dtype, device=component_means.device)
     means = component_means.unsqueeze(1).expand(-1, len(grid), -1)  # (S, G, N)
     nll = metrics.gaussian_mixture_nll(means, (grid**2).reshape(1, -1, 1), y_val.reshape(-1))
     return grid[nll.argmin()] ** 2
@@ -251,7 +270,7 @@ def fit_map(ctx: Context) -> Predictor:
 def fit_mc_dropout(ctx: Context) -> Predictor:
     p = ctx.problem
     apply_fn, params, _ = mc_dropout.functionalize(ctx.fresh_net("mc_dropout", dropout=p.recipe.dropout))
-    params = train(apply_fn, params, p, ctx.generator("mc_dropout-data"), seeded_dropout=True)
+    params = train(apply_fn, ctx.to_device(params), p, ctx.generator("mc_dropout-data"), seeded_dropout=True)
     post = families.dropout()
     draws = post.sample(post.init(params), p.recipe.num_samples, generator=ctx.generator("mc_dropout-masks"))
     return _mc_predictor(p, _sampled(apply_fn, draws))
@@ -263,6 +282,7 @@ def fit_ensemble(ctx: Context) -> Predictor:
     net = ctx.fresh_net("ensemble", outputs=2 * p.num_outputs if regression else None)
     apply_fn, _, _ = funcbnn.functionalize(net)
     members = ensemble.init_members(net, r.ensemble_size, generator=ctx.generator("ensemble-init"))
+    members = type(members)(ctx.to_device(members.members))
     x = p.split.x_train
     eps = 0.01 * float((x.max(0).values - x.min(0).values).mean()) if (regression and r.adversarial) else 0.0
     result = ensemble.fit(
@@ -300,6 +320,7 @@ def _vi(ctx: Context, *, centred: bool) -> Predictor:
         apply_fn, params = ctx.map()
     else:  # the means start at a fresh initialisation of the network's own scheme
         apply_fn, params, _ = funcbnn.functionalize(ctx.fresh_net(name))
+        params = ctx.to_device(params)
     post = families.diag_gaussian(init_std=1e-3)
     lik: Any = _likelihood(p.kind)
     if p.kind == "regression":
@@ -322,10 +343,10 @@ def _vi(ctx: Context, *, centred: bool) -> Predictor:
         lr=r.lr,
         likelihood=lik,
         num_samples=1,
-        generator=ctx.generator(name + "-data"),
+        generator=ctx.draws(name + "-data"),
         method="loop",
     )
-    samples = post.sample(result.state, r.num_samples, generator=ctx.generator(name + "-draws"))
+    samples = post.sample(result.state, r.num_samples, generator=ctx.draws(name + "-draws"))
     return _mc_predictor(p, _sampled(apply_fn, samples))
 
 
@@ -399,7 +420,8 @@ def fit_laplace_val(ctx: Context) -> Predictor:
     state = la.tune(state)  # the noise (regression) and a starting point
     lin = la.linearize(state, p.split.x_val)
     base = float(state.prior_precision.reshape(-1)[0])
-    grid = base * torch.logspace(-2, 4, 25)
+    ref = state.prior_precision
+    grid = base * torch.logspace(-2, 4, 25, dtype=ref.dtype, device=ref.device)
     scores = [_val_nll(p, la, state, lin, pp.reshape(())) for pp in grid]
     best = grid[min(range(len(grid)), key=scores.__getitem__)]
     return _laplace_predictor(
@@ -411,6 +433,7 @@ def fit_laplace_marglik(ctx: Context) -> Predictor:
     p = ctx.problem
     training = getattr(laplace, "marglik_training", None)
     apply_fn, params, _ = funcbnn.functionalize(ctx.fresh_net("laplace_marglik"))
+    params = ctx.to_device(params)
     if training is not None:  # issue 12's online marginal-likelihood training (Immer et al. 2021)
         r = p.recipe
         batches = _Batches(
@@ -455,7 +478,7 @@ def _swag_state(ctx: Context, apply_fn: Callable, params: dict[str, Tensor], sal
 def fit_swag(ctx: Context) -> Predictor:
     apply_fn, params = ctx.map()
     post, q = swag.posterior(_swag_state(ctx, apply_fn, params, "swag-data"))
-    samples = post.sample(q, ctx.problem.recipe.num_samples, generator=ctx.generator("swag-draws"))
+    samples = post.sample(q, ctx.problem.recipe.num_samples, generator=ctx.draws("swag-draws"))
     return _mc_predictor(ctx.problem, _sampled(apply_fn, samples))
 
 
@@ -464,6 +487,7 @@ def fit_multiswag(ctx: Context, runs: int = 3) -> Predictor:
     net = ctx.fresh_net("multiswag")
     apply_fn, _, _ = funcbnn.functionalize(net)
     members = ensemble.init_members(net, runs, generator=ctx.generator("multiswag-init"))
+    members = type(members)(ctx.to_device(members.members))
     maps = ensemble.fit(
         apply_fn,
         members,
@@ -480,7 +504,7 @@ def fit_multiswag(ctx: Context, runs: int = 3) -> Predictor:
         for i in range(runs)
     ]
     post, q = swag.multiswag(states)
-    samples = post.sample(q, r.num_samples, generator=ctx.generator("multiswag-draws"))
+    samples = post.sample(q, r.num_samples, generator=ctx.draws("multiswag-draws"))
     return _mc_predictor(p, _sampled(apply_fn, samples))
 
 

@@ -59,6 +59,7 @@ def evaluate(
     stream: TextIO | None = sys.stderr,
     figures_on: bool = True,
     readme: str | Path | None = None,
+    device: str | torch.device = "cpu",
 ) -> Evaluation:
     """Run the evaluation and write ``results.md``, one CSV per task and the figures into ``out``.
 
@@ -82,6 +83,11 @@ def evaluate(
         Progress lines (default stderr; ``None`` for silence).
     figures_on : bool
         Draw the PNG figures (when matplotlib is installed).
+    device : str or torch.device, default "cpu"
+        Where data, weights and weight draws live. Networks are initialised on
+        the CPU and data orders come from CPU generators, so the same seed starts
+        every device from the same weights; the numbers still differ by the
+        devices' arithmetic and random streams.
     readme : path, optional
         A Markdown file whose block between :data:`funcbnn.evaluation.report.README_BEGIN`
         and ``README_END`` is replaced by the results (how the README's tables are made).
@@ -89,6 +95,11 @@ def evaluate(
     if scale not in SCALES:
         raise ValueError(f"scale must be one of {list(SCALES)}, got {scale!r}")
     sc = SCALES[scale]
+    device = torch.device(device)
+    try:  # an unavailable device fails here, before any work
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as err:
+        raise ValueError(f"device {str(device)!r} is not available here: {err}") from None
     methods = _check_names(methods, list(METHODS), "methods")
     datasets = _check_names(datasets, list(TASKS), "datasets")
     if readme is not None:
@@ -110,7 +121,7 @@ def evaluate(
     try:
         for name in datasets:
             try:
-                results[name] = TASKS[name](sc, methods, seed, progress)
+                results[name] = TASKS[name](sc, methods, seed, progress, device)
             except DatasetUnavailable as err:
                 skipped[name] = str(err)
                 progress.say(f"skipped {name}: {err}")
@@ -133,6 +144,7 @@ def evaluate(
         "scale": scale,
         "seed": seed,
         "threads": threads,
+        "device": str(device),
         "seconds": seconds,
         "load_before": load_before,
         "load_after": _load(),
@@ -162,7 +174,8 @@ def _markdown(results, claims, skipped, info, figure_note, pngs) -> str:
     lines = [
         "## Results",
         "",
-        f"`python -m funcbnn` (scale {info['scale']}, seed {info['seed']}, {info['threads']} thread(s)): "
+        f"`python -m funcbnn` (scale {info['scale']}, seed {info['seed']}, {info['threads']} thread(s), "
+        f"device {info['device']}): "
         f"{info['seconds']:.0f} s on {info['machine']}; load average {info['load_before']} before, "
         f"{info['load_after']} after. Cells are mean ± sd over splits.",
         "",

@@ -7,6 +7,7 @@ with the error instead of stopping the run.
 
 from __future__ import annotations
 
+import functools
 import time
 from typing import Any, Callable, NamedTuple
 
@@ -103,14 +104,20 @@ def _regression_metrics(pred: Prediction, split: Split, y: Tensor) -> dict[str, 
     }
 
 
-def run_regression(name: str, scale: Scale, methods: list[str], seed: int, progress: Progress) -> TaskResult:
+def _on(split: Split, device: torch.device) -> Split:
+    return Split(*(t.to(device) if isinstance(t, Tensor) else t for t in split))
+
+
+def run_regression(
+    name: str, scale: Scale, methods: list[str], seed: int, progress: Progress, device: torch.device
+) -> TaskResult:
     """UCI-style regression on ``name``: ``scale.uci_splits`` (or ``diabetes_splits``) random 90/10 splits."""
     x, y = datasets.load_regression(name)
     splits = scale.diabetes_splits if name == "diabetes" else scale.uci_splits
     rows = []
     for i in range(splits):
-        split = datasets.regression_split(x, y, seed * 1000 + i)
-        problem = Problem("regression", split, 1, recipe_for("uci", scale))
+        split = _on(datasets.regression_split(x, y, seed * 1000 + i), device)
+        problem = Problem("regression", split, 1, recipe_for("uci", scale), device)
 
         def score(method: str, predictor: Callable) -> dict:
             return _regression_metrics(predictor(split.x_test), split, split.y_test)
@@ -126,15 +133,17 @@ def run_regression(name: str, scale: Scale, methods: list[str], seed: int, progr
 # --- the in-between gap ---------------------------------------------------------------------------
 
 
-def run_gap(scale: Scale, methods: list[str], seed: int, progress: Progress) -> TaskResult:
+def run_gap(
+    scale: Scale, methods: list[str], seed: int, progress: Progress, device: torch.device
+) -> TaskResult:
     """Gap regression: the epistemic std in the gap against that at the training inputs, and bands for the figure."""
     lo, hi = datasets.GAP_INTERVAL
-    grid = torch.linspace(-1.5, 1.5, 301).unsqueeze(-1)
+    grid = torch.linspace(-1.5, 1.5, 301, device=device).unsqueeze(-1)
     in_gap = (grid[:, 0] >= lo) & (grid[:, 0] <= hi)
     rows, curves = [], {}
     for i in range(scale.gap_seeds):
-        split = datasets.gap_split(80, seed * 1000 + i)
-        problem = Problem("regression", split, 1, recipe_for("gap", scale))
+        split = _on(datasets.gap_split(80, seed * 1000 + i), device)
+        problem = Problem("regression", split, 1, recipe_for("gap", scale), device)
 
         def score(method: str, predictor: Callable) -> dict:
             on_grid, at_data = predictor(grid), predictor(split.x_train)
@@ -189,24 +198,26 @@ def _normalised(probs: Tensor) -> Tensor:
     return p / p.sum(-1, keepdim=True)
 
 
-def run_digits(scale: Scale, methods: list[str], seed: int, progress: Progress) -> TaskResult:
+def run_digits(
+    scale: Scale, methods: list[str], seed: int, progress: Progress, device: torch.device
+) -> TaskResult:
     """Digits 0-4 (a few hundred training images): in distribution, under shift, and 5-9 as OOD."""
     rows, extra = [], []
     figures: dict[str, Any] = {"reliability": {}, "entropy": {}, "shift": []}
     for i in range(scale.digits_splits):
         ds = datasets.digits_split(scale.digits_train, seed * 1000 + i)
-        split = ds.split
-        problem = Problem("classification", split, 5, recipe_for("digits", scale))
         g = torch.Generator().manual_seed(seed * 1000 + i + 7)
-        shifted = [
-            (kind, s, datasets.shift_images(split.x_test, kind, s, g))
+        shifted = [  # corrupted on the CPU (one generator stream whatever the device), then moved
+            (kind, s, datasets.shift_images(ds.split.x_test, kind, s, g).to(device))
             for kind, strengths in (("noise", scale.shift_noise), ("rotation", scale.shift_rotation))
             for s in strengths
         ]
+        split, x_ood = _on(ds.split, device), ds.x_ood.to(device)
+        problem = Problem("classification", split, 5, recipe_for("digits", scale), device)
 
         def score(method: str, predictor: Callable) -> dict:
             p_test = _normalised(predictor(split.x_test).probs)
-            p_ood = _normalised(predictor(ds.x_ood).probs)
+            p_ood = _normalised(predictor(x_ood).probs)
             row = _class_metrics(p_test, split.y_test)
             h_in, h_out = _entropy(p_test), _entropy(p_ood)
             row["ood_auroc"] = float(metrics.ood_auroc(h_in, h_out))
@@ -236,12 +247,14 @@ def run_digits(scale: Scale, methods: list[str], seed: int, progress: Progress) 
     return TaskResult("digits", rows, extra, figures)
 
 
-def run_cancer(scale: Scale, methods: list[str], seed: int, progress: Progress) -> TaskResult:
+def run_cancer(
+    scale: Scale, methods: list[str], seed: int, progress: Progress, device: torch.device
+) -> TaskResult:
     """Breast cancer, binary (Bernoulli likelihood): random 80/10/10 splits."""
     rows = []
     for i in range(scale.cancer_splits):
-        split = datasets.breast_cancer_split(seed * 1000 + i)
-        problem = Problem("binary", split, 1, recipe_for("cancer", scale))
+        split = _on(datasets.breast_cancer_split(seed * 1000 + i), device)
+        problem = Problem("binary", split, 1, recipe_for("cancer", scale), device)
 
         def score(method: str, predictor: Callable) -> dict:
             return _class_metrics(_normalised(predictor(split.x_test).probs), split.y_test.reshape(-1).long())
@@ -270,18 +283,14 @@ def _count(name: str, scale: Scale) -> int:
 
 
 TASKS: dict[str, Callable[..., TaskResult]] = {
-    "boston": lambda scale, methods, seed, progress: run_regression("boston", scale, methods, seed, progress),
-    "concrete": lambda scale, methods, seed, progress: run_regression(
-        "concrete", scale, methods, seed, progress
-    ),
-    "diabetes": lambda scale, methods, seed, progress: run_regression(
-        "diabetes", scale, methods, seed, progress
-    ),
+    "boston": functools.partial(run_regression, "boston"),
+    "concrete": functools.partial(run_regression, "concrete"),
+    "diabetes": functools.partial(run_regression, "diabetes"),
     "gap": run_gap,
     "digits": run_digits,
     "breast_cancer": run_cancer,
 }
-"""Every data set the evaluation knows, in the order it runs them."""
+"""Every data set the evaluation knows, in the order it runs them: ``(scale, methods, seed, progress, device)``."""
 
 
 def fits_in(names: list[str], scale: Scale, num_methods: int) -> int:
