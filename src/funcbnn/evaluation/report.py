@@ -151,7 +151,9 @@ def text_table(header: list[str], body: list[list[str]]) -> str:
     widths = [max(len(str(r[i])) for r in [header, *body]) for i in range(len(header))]
 
     def fmt(row: list[str]) -> str:
-        return "  ".join(str(v).ljust(w) if i == 0 else str(v).rjust(w) for i, (v, w) in enumerate(zip(row, widths)))
+        return "  ".join(
+            str(v).ljust(w) if i == 0 else str(v).rjust(w) for i, (v, w) in enumerate(zip(row, widths))
+        )
 
     return "\n".join([fmt(header), "  ".join("-" * w for w in widths), *[fmt(r) for r in body]])
 
