@@ -40,6 +40,7 @@ Run with::
     python benchmarks/mc_predict.py            # full run (about a minute on 2 idle cores)
     python benchmarks/mc_predict.py --quick    # fewer repeats
     python benchmarks/mc_predict.py --repeats 15 --stat median
+    python benchmarks/mc_predict.py --only CNN # one model (a shorter run fits a quiet window)
 """
 
 from __future__ import annotations
@@ -260,6 +261,8 @@ def print_targets(rows: list[Row]) -> None:
         f"worst {worst.auto_over_best:.2f}x ({label(worst)}, auto took {worst.auto_path})"
     )
     small = [r for r in rows if r.config.small_mlp and r.config.batch <= SMALL_MLP_MAX_BATCH]
+    if not small:
+        return
     worst = min(small, key=lambda r: r.base_over_auto)
     ok = worst.base_over_auto >= SMALL_MLP_MIN_SPEEDUP
     print(
@@ -275,7 +278,13 @@ def main() -> None:
     parser.add_argument(
         "--stat", choices=sorted(STATS), default="min", help="how the repeats are reduced (default min)"
     )
+    parser.add_argument(
+        "--only", default=None, help="run only the configurations whose name contains this text (e.g. CNN)"
+    )
     args = parser.parse_args()
+    configs = [c for c in CONFIGS if args.only is None or args.only in c.name]
+    if not configs:
+        parser.error(f"--only {args.only!r} matches none of {sorted({c.name for c in CONFIGS})}")
     repeats = args.repeats if args.repeats is not None else (3 if args.quick else 9)
     if repeats < 1:
         parser.error("--repeats must be >= 1")
@@ -290,7 +299,7 @@ def main() -> None:
     rows: list[Row] = []
     load = LoadMeter()
     with torch.no_grad():
-        for config in CONFIGS:
+        for config in configs:
             for num_samples in SAMPLE_COUNTS:
                 rows.append(bench(config, num_samples, repeats, args.stat))
                 print(format_row(rows[-1]), flush=True)

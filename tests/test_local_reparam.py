@@ -271,8 +271,10 @@ def test_moments_from_the_family_capabilities_give_the_same_outputs():
     root = {k: v.sqrt() for k, v in post.variance(state).items()}
     via_variance = apply_fn.sample_outputs_local(state, x, 3, generator=_gen(1), mean=post.mean(state), std=root)
     torch.testing.assert_close(via_variance, want)
-    with pytest.raises(ValueError, match="both mean and std"):
-        apply_fn.sample_outputs_local(state, x, 3, mean=post.mean(state))
+    only_std = apply_fn.sample_outputs_local(state, x, 3, generator=_gen(1), std=post.std(state))
+    assert torch.equal(only_std, want)  # the older call: the mean from the state
+    with pytest.raises(TypeError, match="pass its mean= and std="):
+        apply_fn.sample_outputs_local({"mean": params}, x, 3, std=post.std(state))
 
 
 def test_elbo_with_local_reparam_uses_only_declared_capabilities():

@@ -207,19 +207,21 @@ class LocalReparamModel:
         buffers : dict, optional
             Model buffers.
         mean, std : tree, optional
-            The posterior means and standard deviations of the parameters
-            (both or neither), when the caller has them from the family.
+            The posterior means and standard deviations of the parameters,
+            when the caller has them from the family (each defaults to the
+            one read from a ``DiagGaussianState``).
         """
-        if (mean is None) != (std is None):
-            raise ValueError("pass both mean and std (the diagonal state's moments) or neither")
-        if mean is None:
+        if mean is None or std is None:
             if not isinstance(state, DiagGaussianState):
                 raise TypeError(
                     "local reparameterisation needs a diagonal-Gaussian state (DiagGaussianState), "
                     f"got {type(state).__name__}; for another diagonal family pass its mean= and std="
                 )
-            check_same_structure(state.mean, state.rho, "state.rho")
-            mean, std = state.mean, {k: F.softplus(v) for k, v in state.rho.items()}
+            if mean is None:
+                mean = state.mean
+            if std is None:
+                check_same_structure(state.mean, state.rho, "state.rho")
+                std = {k: F.softplus(v) for k, v in state.rho.items()}
         num = positive_int(num_samples, "num_samples")
         self.functional.check_params(mean, "state.mean")
         if optree.tree_structure(mean) != optree.tree_structure(std):
