@@ -95,6 +95,10 @@ def run(rank: int, world_size: int, port: int, out_dir: str, scenario: str) -> N
                 result[f"laplace_{structure}"] = (la.log_marglik(st), la.predict(st, x), st.loss, st.num_data)
             la, st = funcbnn.laplace.fit(apply_fn, params, [(x, y)] if rank == 0 else [], "classification",
                                          process_group=group)  # rank 1: an empty shard
+            res = funcbnn.laplace.marglik_training(apply_fn, params, vi_batches(rank), "classification",
+                                                   structure="diag", epochs=3, lr=1e-2, num_data=24,
+                                                   process_group=group)
+            result["marglik"] = (res.info.loss, res.info.log_marglik, res.state.prior_precision)
             result["laplace_empty"] = (la.log_marglik(st), la.predict(st, x), st.loss, st.num_data)
         elif scenario == "mismatch":
             if rank == 1:

@@ -104,6 +104,18 @@ def test_laplace_on_sharded_data_equals_one_process_on_the_whole_data(fitters):
                 torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=key)
 
 
+def test_data_parallel_marglik_training_equals_one_process(fitters):
+    import funcbnn
+
+    apply_fn, params, _ = functionalize(worker.net())
+    res = funcbnn.laplace.marglik_training(apply_fn, params, worker.vi_batches(), "classification", structure="diag",
+                                           epochs=3, lr=1e-2, num_data=24)
+    want = (res.info.loss, res.info.log_marglik, res.state.prior_precision)
+    for got in fitters:
+        for a, b in zip(got["marglik"], want):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
 def test_a_rank_with_different_parameters_is_an_error_on_every_rank(tmp_path):
     results = _spawn(tmp_path, "mismatch")
     for got in results:

@@ -25,12 +25,12 @@ the prior that the evidence selects lets the two settle together.
 
 from __future__ import annotations
 
-import copy
 from typing import Any, Callable, Iterable, Literal, NamedTuple
 
 import torch
 from torch import Tensor
 
+from .. import distributed
 from .._validation import positive_float, positive_int
 from ..likelihoods import Likelihood, get_likelihood
 from .curvature import Kind, check_data
@@ -81,6 +81,17 @@ def _num_data(data: Any) -> int:
     return sum(int(y.shape[0]) for _, y in data)
 
 
+def _batch_share(y: Tensor, process_group: Any) -> float:
+    """This rank's fraction of the global batch (1.0 without a group); empty shares are refused on every rank."""
+    if process_group is None:
+        return 1.0
+    local = int(y.shape[0])
+    counts = distributed.all_reduce_tree(torch.tensor([float(local), float(local == 0)]), process_group)
+    if counts[1] > 0:
+        raise ValueError(f"{int(counts[1])} rank(s) have an empty batch; every rank needs a non-empty share of each batch")
+    return local / float(counts[0])
+
+
 def marglik_training(
     apply_fn: Any,
     params: dict[str, Tensor],
@@ -106,6 +117,7 @@ def marglik_training(
     num_data: int | None = None,
     joint_bias: bool = True,
     callback: Callable[[int, dict[str, Tensor], LaplaceState | None], None] | None = None,
+    process_group: Any = None,
 ) -> MarglikResult:
     """Train the MAP and the prior precisions (and the noise) by the Laplace marginal likelihood.
 
@@ -149,6 +161,12 @@ def marglik_training(
     callback : callable, optional
         ``callback(epoch, params, state_or_None)`` after each epoch (the
         state when an estimate ran that epoch); for logging.
+    process_group : torch.distributed group, optional
+        Data-parallel training: ``data`` is this rank's shard (the same number
+        of non-empty batches on every rank), gradients are combined weighted by
+        the ranks' batch sizes, the Laplace fits sum curvature over the shards
+        (:func:`funcbnn.laplace.fit`), and every rank ends with the one-process
+        result on the concatenated batches.
 
     Returns
     -------
@@ -190,6 +208,8 @@ def marglik_training(
     if not hasattr(data, "dataset"):
         data = check_data(data)  # materialised once (an iterator would be spent after one epoch)
     n = positive_int(num_data, "num_data") if num_data is not None else _num_data(data)
+    if process_group is not None and num_data is None:  # the shards add up to the data set
+        n = int(distributed.all_reduce_tree(torch.tensor(float(n)), process_group))
     mean0 = {k: v.detach() for k, v in params.items()}
     temp = as_temperature(temperature, ref).detach()
     pm = leafwise(as_prior_mean(prior_mean, mean0, ref).detach(), mean0)
@@ -223,6 +243,8 @@ def marglik_training(
         epoch_loss, seen = 0.0, 0
         for x, y in data:
 
+            share = _batch_share(y, process_group)
+
             def closure() -> Tensor:
                 opt.zero_grad()
                 f = apply_fn(theta, x)
@@ -230,6 +252,12 @@ def marglik_training(
                 prior = sum((delta[k] * (theta[k] - pm[k]).square()).sum() for k in theta)
                 loss = nll + 0.5 * prior / n
                 loss.backward()
+                if process_group is not None:
+                    # data-parallel: this rank's batch is a share of the global batch (weights sum to 1)
+                    grads = distributed.all_reduce_tree([p.grad * share for p in leaves], process_group)
+                    for p, g in zip(leaves, grads):
+                        p.grad = g
+                    loss = distributed.all_reduce_tree(loss.detach() * share, process_group)
                 return loss
 
             loss = opt.step(closure)
@@ -247,7 +275,7 @@ def marglik_training(
                 _, state = fit(
                     apply_fn, current, data, lik, structure=structure, curvature=curvature,
                     prior_precision=log_pp.detach().exp(), prior_mean=prior_mean, temperature=temp,
-                    sigma=log_sd.detach().exp(), joint_bias=joint_bias,
+                    sigma=log_sd.detach().exp(), joint_bias=joint_bias, process_group=process_group,
                 )
             for _ in range(hyper_steps):
                 hyper_opt.zero_grad()
@@ -268,7 +296,7 @@ def marglik_training(
         best_pp, best_sd = log_pp.detach().exp(), log_sd.detach().exp()
     la, state = fit(
         apply_fn, best_params, data, lik, structure=structure, curvature=curvature, prior_precision=best_pp,
-        prior_mean=prior_mean, temperature=temp, sigma=best_sd, joint_bias=joint_bias,
+        prior_mean=prior_mean, temperature=temp, sigma=best_sd, joint_bias=joint_bias, process_group=process_group,
     )
     stack = (lambda xs: torch.stack(xs)) if pp_path else (lambda xs: torch.empty(0, dtype=ref.dtype))
     info = MarglikInfo(
