@@ -285,7 +285,24 @@ def test_elbo_with_local_reparam_uses_only_declared_capabilities():
     x, y = torch.randn(8, 4, generator=_gen(0)), torch.randint(0, 3, (8,), generator=_gen(1))
     prior = priors.gaussian(1.0)
     want = vi.elbo(apply_fn, post, state, prior, (x, y), 100, num_samples=2, generator=_gen(2))
-    got = vi.elbo(apply_fn, post._replace(std=None), state, prior, (x, y), 100, num_samples=2, generator=_gen(2))
+    bare = post._replace(std=None, moments_and_kl=None)
+    got = vi.elbo(apply_fn, bare, state, prior, (x, y), 100, num_samples=2, generator=_gen(2))
     torch.testing.assert_close(got.loss, want.loss)
     with pytest.raises(TypeError, match="local reparameterisation needs a posterior family with 'variance'"):
-        vi.elbo(apply_fn, post._replace(std=None, variance=None), state, prior, (x, y), 100, generator=_gen(2))
+        vi.elbo(apply_fn, bare._replace(variance=None), state, prior, (x, y), 100, generator=_gen(2))
+
+
+def test_the_fused_moments_and_kl_give_the_numbers_of_the_declared_capabilities():
+    """With the diagonal family's moments_and_kl (one softplus) and without it: same loss, same gradients,
+    for an analytic and a Monte-Carlo KL (whose draws come after the forward's noise either way)."""
+    apply_fn, params, _ = local_reparameterize(make_mlp())
+    post = funcbnn.diag_gaussian(init_std=0.1)
+    state = vi.trainable(post.init(params))
+    x, y = torch.randn(8, 4, generator=_gen(0)), torch.randint(0, 3, (8,), generator=_gen(1))
+    for prior in (priors.gaussian(0.7), priors.scale_mixture(0.5, 1.0, 0.1)):
+        fused = vi.elbo(apply_fn, post, state, prior, (x, y), 100, num_samples=2, generator=_gen(2), kl_samples=3)
+        plain = vi.elbo(apply_fn, post._replace(moments_and_kl=None), state, prior, (x, y), 100, num_samples=2,
+                        generator=_gen(2), kl_samples=3)
+        torch.testing.assert_close(fused.loss, plain.loss)
+        for a, b in zip(torch.autograd.grad(fused.loss, vi.leaves(state)), torch.autograd.grad(plain.loss, vi.leaves(state))):
+            torch.testing.assert_close(a, b)

@@ -21,7 +21,7 @@ from ..priors import GaussianPrior
 from ..tree import Tree, check_same_structure, diag_normal, tree_size
 from ._kl import check_reduction, monte_carlo_kl
 
-__all__ = ["DiagGaussianState", "DiagGaussian", "diag_gaussian", "inverse_softplus", "sample_and_kl"]
+__all__ = ["DiagGaussianState", "DiagGaussian", "diag_gaussian", "inverse_softplus", "moments_and_kl", "sample_and_kl"]
 
 _HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 
@@ -223,6 +223,35 @@ def sample_and_kl(
     return draws, kl(state, prior, num_samples=kl_samples, generator=generator)
 
 
+def moments_and_kl(state: DiagGaussianState, prior) -> tuple[Tree, Tree, Tensor | None]:
+    """The mean and std trees and, where it has a closed form, ``kl(state, prior)``: one softplus per leaf.
+
+    What local reparameterisation (:mod:`funcbnn.local_reparam`) needs from a
+    diagonal family, in one pass: the std feeds both the sampled
+    pre-activations and the analytic KL. Where the (family, prior) pair has no
+    closed form the KL is ``None``: call :func:`kl` after the forward, so its
+    Monte-Carlo draws come after the forward's noise, as in every other VI path.
+
+    Examples
+    --------
+    >>> import funcbnn
+    >>> state = diag_gaussian(init_std=0.1).init({"w": torch.zeros(3, 2)})
+    >>> mean, std, kl_value = moments_and_kl(state, funcbnn.priors.gaussian(1.0))
+    >>> round(std["w"][0, 0].item(), 6), kl_value.shape
+    (0.1, torch.Size([]))
+    """
+    mean, spec = optree.tree_flatten(state.mean)
+    rho, rho_spec = optree.tree_flatten(state.rho)
+    if not isinstance(state, DiagGaussianState) or rho_spec != spec or any(
+        not isinstance(m, Tensor) or not isinstance(r, Tensor) or m.shape != r.shape for m, r in zip(mean, rho)
+    ):
+        _check_state(state)
+    std = [F.softplus(r) for r in rho]
+    closed = "gaussian" in getattr(prior, "closed_forms", ())
+    kl_value = _analytic_kl(mean, std, prior, state.mean) if closed else None
+    return state.mean, optree.tree_unflatten(spec, std), kl_value
+
+
 def _analytic_kl(mean: list[Tensor], std: list[Tensor], prior, like: Tree) -> Tensor:
     """``KL(N(mean, std^2) || prior)`` summed over the flattened leaves, for a prior with the
     Gaussian closed form.
@@ -286,8 +315,9 @@ class DiagGaussian(NamedTuple):
 
     ``init``, ``sample`` and ``kl`` form the posterior protocol; the rest are the
     capabilities this family declares (:mod:`funcbnn.families.base`), among
-    them the fused ``sample_and_kl`` that VI uses, and two extras of its own,
-    ``std`` and ``from_moments``.
+    them the fused ``sample_and_kl`` that VI uses, and extras of its own:
+    ``std``, ``from_moments`` and ``moments_and_kl`` (the moments and KL that
+    local reparameterisation needs, sharing one softplus).
     """
 
     init: Callable[..., DiagGaussianState]
@@ -303,6 +333,7 @@ class DiagGaussian(NamedTuple):
     logdet_precision: Callable[[DiagGaussianState], Tensor] = logdet_precision
     functional_variance: Callable[..., Tensor] = functional_variance
     sample_and_kl: Callable[..., tuple[Tree, Tensor]] = sample_and_kl
+    moments_and_kl: Callable[..., tuple[Tree, Tree, Tensor | None]] = moments_and_kl
 
 
 def from_moments(mean: Tree, std: Tree | float) -> DiagGaussianState:
