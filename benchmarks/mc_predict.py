@@ -13,7 +13,9 @@ in the same process and under ``torch.no_grad()``:
 * ``ownloop``  -- ``funcbnn.sample_outputs(..., method="loop")``;
 * ``vmap``     -- ``funcbnn.sample_outputs(..., method="vmap")``;
 * ``auto``     -- ``funcbnn.sample_outputs(...)`` (default ``method="auto"``), timed
-  after warm-up so its one-off vmap-vs-loop calibration is not included.
+  after warm-up so its one-off vmap-vs-loop calibration is not included (its one
+  confirming measurement, at the 8th call, falls in one timed round, which the
+  minimum discards).
 
 Every timing is the minimum (or, with ``--stat median``, the median) of
 ``--repeats`` calls (more for sub-millisecond rows: as many rounds as fit in half a second) measured with ``time.perf_counter`` after two warm-up calls;

@@ -21,7 +21,8 @@ step. Rows:
 
 Then, for ``S = 1, 4, 8`` weight samples, funcbnn's ``vi.elbo(..., num_samples=S)``
 forward + ``backward()`` with ``method="vmap"``, ``"loop"`` and ``"auto"`` (auto's
-one-off calibration runs during warm-up and is not timed; ``path`` is what it chose,
+one-off calibration runs during warm-up and is not timed, its confirmation at the 8th call
+lands in one timed round, which the minimum discards; ``path`` is what it chose,
 read from ``funcbnn._engine.chosen_path``; ``auto/best`` is auto's time over the faster
 forced path, right where <= 1.05). With ``S = 1`` all three take the same single-draw path.
 

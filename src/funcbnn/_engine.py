@@ -41,10 +41,13 @@ writes its own ``vmap``-or-loop code. It holds four things:
      compared by their minimum (other processes only ever add time);
    - while the two are within :data:`DECISIVE` of each other it measures
      again, up to :data:`MAX_ROUNDS` rounds or :data:`BUDGET_S` seconds;
-   - a decision measured while other processes kept the machine busy (at
-     least :data:`CONTENDED_CORES` cores, read from ``/proc/stat`` on Linux)
-     is provisional: it is measured again after :data:`RECHECK_AFTER` calls,
-     up to :data:`MAX_RECHECKS` times, instead of being kept for good.
+   - the first decision is confirmed by a second measurement after
+     :data:`RECHECK_AFTER` calls, when the process is warm (a first call also
+     pays lazy initialisation, cold caches and whatever else the program was
+     starting); a measurement taken while other processes kept the machine
+     busy (at least :data:`CONTENDED_CORES` cores, read from ``/proc/stat`` on
+     Linux) does not count as a confirmation, so it is repeated, up to
+     :data:`MAX_RECHECKS` times, instead of a busy moment deciding for good.
 
    **The choice never changes results beyond float rounding**: both paths
    compute the same function of the same samples. Timing runs consume no
@@ -119,10 +122,10 @@ BUDGET_S = 2.0
 
 CONTENDED_CORES = 0.25
 """Other processes using this many cores on average while ``"auto"`` measured make its decision provisional."""
-RECHECK_AFTER = 32
-"""Calls after which a provisional decision is measured again (at most :data:`MAX_RECHECKS` times)."""
+RECHECK_AFTER = 8
+"""Calls after which a decision is measured again, to confirm it (at most :data:`MAX_RECHECKS` times)."""
 MAX_RECHECKS = 3
-"""How often a decision measured on a busy machine is measured again before it stands."""
+"""How often a decision is measured again before it stands (once, unless the machine was busy)."""
 
 _GRAD_LAYOUT_MIN_NUMEL = 2**16
 """Leaves smaller than this skip :class:`_ContiguousGrad` (its Python cost would outweigh the copy it saves)."""
@@ -271,8 +274,7 @@ class _Entry:
         self.stochastic: bool | None = None  # the forward calls random ops (known after the first "auto" call)
         # (num_samples, chunk, timed with a backward?) -> True where the batched path measured faster
         self.vmap_faster: dict[tuple[int, int, bool], bool] = {}
-        # Provisional decisions (measured while other processes were busy): calls until the
-        # next measurement, and measurements left.
+        # Decisions not confirmed yet: calls until the next measurement, and measurements left.
         self.recheck: dict[tuple[int, int, bool], list[int]] = {}
 
 
@@ -644,7 +646,7 @@ def apply_samples(
             countdown = entry.recheck[decision]
             countdown[0] -= 1
             if countdown[0] <= 0:
-                faster = None  # provisional: measure again now
+                faster = None  # not confirmed yet: measure again now
         if faster is None:
             faster, contended = _decide(
                 entry, apply_fn, leaves, spec, x, args, num, chunk, backward_to if decision[2] else None
@@ -652,9 +654,10 @@ def apply_samples(
             if faster is None:  # vmap failed: warned, loop from now on
                 return _loop(apply_fn, leaves, spec, x, args, num, randomness)
             if not entry.stochastic:
+                first = decision not in entry.vmap_faster
                 entry.vmap_faster[decision] = faster
                 left = entry.recheck.pop(decision, [0, MAX_RECHECKS])[1]
-                if contended and left > 0:
+                if (first or contended) and left > 0:
                     entry.recheck[decision] = [RECHECK_AFTER, left - 1]
         if not faster:
             return _loop(apply_fn, leaves, spec, x, args, num, randomness)
