@@ -560,7 +560,11 @@ def step(
         raise ValueError(
             "optimizer holds none of the state's leaves; build it from vi.leaves(state) of this state"
         )
-    optimizer.zero_grad(set_to_none=True)
+    # Every gradient the optimiser holds (a learned noise scale too) and every state leaf's: what
+    # optimizer.zero_grad(set_to_none=True) does, without its profiler hooks (8 us, 1% of a small step).
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            p.grad = None
     for leaf in state_leaves:
         leaf.grad = None
     if process_group is not None:
