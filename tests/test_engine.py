@@ -314,11 +314,13 @@ class _FakeClock:
         # decisive after the minimum rounds
         ([1.0] * 9, [2.0] * 9, True, _engine.MIN_ROUNDS),
         ([2.0] * 9, [1.0] * 9, False, _engine.MIN_ROUNDS),
-        # one slow outlier (another process) cannot flip the choice: each path's minimum counts
+        # one slow outlier (another process) cannot flip the choice: each path's median counts
         ([5.0, 1.0, 1.0] + [1.0] * 6, [1.5] * 9, True, _engine.MIN_ROUNDS),
-        # close: keeps measuring to the most rounds, then takes the smaller minimum
-        ([1.00, 1.05, 1.05, 1.05, 1.05, 1.05, 1.05, 1.05, 1.05], [1.03] * 9, True, _engine.MAX_ROUNDS),
-        ([1.04] * 9, [1.05, 1.05, 1.05, 1.05, 1.05, 1.05, 1.05, 1.02, 1.05], False, _engine.MAX_ROUNDS),
+        # nor can one lucky run: a path that is mostly slower loses
+        ([0.70, 1.05, 1.05, 1.05, 1.05, 1.05, 1.05, 1.05, 1.05], [1.00] * 9, False, _engine.MAX_ROUNDS),
+        # close: keeps measuring to the most rounds, then takes the smaller median
+        ([1.02] * 9, [1.04] * 9, True, _engine.MAX_ROUNDS),
+        ([1.04] * 9, [1.05, 1.05, 1.05, 1.05, 1.00, 1.00, 1.00, 1.00, 1.00], False, _engine.MAX_ROUNDS),
     ],
 )
 def test_the_decision_rule(monkeypatch, vmap_costs, loop_costs, expected, rounds):

@@ -185,19 +185,27 @@ def _sampled_outputs(
     num: int,
     method: Method,
     backward_to: Sequence[Tensor] | None = None,
+    redraw: Callable[[], Tree] | None = None,
 ) -> Tensor:
     """``(S, N, ...)`` outputs at every draw in ``samples`` (leaves with a leading axis ``S``), by the engine.
 
     ``backward_to``: the tensors the caller's loss will be differentiated to (the
     state), so that ``"auto"`` times the backward pass too; by default, under
-    autograd, the samples themselves.
+    autograd, the samples themselves. ``redraw``: fresh draws for that timing
+    (see :func:`funcbnn._engine.apply_samples`).
     """
     if num == 1:
         return _call(apply_fn, optree.tree_map(lambda t: t[0], samples), x, buffers).unsqueeze(0)
     if backward_to is None and torch.is_grad_enabled():
         backward_to = [t for t in optree.tree_leaves(samples) if t.requires_grad]
     return apply_samples(
-        apply_fn, samples, x, args=() if buffers is None else (buffers,), method=method, backward_to=backward_to
+        apply_fn,
+        samples,
+        x,
+        args=() if buffers is None else (buffers,),
+        method=method,
+        backward_to=backward_to,
+        redraw=redraw,
     )
 
 
@@ -241,6 +249,18 @@ def _with_seeds(apply_fn: Callable, draws: Tree, num_samples: int | None, genera
     return draws if seeded is None else seeded(draws, num_samples, generator)
 
 
+def _timing_draws(apply_fn: Callable, draw: Callable[[torch.Generator], Tree], like: Tree) -> Callable[[], Tree]:
+    """Fresh draws for the engine's path timing, made as the real ones but from a private generator
+    (the caller's stays untouched), so the timing includes what drawing costs each path."""
+
+    def redraw() -> Tree:  # built only if the engine times (once per signature), not every call
+        leaves = [t for t in optree.tree_leaves(like) if isinstance(t, Tensor)]
+        private = torch.Generator(device=leaves[0].device).manual_seed(0)
+        return _with_seeds(apply_fn, draw(private), leaves[0].shape[0], private)
+
+    return redraw
+
+
 class _Terms(NamedTuple):
     nll: Tensor
     kl: Tensor | None
@@ -277,11 +297,15 @@ def _nll_and_kl(
         if num_samples == 1:
             draws = _with_seeds(apply_fn, draws, None, generator)
             return _Terms(_mean_nll(lik, _call(apply_fn, draws, x, buffers), y, validate, single=True), kl)
+        draw = lambda g: post.sample_and_kl(state, prior, num_samples, generator=g, kl_samples=kl_draws)[0]  # noqa: E731
     else:
-        draws = require(post, "rsample", "vi")(state, num_samples, generator=generator)
-        kl = None
+        rsample = require(post, "rsample", "vi")
+        draws, kl = rsample(state, num_samples, generator=generator), None
+        draw = lambda g: rsample(state, num_samples, generator=g)  # noqa: E731
     draws = _with_seeds(apply_fn, draws, num_samples, generator)
-    outputs = _sampled_outputs(apply_fn, draws, x, buffers, num_samples, method, _trained_leaves(state))
+    outputs = _sampled_outputs(
+        apply_fn, draws, x, buffers, num_samples, method, _trained_leaves(state), _timing_draws(apply_fn, draw, draws)
+    )
     nll = _mean_nll(lik, outputs, y, validate)
     if want_kl and kl is None:
         kl = post.kl(state, prior, num_samples=kl_draws, generator=generator)
