@@ -16,7 +16,7 @@ import warnings as _warnings
 with _warnings.catch_warnings():
     # torch.func's first import warns when NumPy is absent; funcbnn never uses NumPy.
     _warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
-    from . import ensemble, families, laplace, likelihoods, mc_dropout, metrics, priors, swag, tree, vi
+    from . import checks, ensemble, families, laplace, likelihoods, mc_dropout, metrics, priors, swag, tree, vi
     from .families import FAMILIES, DiagGaussianState, diag_gaussian
     from .likelihoods import LIKELIHOODS
     from .model import Functional, FunctionalModel, functionalize
@@ -27,6 +27,7 @@ with _warnings.catch_warnings():
 __version__ = "0.1.0"
 
 __all__ = [
+    "checks",
     "ensemble",
     "families",
     "laplace",

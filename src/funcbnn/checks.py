@@ -1,0 +1,213 @@
+"""Guards on what users pass in: non-finite values, generators, inputs a model cannot take.
+
+Every public entry point checks what it is given before the arithmetic starts,
+so a mistake surfaces as an error that names the argument, what was expected
+and what came, instead of a NaN result or a traceback from inside torch.
+
+The non-finite checks are one fused reduction per tensor (``isfinite().all()``,
+a single host sync per check site); :func:`set_finite_checks` turns them off
+for code that has to avoid even that, e.g. inside a CUDA graph, the same way
+``torch.set_grad_enabled`` works: as a call or as a context manager.
+
+Examples
+--------
+>>> import torch, funcbnn
+>>> funcbnn.checks.finite_checks_enabled()
+True
+>>> with funcbnn.checks.set_finite_checks(False):
+...     funcbnn.checks.finite_checks_enabled()
+False
+>>> funcbnn.checks.check_finite({"w": torch.tensor([1.0, float("nan")])}, "params")
+Traceback (most recent call last):
+    ...
+funcbnn.checks.NonFiniteError: params contains non-finite values (1 NaN, 0 inf) in leaf 'w'
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import optree
+import torch
+from torch import Tensor
+
+__all__ = [
+    "NonFiniteError",
+    "DivergedError",
+    "set_finite_checks",
+    "finite_checks_enabled",
+    "check_finite",
+    "check_generator",
+    "describe",
+    "model_input_error",
+]
+
+
+class NonFiniteError(ValueError):
+    """An argument (inputs, targets, parameters, a state) holds NaN or inf."""
+
+
+class DivergedError(FloatingPointError):
+    """A training loop's loss became non-finite.
+
+    Attributes
+    ----------
+    step : int
+        The 0-based step whose loss was not finite.
+    state : pytree
+        The last state whose loss was finite (the input to that step), so the
+        run can be resumed with a smaller learning rate.
+    """
+
+    def __init__(self, message: str, step: int, state: Any) -> None:
+        super().__init__(message)
+        self.step = step
+        self.state = state
+
+
+_LOCAL = threading.local()
+
+
+def finite_checks_enabled() -> bool:
+    """Whether non-finite checks run in this thread (default ``True``)."""
+    return getattr(_LOCAL, "finite", True)
+
+
+class set_finite_checks(contextlib.ContextDecorator):
+    """Turn the non-finite checks on or off: as a call, or as a context manager that restores the old mode.
+
+    Parameters
+    ----------
+    enabled : bool
+        ``False`` skips every ``isfinite`` check funcbnn makes (inputs,
+        targets, parameters, outputs, losses). Shape, dtype and type checks
+        always run: they cost nothing on the device.
+
+    Examples
+    --------
+    >>> import funcbnn
+    >>> with funcbnn.checks.set_finite_checks(False):
+    ...     funcbnn.checks.finite_checks_enabled()
+    False
+    >>> funcbnn.checks.finite_checks_enabled()
+    True
+    """
+
+    def __init__(self, enabled: bool) -> None:
+        if not isinstance(enabled, bool):
+            raise TypeError(f"enabled must be a bool, got {type(enabled).__name__}")
+        self.previous = finite_checks_enabled()
+        self.enabled = enabled
+        _LOCAL.finite = enabled
+
+    def __enter__(self) -> None:
+        _LOCAL.finite = self.enabled
+
+    def __exit__(self, *exc: Any) -> None:
+        _LOCAL.finite = self.previous
+
+
+def _leaf_name(path: tuple) -> str:
+    return ".".join(str(p) for p in path) or "<root>"
+
+
+def check_finite(tree: Any, name: str, *, context: str = "") -> None:
+    """Raise :class:`NonFiniteError` naming the first floating leaf of ``tree`` with NaN or inf.
+
+    One host sync for the whole tree (the per-leaf flags are reduced on the
+    device first); integer and boolean leaves are skipped. Does nothing while
+    :func:`set_finite_checks` is off.
+
+    Parameters
+    ----------
+    tree : Tensor or pytree of tensors
+    name : str
+        The argument's name, used in the message.
+    context : str, optional
+        Appended to the message (e.g. a hint on what to do).
+    """
+    if not finite_checks_enabled():
+        return
+    paths, leaves, _ = optree.tree_flatten_with_path(tree)
+    floating = [(p, t) for p, t in zip(paths, leaves) if isinstance(t, Tensor) and (t.is_floating_point() or t.is_complex())]
+    if not floating:
+        return
+    flags = [torch.isfinite(t).all() for _, t in floating]
+    ok = flags[0] if len(flags) == 1 else torch.stack([f.to(flags[0].device) for f in flags]).all()
+    if bool(ok):
+        return
+    for (path, leaf), flag in zip(floating, flags):
+        if not bool(flag):
+            nans = int(torch.isnan(leaf).sum())
+            infs = int(torch.isinf(leaf).sum())
+            where = f" in leaf '{_leaf_name(path)}'" if path else ""
+            tail = f"; {context}" if context else ""
+            raise NonFiniteError(f"{name} contains non-finite values ({nans} NaN, {infs} inf){where}{tail}")
+
+
+def check_generator(generator: Any, name: str = "generator") -> torch.Generator | None:
+    """Return ``generator`` if it is ``None`` or a ``torch.Generator``, else raise ``TypeError``.
+
+    Examples
+    --------
+    >>> check_generator(0)
+    Traceback (most recent call last):
+        ...
+    TypeError: generator must be a torch.Generator or None, got int 0 (use torch.Generator().manual_seed(0))
+    """
+    if generator is None or isinstance(generator, torch.Generator):
+        return generator
+    hint = f" (use torch.Generator().manual_seed({generator}))" if isinstance(generator, int) else ""
+    raise TypeError(f"{name} must be a torch.Generator or None, got {type(generator).__name__} {generator!r}{hint}")
+
+
+def describe(x: Any) -> str:
+    """A short description of an input for error messages: shape and dtype, per leaf for containers."""
+    if isinstance(x, Tensor):
+        text = f"a tensor of shape {tuple(x.shape)}, dtype {x.dtype}"
+        if not (x.is_floating_point() or x.is_complex()) and x.numel() and x.dtype != torch.bool:
+            text += f", values in [{int(x.min())}, {int(x.max())}]"
+        return text
+    leaves, spec = optree.tree_flatten(x)
+    if not leaves or leaves == [x]:
+        return f"{type(x).__name__} {x!r}"[:120]
+    parts = [describe(leaf) if isinstance(leaf, Tensor) else type(leaf).__name__ for leaf in leaves[:4]]
+    more = f", ... ({len(leaves)} leaves)" if len(leaves) > 4 else ""
+    return f"{type(x).__name__} of [{'; '.join(parts)}{more}]"
+
+
+def _param_dtypes(params: Any) -> list[torch.dtype]:
+    return sorted({t.dtype for t in optree.tree_leaves(params) if isinstance(t, Tensor) and t.is_floating_point()}, key=str)
+
+
+def model_input_error(error: BaseException, x: Any, params: Any, name: str = "x", where: str = "") -> ValueError:
+    """A ``ValueError`` saying the model could not run on ``name``, with what came and what the parameters are.
+
+    Used as ``raise model_input_error(e, x, params) from e`` around a model
+    call, so the torch message stays in the chain while the first line tells
+    the user which argument to look at.
+    """
+    dtypes = _param_dtypes(params)
+    hint = ""
+    if isinstance(x, Tensor) and x.is_floating_point() and dtypes and x.dtype not in dtypes:
+        hint = f"; its dtype {x.dtype} differs from the parameters' {', '.join(map(str, dtypes))}"
+    prefix = f"{where}: " if where else ""
+    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return ValueError(
+        f"{prefix}the model could not run on {name} ({describe(x)}){hint}. "
+        f"Check its trailing shape, dtype, device and value range against the model. Torch said: {first}"
+    )
+
+
+@contextlib.contextmanager
+def guarded_call(x: Any, params: Any, name: str = "x", where: str = "") -> Iterator[None]:
+    """Re-raise errors from a model call as :func:`model_input_error` (``ValueError``)."""
+    try:
+        yield
+    except (RuntimeError, IndexError) as e:
+        if isinstance(e, (NonFiniteError, DivergedError)) or type(e).__module__.startswith("funcbnn"):
+            raise
+        raise model_input_error(e, x, params, name, where) from e
