@@ -41,6 +41,7 @@ __all__ = [
     "Likelihood",
     "categorical",
     "gaussian",
+    "learnable_gaussian",
     "heteroscedastic_gaussian",
     "bernoulli",
     "LIKELIHOODS",
@@ -233,6 +234,46 @@ def gaussian(sigma: float | Tensor = 1.0) -> Likelihood:
         sample_targets=sample_targets,
         summarize=summarize,
     )
+
+
+def learnable_gaussian(log_sigma: Tensor) -> Likelihood:
+    """Gaussian whose noise std ``exp(log_sigma)`` is read at every call: a likelihood whose noise is trained.
+
+    ``log_sigma`` is a 0-d floating tensor that requires grad (the optimiser
+    holds it and updates it in place); :attr:`Likelihood.nll` differentiates to
+    it on every call, so the noise is learned by the same loss as the weights
+    (type-II maximum likelihood of ``sigma`` under the ELBO). The log keeps the
+    std positive without a constraint. ``Likelihood.sigma`` is ``None``
+    (the value changes as it trains): after training use
+    ``gaussian(sigma=float(log_sigma.exp()))``. :func:`funcbnn.vi.fit` builds
+    one with ``noise="learn"``.
+
+    Examples
+    --------
+    >>> log_sigma = torch.zeros((), requires_grad=True)
+    >>> lik = learnable_gaussian(log_sigma)
+    >>> lik.nll(torch.zeros(4, 1), torch.ones(4, 1)).sum().backward()
+    >>> log_sigma.grad   # d/dlog_sigma sum(0.5 r^2 e^{-2 log_sigma} + log_sigma) = 4 (1 - 1)
+    tensor(0.)
+    """
+    if not (isinstance(log_sigma, Tensor) and log_sigma.is_floating_point() and log_sigma.numel() == 1):
+        raise TypeError(f"log_sigma must be a one-element floating-point tensor, got {log_sigma!r}"[:200])
+    if not log_sigma.requires_grad:
+        raise ValueError("log_sigma must require grad (it is what gets learned); use gaussian(sigma=...) for a fixed noise")
+    if not math.isfinite(float(log_sigma.detach())):
+        raise ValueError(f"log_sigma must be finite, got {float(log_sigma.detach())}")
+    base = gaussian(1.0)
+
+    def nll(mean: Tensor, y: Tensor) -> Tensor:
+        ls = log_sigma.reshape(())
+        return _flat_sum(0.5 * ((y - mean) * torch.exp(-ls)) ** 2 + ls + _HALF_LOG_2PI)
+
+    def sample_targets(mean: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        mean = mean.detach()
+        noise = torch.randn(mean.shape, dtype=mean.dtype, device=mean.device, generator=generator)
+        return mean + noise * log_sigma.detach().exp()
+
+    return base._replace(nll=nll, sigma=None, sample_targets=sample_targets)
 
 
 # --- heteroscedastic gaussian --------------------------------------------------------------------

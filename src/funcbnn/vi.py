@@ -45,6 +45,7 @@ A training loop is three lines::
 
 from __future__ import annotations
 
+import copy
 import math
 import sys
 from typing import Any, Callable, Iterable, Literal, NamedTuple, Sequence, TextIO
@@ -53,8 +54,9 @@ import optree
 import torch
 from torch import Tensor
 
-from . import distributed
+from . import distributed, likelihoods
 from ._engine import apply_samples
+from .checks import DivergedError, check_finite, check_generator, describe, finite_checks_enabled, guarded_call
 from ._validation import positive_int
 from .families.base import capabilities, check_family, require
 from .likelihoods import Likelihood, get_likelihood
@@ -105,25 +107,49 @@ class FitResult(NamedTuple):
         The trained state (detached leaves; pass it to :func:`trainable` to train on).
     history : ELBOInfo
         One entry per optimiser step: ``history.loss[t]``, ``history.nll[t]``,
-        ``history.kl[t]`` are 1-D tensors over steps.
+        ``history.kl[t]`` are 1-D tensors over steps (of every run a resumed
+        fit continues, so it equals the history of one uninterrupted run).
+    checkpoint : dict or None
+        Everything :func:`fit` needs to continue bit-identically
+        (``fit(..., resume=result)``): the state, the optimiser's
+        ``state_dict``, the generator's state, the epochs done, the history and
+        a learned noise scale. Plain tensors, dicts and lists, so
+        ``torch.load`` with ``weights_only=True`` reads it.
+    sigma : Tensor or None
+        The learned observation-noise std of ``fit(..., noise="learn")`` (0-d,
+        detached); ``None`` when the noise was not learned.
     """
 
     state: Any
     history: ELBOInfo
+    checkpoint: dict | None = None
+    sigma: Tensor | None = None
 
+
+# A saved FitResult (its history and checkpoint included) loads with plain torch.load (weights_only=True).
+torch.serialization.add_safe_globals([ELBOInfo, FitResult])
 
 # ---------------------------------------------------------------------------------------------
 # input checks
 
 
-def _check_batch(batch: Any) -> tuple[Any, Tensor]:
+def _check_batch(batch: Any, where: str = "batch") -> tuple[Any, Tensor]:
+    if isinstance(batch, dict):
+        # A dict batch (a Hugging Face style collate) has no order that says which entry is the target.
+        raise TypeError(
+            f"{where} must be a pair (inputs, targets), got a dict with keys {sorted(map(str, batch))}; "
+            "yield (inputs, targets) pairs instead, e.g. a DataLoader collate_fn returning (b['x'], b['y'])"
+        )
     if not isinstance(batch, (tuple, list)) or len(batch) != 2:
-        raise TypeError(f"batch must be a pair (inputs, targets), got {type(batch).__name__}")
+        size = f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else ""
+        raise TypeError(f"{where} must be a pair (inputs, targets), got {type(batch).__name__}{size}")
     x, y = batch
     if not isinstance(y, Tensor):
-        raise TypeError(f"batch targets must be a Tensor, got {type(y).__name__}")
+        raise TypeError(f"{where} targets must be a Tensor, got {type(y).__name__}")
     if y.dim() == 0:
-        raise ValueError("batch targets must have a leading batch axis, got a 0-d tensor")
+        raise ValueError(f"{where} targets must have a leading batch axis, got a 0-d tensor")
+    if y.shape[0] == 0:
+        raise ValueError(f"{where} holds no examples (targets of shape {tuple(y.shape)}): a batch needs at least one")
     return x, y
 
 
@@ -195,24 +221,56 @@ def _sampled_outputs(
     (see :func:`funcbnn._engine.apply_samples`).
     """
     if num == 1:
-        return _call(apply_fn, optree.tree_map(lambda t: t[0], samples), x, buffers).unsqueeze(0)
+        out = _guarded(apply_fn, optree.tree_map(lambda t: t[0], samples), x, buffers)
+        if not isinstance(out, Tensor):
+            raise _not_a_tensor(out)
+        return out.unsqueeze(0)
     if backward_to is None and torch.is_grad_enabled():
         backward_to = [t for t in optree.tree_leaves(samples) if t.requires_grad]
-    return apply_samples(
-        apply_fn,
-        samples,
-        x,
-        args=() if buffers is None else (buffers,),
-        method=method,
-        backward_to=backward_to,
-        redraw=redraw,
+    try:
+        # Inputs the model cannot take fail the engine's first-sample probe with a ValueError that
+        # names them; a failure after that (a forced "vmap" that cannot run) is the model's own.
+        return apply_samples(
+            apply_fn,
+            samples,
+            x,
+            args=() if buffers is None else (buffers,),
+            method=method,
+            backward_to=backward_to,
+            redraw=redraw,
+        )
+    except TypeError as e:
+        # The engine stacks any tree of tensors, and stops at a non-tensor leaf (a tuple
+        # (logits, aux_int)): say what the likelihood needs instead of what the engine needs.
+        if "must return tensors" in str(e):
+            raise _not_a_tensor(_guarded(apply_fn, optree.tree_map(lambda t: t[0], samples), x, buffers)) from e
+        raise
+
+
+def _guarded(apply_fn: Callable, params: Tree, x: Any, buffers: Any) -> Any:
+    """``apply_fn`` on ``x``; a torch error from the model becomes a ValueError naming the batch inputs."""
+    with guarded_call(x, params, "the batch inputs", "vi"):
+        return _call(apply_fn, params, x, buffers)
+
+
+def _not_a_tensor(outputs: Any) -> TypeError:
+    """The error for a model whose output is not the one tensor a likelihood scores, with the fix."""
+    if isinstance(outputs, dict):
+        got, pick = f"a dict with keys {sorted(map(str, outputs))}", "[\"logits\"]"
+    elif isinstance(outputs, (tuple, list)):
+        got, pick = f"a {type(outputs).__name__} of {len(outputs)}", "[0]"
+    else:
+        got, pick = type(outputs).__name__, ""
+    return TypeError(
+        f"the model must return one Tensor (what the likelihood scores), got {got}; wrap it to return "
+        f"that tensor, e.g. apply_fn=lambda params, x: model_fn(params, x){pick}"
     )
 
 
 def _mean_nll(lik: Likelihood, outputs: Tensor, y: Tensor, validate: bool, single: bool = False) -> Tensor:
     """Mean over draws and examples of the per-example NLL; ``outputs`` is ``(S, N, ...)`` (``(N, ...)`` if ``single``)."""
     if not isinstance(outputs, Tensor):
-        raise TypeError(f"the model must return a Tensor for a likelihood, got {type(outputs).__name__}")
+        raise _not_a_tensor(outputs)
     if single:
         if validate:
             lik.check(outputs, y)
@@ -282,9 +340,10 @@ def _nll_and_kl(
             mean, std, kl = fused(state, prior)
         else:
             (mean, std), kl = _local_moments(post, state), None
-        outputs = apply_fn.sample_outputs_local(
-            state, x, num_samples, generator=generator, buffers=buffers, mean=mean, std=std
-        )
+        with guarded_call(x, mean, "the batch inputs", "vi"):
+            outputs = apply_fn.sample_outputs_local(
+                state, x, num_samples, generator=generator, buffers=buffers, mean=mean, std=std
+            )
         nll = _mean_nll(lik, outputs, y, validate)
         if want_kl and kl is None:  # after the forward's noise: any Monte-Carlo KL draws come last
             kl = post.kl(state, prior, num_samples=kl_draws, generator=generator)
@@ -296,7 +355,7 @@ def _nll_and_kl(
         )
         if num_samples == 1:
             draws = _with_seeds(apply_fn, draws, None, generator)
-            return _Terms(_mean_nll(lik, _call(apply_fn, draws, x, buffers), y, validate, single=True), kl)
+            return _Terms(_mean_nll(lik, _guarded(apply_fn, draws, x, buffers), y, validate, single=True), kl)
         draw = lambda g: post.sample_and_kl(state, prior, num_samples, generator=g, kl_samples=kl_draws)[0]  # noqa: E731
     else:
         rsample = require(post, "rsample", "vi")
@@ -343,6 +402,7 @@ def expected_nll(
     x, y = _check_batch(batch)
     num_samples = positive_int(num_samples, "num_samples")
     _check_method(method)
+    check_generator(generator)
     check_family(post, "post")
     lik = get_likelihood(likelihood)
     return _nll_and_kl(
@@ -454,6 +514,7 @@ def elbo(
     if kl_samples is not None:
         kl_samples = positive_int(kl_samples, "kl_samples")
     _check_method(method)
+    check_generator(generator)
     check_family(post, "post")
     lik = get_likelihood(likelihood)
     nll, kl = _nll_and_kl(
@@ -569,11 +630,47 @@ def step(
     ranks' batch sizes, like DDP, so the step equals one process's step on the
     concatenated batch, and the info holds the global loss terms.
 
+    Non-finite values are caught before they reach the state (each check one
+    host sync; :func:`funcbnn.checks.set_finite_checks` turns them off): NaN or
+    inf in the batch raise :class:`~funcbnn.checks.NonFiniteError`, and a
+    non-finite loss raises :class:`~funcbnn.checks.DivergedError` *before* the
+    optimiser steps, with ``error.state`` a copy of the state this step started
+    from.
+
     Returns
     -------
     (state, ELBOInfo)
         The info holds detached scalars.
     """
+    check_generator(generator)
+    return _step(
+        apply_fn, post, prior, state, optimizer, batch, num_data, generator=generator, likelihood=likelihood,
+        num_samples=num_samples, kl_weight=kl_weight, method=method, kl_samples=kl_samples, buffers=buffers,
+        validate=validate, process_group=process_group, check_data=True,
+    )
+
+
+def _step(
+    apply_fn: Callable[..., Any],
+    post: Any,
+    prior: Any,
+    state: Any,
+    optimizer: torch.optim.Optimizer,
+    batch: tuple[Any, Tensor],
+    num_data: int,
+    *,
+    generator: torch.Generator | None,
+    likelihood: str | Likelihood,
+    num_samples: int,
+    kl_weight: float | Tensor,
+    method: Method,
+    kl_samples: int | None,
+    buffers: dict[str, Tensor] | None,
+    validate: bool,
+    process_group: Any,
+    check_data: bool,
+) -> tuple[Any, ELBOInfo]:
+    """:func:`step`; ``check_data=False`` for :func:`fit`, which checks each batch itself (naming its index)."""
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
     state_leaves = optree.tree_leaves(state)
@@ -591,6 +688,10 @@ def step(
             p.grad = None
     for leaf in state_leaves:
         leaf.grad = None
+    if check_data:
+        x, y = _check_batch(batch)
+        check_finite(x, "batch inputs")
+        check_finite(y, "batch targets")
     if process_group is not None:
         local = _check_batch(batch)[1].shape[0]
         counts = distributed.all_reduce_tree(torch.tensor([float(local), float(local == 0)]), process_group)
@@ -624,6 +725,16 @@ def step(
             t.grad = g
         terms = distributed.all_reduce_tree(torch.stack([info.loss.detach(), info.nll.detach()]) * weight, process_group)
         info = ELBOInfo(terms[0], terms[1], info.kl)
+    # One host sync per step, before the optimiser can write a non-finite update into the state
+    # (after the all-reduce with a process group, so that every rank decides alike).
+    if finite_checks_enabled() and not bool(torch.isfinite(info.loss.detach())):
+        raise DivergedError(
+            f"the VI loss became {float(info.loss)} (nll {float(info.nll)}, kl {float(info.kl)}); the optimiser did "
+            "not step, error.state is the state this step started from. Lower the learning rate, or check the data "
+            "and the initial state",
+            0,
+            optree.tree_map(lambda t: t.detach().clone(), state),
+        )
     optimizer.step()
     return state, ELBOInfo(info.loss.detach(), info.nll.detach(), info.kl.detach())
 
@@ -699,12 +810,20 @@ def build_step(
 def _epoch_batches(
     data: Any, batch_size: int | None, generator: torch.Generator | None
 ) -> Callable[[], Iterable[tuple[Any, Tensor]]]:
-    if isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[1], Tensor):
+    if _is_tensor_pair(data):
         x, y = data
-        n = y.shape[0]
+        n = y.shape[0] if y.dim() else 0
         x_leaves = optree.tree_leaves(x)
-        if any(not isinstance(t, Tensor) or t.dim() == 0 or t.shape[0] != n for t in x_leaves):
-            raise ValueError(f"data inputs must be tensors with the targets' leading size {n}")
+        if not x_leaves or any(not isinstance(t, Tensor) or t.dim() == 0 or t.shape[0] != n for t in x_leaves):
+            raise ValueError(
+                f"data inputs must be tensors with the targets' leading size {n}, got {describe(x)} "
+                f"and targets {describe(y)}"
+            )
+        if n == 0:
+            raise ValueError(f"data holds no examples (targets of shape {tuple(y.shape)}): fit needs at least one")
+        # Once for the whole data set (one sync), not once per batch.
+        check_finite(x, "data inputs")
+        check_finite(y, "data targets")
         size = n if batch_size is None else positive_int(batch_size, "batch_size")
 
         def batches() -> Iterable[tuple[Any, Tensor]]:
@@ -720,16 +839,24 @@ def _epoch_batches(
         return batches
     if batch_size is not None:
         raise ValueError("batch_size only applies when data is an (inputs, targets) pair of tensors")
-    if not hasattr(data, "__iter__"):
-        raise TypeError(f"data must be an (inputs, targets) pair or an iterable of batches, got {type(data).__name__}")
+    if isinstance(data, (Tensor, dict, str, bytes)) or not hasattr(data, "__iter__"):
+        raise TypeError(
+            f"data must be an (inputs, targets) pair of tensors or an iterable of such batches, got {describe(data)}"
+        )
+    if hasattr(data, "__len__") and len(data) == 0:
+        raise ValueError("data yielded no batches (it is empty): fit needs at least one (inputs, targets) batch")
     if iter(data) is data:  # a one-shot iterator would be empty from the second epoch on
         batches = list(data)
         return lambda: batches
     return lambda: data
 
 
+def _is_tensor_pair(data: Any) -> bool:
+    return isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[1], Tensor)
+
+
 def _default_num_data(data: Any) -> int:
-    if isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[1], Tensor):
+    if _is_tensor_pair(data):
         return data[1].shape[0]
     sampler = getattr(data, "sampler", None)
     if getattr(data, "dataset", None) is not None and hasattr(sampler, "__len__"):
@@ -740,6 +867,93 @@ def _default_num_data(data: Any) -> int:
     if dataset is not None and hasattr(dataset, "__len__"):
         return len(dataset)
     raise ValueError("num_data is required when data is an iterable of batches without a sized .dataset")
+
+
+# ---------------------------------------------------------------------------------------------
+# checkpoints
+
+_CHECKPOINT_FORMAT = "funcbnn.vi.fit"
+
+
+def _checkpoint_of(resume: Any) -> dict | None:
+    """The checkpoint dict of ``resume`` (a :class:`FitResult` or its ``checkpoint``), checked."""
+    if resume is None:
+        return None
+    ck = resume.checkpoint if isinstance(resume, FitResult) else resume
+    if not (isinstance(ck, dict) and ck.get("format") == _CHECKPOINT_FORMAT):
+        raise TypeError(
+            "resume must be a FitResult of vi.fit or its .checkpoint (a dict with format "
+            f"{_CHECKPOINT_FORMAT!r}), got {describe(resume)}"
+        )
+    return ck
+
+
+def _same_layout(a: Any, b: Any) -> bool:
+    la, sa = optree.tree_flatten(a)
+    lb, sb = optree.tree_flatten(b)
+    return sa == sb and all(
+        isinstance(x, Tensor) and isinstance(y, Tensor) and x.shape == y.shape and x.dtype == y.dtype
+        for x, y in zip(la, lb)
+    )
+
+
+def _resumed_generator(ck: dict, generator: torch.Generator | None) -> torch.Generator | None:
+    """``generator`` put in the checkpoint's state (a new one if the caller passed none)."""
+    saved = ck.get("generator")
+    if saved is None:
+        return generator
+    if generator is None:
+        generator = torch.Generator(device=ck.get("generator_device", "cpu"))
+    try:
+        generator.set_state(saved)
+    except RuntimeError as e:
+        raise ValueError(
+            f"resume: the checkpoint's generator state does not fit generator (device {generator.device}): {e}"
+        ) from e
+    return generator
+
+
+def _generator_state(generator: torch.Generator | None) -> dict[str, Any]:
+    if generator is None:
+        return {"generator": None}
+    return {"generator": generator.get_state(), "generator_device": str(generator.device)}
+
+
+def _load_optimizer(opt: torch.optim.Optimizer, saved: dict, what: str) -> None:
+    # A deep copy: load_state_dict shares the saved tensors, and the optimiser then updates
+    # them in place, which would change the caller's checkpoint (and a second resume from it).
+    try:
+        opt.load_state_dict(copy.deepcopy(saved))
+    except (ValueError, KeyError, RuntimeError) as e:
+        raise ValueError(f"resume: the checkpoint's optimiser state does not fit the optimiser {what}: {e}") from e
+
+
+def _learned_noise(lik: Likelihood, noise: Any, ck: dict | None) -> Tensor | None:
+    """The trainable log-std of ``noise="learn"`` (from the checkpoint when resuming), or None."""
+    if noise not in ("fixed", "learn"):
+        raise ValueError(f"noise must be 'fixed' or 'learn', got {noise!r}")
+    if noise == "fixed":
+        if isinstance(lik.sigma, Tensor) and lik.sigma.requires_grad:
+            # fit's optimiser would not hold it: its gradient would pile up over the steps, unused.
+            raise ValueError(
+                "the likelihood's sigma is a tensor that requires grad, but fit does not train it; "
+                "pass noise='learn' to learn the noise std (type-II maximum likelihood), or a plain number"
+            )
+        if ck is not None and ck.get("log_sigma") is not None:
+            raise ValueError("resume: the checkpoint learned the noise std; pass noise='learn' to continue it")
+        return None
+    if lik.name != "gaussian":
+        raise ValueError(
+            f"noise='learn' learns the std of a Gaussian likelihood ('regression'), got likelihood '{lik.name}'"
+        )
+    if ck is not None:
+        if ck.get("log_sigma") is None:
+            raise ValueError("resume: the checkpoint did not learn the noise std; pass noise='fixed'")
+        start = ck["log_sigma"]
+    else:
+        sigma = lik.sigma.detach() if isinstance(lik.sigma, Tensor) else torch.tensor(float(lik.sigma))
+        start = sigma.log()
+    return start.detach().clone().reshape(()).requires_grad_(True)
 
 
 def fit(
@@ -755,12 +969,14 @@ def fit(
     optimizer: Callable[[list[dict[str, Any]]], torch.optim.Optimizer] | None = None,
     lr: float = 1e-2,
     likelihood: str | Likelihood = "categorical",
+    noise: Literal["fixed", "learn"] = "fixed",
     num_samples: int = 1,
     kl_weight: float | Tensor = 1.0,
     generator: torch.Generator | None = None,
     method: Method = "auto",
     kl_samples: int | None = None,
     buffers: dict[str, Tensor] | None = None,
+    resume: FitResult | dict | None = None,
     progress: bool = False,
     progress_file: TextIO | None = None,
     process_group: Any = None,
@@ -776,18 +992,41 @@ def fit(
     data : (inputs, targets) or iterable of (inputs, targets)
         Tensors (shuffled with ``generator`` into batches of ``batch_size``;
         full batch by default) or any re-iterable of batches, such as a
-        ``DataLoader``.
+        ``DataLoader`` (``drop_last`` as you like: a short last batch is one
+        more step with the same scaling).
     epochs : int
-        Passes over ``data``.
+        Passes over ``data`` (in this call; a resumed fit runs ``epochs`` more).
     num_data : int, optional
         Training-set size; inferred from tensors or from ``data.dataset``.
     optimizer : callable, optional
         ``optimizer(groups) -> torch.optim.Optimizer``, called with
         :func:`param_groups` of the state: one named group per state field
-        (``"mean"`` and ``"rho"`` for a diagonal Gaussian), e.g.
+        (``"mean"`` and ``"rho"`` for a diagonal Gaussian, plus ``"noise"``
+        with ``noise="learn"``), e.g.
         ``functools.partial(torch.optim.SGD, lr=0.1, momentum=0.9)``. Set a
         group's own ``"lr"`` to train means and scales at different rates (see
         the example). Default ``Adam(groups, lr=lr)``.
+    noise : {"fixed", "learn"}, default "fixed"
+        ``"learn"`` trains the observation-noise std of a Gaussian likelihood
+        with the state, by the same ELBO (type-II maximum likelihood of
+        ``sigma``): its log, starting at the likelihood's ``sigma``
+        (``likelihoods.gaussian(sigma=0.5)``; 1 for ``"regression"``), is the
+        optimiser group ``"noise"``; the learned std is ``result.sigma``.
+    resume : FitResult or dict, optional
+        A result of an earlier ``fit`` (or its ``.checkpoint``, also after
+        ``torch.save``/``torch.load``): training continues from its state,
+        optimiser state, generator state and history, so ``fit(epochs=2)``
+        then ``fit(epochs=2, resume=...)`` gives the state and history of
+        ``fit(epochs=4)`` bit for bit. ``state`` must be shaped like the
+        checkpoint's (e.g. the initial state) and is not used otherwise; the
+        other arguments must be the ones of the first run. ``generator`` (a new
+        one if None) is set to the saved state. Bit-identity needs randomness
+        that the checkpoint holds: a ``generator`` (not the global RNG), data
+        as tensors (a ``DataLoader`` shuffles by its own RNG), and a fixed
+        engine path: ``num_samples=1``, or ``method="vmap"``/``"loop"`` (with
+        ``"auto"`` and several draws the engine times the two paths, which
+        agree only to float rounding, and the resumed process may pick the
+        other).
     progress : bool, default False
         Draw a one-line progress bar with the last loss terms on
         ``progress_file`` (default ``sys.stderr``) after every epoch.
@@ -802,7 +1041,22 @@ def fit(
     Returns
     -------
     FitResult
-        The trained state (detached) and the per-step history of ``(loss, nll, kl)``.
+        The trained state (detached), the per-step history of ``(loss, nll, kl)``,
+        the checkpoint to resume from, and the learned noise std (or None).
+
+    Raises
+    ------
+    ValueError
+        Data with no batches or an empty batch; inputs the model cannot run on
+        (named, with their shape and dtype); targets that do not fit the
+        likelihood; NaN or inf in the inputs or targets
+        (:class:`~funcbnn.checks.NonFiniteError`, naming the batch).
+    TypeError
+        Batches that are not ``(inputs, targets)`` pairs, a ``generator`` that
+        is not a ``torch.Generator``, a model that does not return a tensor.
+    funcbnn.checks.DivergedError
+        The loss became non-finite: ``error.step`` is the step (counted over
+        the whole run), ``error.state`` the state that step started from.
 
     Examples
     --------
@@ -818,13 +1072,39 @@ def fit(
     >>> result = fit(apply_fn, post, prior, post.init(params), data, epochs=2, optimizer=adam)
     >>> result.history.loss.shape
     torch.Size([2])
+
+    Interrupt and resume, bit for bit (the checkpoint survives ``torch.save`` and
+    a plain ``torch.load``):
+
+    >>> g = torch.Generator().manual_seed(0)
+    >>> whole = fit(apply_fn, post, prior, post.init(params), data, epochs=4, batch_size=8, generator=g)
+    >>> g = torch.Generator().manual_seed(0)
+    >>> half = fit(apply_fn, post, prior, post.init(params), data, epochs=2, batch_size=8, generator=g)
+    >>> rest = fit(apply_fn, post, prior, post.init(params), data, epochs=2, batch_size=8,
+    ...            generator=torch.Generator(), resume=half.checkpoint)
+    >>> torch.equal(rest.state.mean["weight"], whole.state.mean["weight"])
+    True
+    >>> torch.equal(rest.history.loss, whole.history.loss)
+    True
     """
     epochs = positive_int(epochs, "epochs")
+    generator = check_generator(generator)
     if process_group is not None and batch_size is not None:
         raise ValueError(
             "with process_group, pass each rank's shard as an iterable of batches (or tensors without "
             "batch_size): shuffling with the shared generator would desynchronise the ranks' weight draws"
         )
+    lik = get_likelihood(likelihood)
+    ck = _checkpoint_of(resume)
+    log_sigma = _learned_noise(lik, noise, ck)
+    if ck is not None:
+        if not _same_layout(ck["state"], state):
+            raise ValueError(
+                "resume: the checkpoint's state is not shaped like state (another model or family?): "
+                f"{describe(ck['state'])} vs {describe(state)}"
+            )
+        generator = _resumed_generator(ck, generator)
+    tensor_data = _is_tensor_pair(data)
     batches = _epoch_batches(data, batch_size, generator)
     if num_data is None:
         num_data = _default_num_data(data)
@@ -832,48 +1112,82 @@ def fit(
             num_data = int(distributed.all_reduce_tree(torch.tensor(float(num_data)), process_group))
     if process_group is not None:
         distributed.agree(
-            {"state": distributed.fingerprint(state), "epochs": epochs, "num_data": num_data,
-             "batches per epoch": len(batches()) if hasattr(batches(), "__len__") else None},
+            {"state": distributed.fingerprint(state if ck is None else ck["state"]), "epochs": epochs,
+             "num_data": num_data, "batches per epoch": len(batches()) if hasattr(batches(), "__len__") else None},
             process_group,
         )
-    train_state = trainable(state)
+    num_data = positive_int(num_data, "num_data")
+    _check_kl_weight(kl_weight)
+    num_samples = positive_int(num_samples, "num_samples")
+    if kl_samples is not None:
+        positive_int(kl_samples, "kl_samples")
+    _check_method(method)
+    check_family(post, "post")
+
+    train_state = trainable(state if ck is None else ck["state"])
     groups = param_groups(train_state)
+    if log_sigma is not None:
+        groups.append({"params": [log_sigma], "name": "noise"})
+        lik = likelihoods.learnable_gaussian(log_sigma)
     if optimizer is None:
         opt = torch.optim.Adam(groups, lr=lr)
     else:
         opt = optimizer(groups)
         if not isinstance(opt, torch.optim.Optimizer):
             raise TypeError(f"optimizer must return a torch.optim.Optimizer, got {type(opt).__name__}")
-    train_step = build_step(
-        apply_fn,
-        post,
-        prior,
-        num_data,
-        likelihood=likelihood,
-        num_samples=num_samples,
-        kl_weight=kl_weight,
-        method=method,
-        kl_samples=kl_samples,
-        buffers=buffers,
-        process_group=process_group,
-    )
     history: list[ELBOInfo] = []
+    previous = 0
+    if ck is not None:
+        _load_optimizer(opt, ck["optimizer"], "built on this state")
+        previous = int(ck["history"][0].shape[0])
     out = progress_file if progress_file is not None else sys.stderr
+    done = 0 if ck is None else int(ck["epochs"])
     for epoch in range(epochs):
-        for batch in batches():
-            train_state, info = train_step(train_state, opt, batch, generator)
+        count = 0
+        for b, batch in enumerate(batches()):
+            where = f"batch {b} of epoch {done + epoch}"
+            x, y = _check_batch(batch, f"data {where}")
+            if not tensor_data:  # tensors were checked once, as a whole
+                check_finite(x, "data inputs", context=where)
+                check_finite(y, "data targets", context=where)
+            try:
+                train_state, info = _step(
+                    apply_fn, post, prior, train_state, opt, (x, y), num_data, generator=generator,
+                    likelihood=lik, num_samples=num_samples, kl_weight=kl_weight, method=method,
+                    kl_samples=kl_samples, buffers=buffers, validate=True, process_group=process_group,
+                    check_data=False,
+                )
+            except DivergedError as e:
+                index = previous + len(history)
+                raise DivergedError(f"step {index} ({where}): {e}", index, e.state) from None
             history.append(info)
+            count += 1
+        if count == 0:
+            raise ValueError(
+                f"data yielded no batches in epoch {done + epoch}: fit needs at least one (inputs, targets) batch "
+                "per epoch (an empty loader, or a DataLoader with drop_last=True and fewer examples than batch_size?)"
+            )
         if progress and history:
             _draw_progress(out, epoch + 1, epochs, history[-1])
     if progress:
         out.write("\n")
         out.flush()
-    if history:
-        stacked = ELBOInfo(*(torch.stack(terms) for terms in zip(*history)))
-    else:
-        empty = torch.zeros(0)
-        stacked = ELBOInfo(empty, empty, empty)
-    return FitResult(optree.tree_map(lambda t: t.detach(), train_state), stacked)
+    stacked = ELBOInfo(*(torch.stack(terms) for terms in zip(*history)))
+    if ck is not None:
+        stacked = ELBOInfo(*(torch.cat([old, new]) for old, new in zip(ck["history"], stacked)))
+    final = optree.tree_map(lambda t: t.detach(), train_state)
+    sigma = None if log_sigma is None else log_sigma.detach().exp()
+    checkpoint = {
+        "format": _CHECKPOINT_FORMAT,
+        "version": 1,
+        "state": final,
+        "optimizer": opt.state_dict(),
+        **_generator_state(generator),
+        "epochs": done + epochs,
+        "history": list(stacked),
+        "log_sigma": None if log_sigma is None else log_sigma.detach().clone(),
+    }
+    return FitResult(final, stacked, checkpoint, sigma)
 
 
 def _draw_progress(out: TextIO, done: int, total: int, info: ELBOInfo, width: int = 24) -> None:
