@@ -30,6 +30,7 @@ Everything is a pure function of a :class:`SWAGState` (a pytree):
 
 from __future__ import annotations
 
+import copy
 import math
 import sys
 from typing import Any, Callable, Iterable, Literal, NamedTuple
@@ -40,6 +41,7 @@ from torch import Tensor, nn
 
 from . import distributed
 from ._validation import positive_float, positive_int
+from .checks import DivergedError, check_finite, describe, finite_checks_enabled, guarded_call
 from .families.diag_gaussian import DiagGaussian, DiagGaussianState, diag_gaussian
 from .families.lowrank_gaussian import LowRankGaussian, LowRankGaussianState, lowrank_gaussian
 from .families.mixture import Mixture, MixtureState, mixture
@@ -386,11 +388,25 @@ def with_buffers(apply_fn: FunctionalModel) -> Callable[[dict[str, Tree], Any], 
 
 
 class SWAGResult(NamedTuple):
-    """What :func:`fit` returns: the SWAG state, the last SGD iterate and the loss of every step."""
+    """What :func:`fit` returns: the SWAG state, the last SGD iterate and the loss of every step.
+
+    ``checkpoint`` holds what :func:`fit` needs to continue bit-identically
+    (``fit(..., resume=result)``): the SGD iterate, the optimiser's
+    ``state_dict`` (momentum), the SWAG moments and ring buffer, the epochs and
+    collection steps done and the history; plain tensors, dicts and lists, so
+    ``torch.load`` with ``weights_only=True`` reads it.
+    """
 
     state: SWAGState
     params: Tree
     history: Tensor
+    checkpoint: dict | None = None
+
+
+# Saved states and results load with plain torch.load (weights_only=True).
+torch.serialization.add_safe_globals([SWAGState, SWAGResult])
+
+_CHECKPOINT_FORMAT = "funcbnn.swag.fit"
 
 
 def _sharded_mean_loss(apply_fn, theta, leaves, x, y, lik, buffers, process_group) -> Tensor:
@@ -425,6 +441,32 @@ def _lr_at(step_in_cycle: int, cycle: int, lr: float, lr_min: float, schedule: s
     return (1 - frac) * lr + frac * lr_min
 
 
+def _checkpoint_of(resume: Any) -> dict | None:
+    if resume is None:
+        return None
+    ck = resume.checkpoint if isinstance(resume, SWAGResult) else resume
+    if not (isinstance(ck, dict) and ck.get("format") == _CHECKPOINT_FORMAT):
+        raise TypeError(
+            "resume must be a SWAGResult of swag.fit or its .checkpoint (a dict with format "
+            f"{_CHECKPOINT_FORMAT!r}), got {describe(resume)}"
+        )
+    return ck
+
+
+def _batch_pair(batch: Any, where: str) -> tuple[Any, Tensor]:
+    if isinstance(batch, dict):
+        raise TypeError(
+            f"data {where} must be an (x, y) pair, got a dict with keys {sorted(map(str, batch))}; "
+            "yield (x, y) pairs instead, e.g. a DataLoader collate_fn returning (b['x'], b['y'])"
+        )
+    if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
+        raise TypeError(f"data {where} must be an (x, y) pair, got {describe(batch)}")
+    x, y = batch
+    if not isinstance(y, Tensor) or y.dim() == 0:
+        raise TypeError(f"data {where}: targets must be a tensor with a leading batch axis, got {describe(y)}")
+    return x, y
+
+
 def fit(
     apply_fn: Callable[..., Any],
     params: Tree,
@@ -441,6 +483,7 @@ def fit(
     collect_every: int | None = None,
     max_rank: int = 20,
     buffers: dict[str, Tensor] | None = None,
+    resume: SWAGResult | dict | None = None,
     progress: bool = False,
     process_group: Any = None,
 ) -> SWAGResult:
@@ -460,6 +503,17 @@ def fit(
     data : iterable of (x, y)
         Re-iterated every epoch (a ``DataLoader`` reshuffles if told to).
     likelihood : str or Likelihood
+    resume : SWAGResult or dict, optional
+        A result of an earlier ``fit`` (or its ``.checkpoint``, also after
+        ``torch.save``/``torch.load``): SGD continues from its iterate,
+        momentum, SWAG moments, ring buffer and cycle position for ``epochs``
+        more collecting epochs (``burn_in`` is not repeated), and the history
+        continues. With the same other arguments and the same batches in each
+        epoch (a list, or a loader that does not shuffle: a shuffling
+        ``DataLoader`` draws from its own RNG, which the checkpoint does not
+        hold), ``fit(epochs=2)`` then ``fit(epochs=2, resume=...)`` equals
+        ``fit(epochs=4)`` bit for bit. ``params`` must be shaped like the
+        checkpoint's iterate.
     progress : bool, default False
         Print one line per epoch to stderr.
     process_group : torch.distributed group, optional
@@ -472,7 +526,17 @@ def fit(
     Returns
     -------
     SWAGResult
-        ``(state, params, history)``.
+        ``(state, params, history, checkpoint)``.
+
+    Raises
+    ------
+    ValueError
+        Data with no batches; inputs the model cannot run on (named, with their
+        shape and dtype); targets that do not fit the likelihood; NaN or inf in
+        inputs or targets (:class:`~funcbnn.checks.NonFiniteError`, naming the batch).
+    funcbnn.checks.DivergedError
+        The loss became non-finite: ``error.step`` is the step (over the whole
+        run), ``error.state`` the SGD iterate that step started from.
 
     Examples
     --------
@@ -482,6 +546,9 @@ def fit(
     >>> res = fit(apply_fn, params, [(x, y)], "regression", epochs=5, lr=0.05, collect_every=1)
     >>> int(res.state.num_models)
     5
+    >>> more = fit(apply_fn, params, [(x, y)], "regression", epochs=3, lr=0.05, collect_every=1, resume=res)
+    >>> int(more.state.num_models), more.history.shape
+    (8, torch.Size([8]))
     """
     lik = get_likelihood(likelihood)
     epochs = positive_int(epochs, "epochs")
@@ -491,41 +558,70 @@ def fit(
     if schedule not in ("constant", "cyclical"):
         raise ValueError(f"schedule must be 'constant' or 'cyclical', got {schedule!r}")
     lr_min = lr * 0.01 if lr_min is None else positive_float(lr_min, "lr_min")
+    if isinstance(data, (Tensor, dict, str, bytes)) or not hasattr(data, "__iter__"):
+        raise TypeError(f"data must be an iterable of (x, y) batches, got {describe(data)}")
     batches = list(data) if not hasattr(data, "__len__") else data
     steps_per_epoch = len(batches)
     if steps_per_epoch == 0:
-        raise ValueError("data is empty: the loader yielded no batches")
+        raise ValueError("data yielded no batches (the loader is empty): swag.fit needs at least one (x, y) batch")
     cycle = steps_per_epoch if collect_every is None else positive_int(collect_every, "collect_every")
     _check_params(params, "params")
-    theta = optree.tree_map(lambda t: t.detach().clone().requires_grad_(True), params)
+    ck = _checkpoint_of(resume)
+    start = params if ck is None else ck["params"]
+    if ck is not None:
+        try:
+            check_same_structure(params, start, "resume: the checkpoint's params")
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"resume: the checkpoint's iterate is not shaped like params: {e}") from e
+    theta = optree.tree_map(lambda t: t.detach().clone().requires_grad_(True), start)
     leaves = optree.tree_leaves(theta)
     opt = torch.optim.SGD(leaves, lr=lr, momentum=momentum, weight_decay=weight_decay)
-    state = init(theta, max_rank=max_rank)
+    if ck is None:
+        state, step, done, burn = init(theta, max_rank=max_rank), 0, 0, burn_in
+    else:
+        # a deep copy: load_state_dict shares the saved momentum buffers and SGD updates them in place
+        try:
+            opt.load_state_dict(copy.deepcopy(ck["optimizer"]))
+        except (ValueError, KeyError, RuntimeError) as e:
+            raise ValueError(f"resume: the checkpoint's optimiser state does not fit params: {e}") from e
+        state, step, done, burn = ck["state"], int(ck["step"]), int(ck["epochs"]), 0
     distributed.agree(
-        {"params": distributed.fingerprint(params), "batches per epoch": steps_per_epoch, "epochs": (burn_in, epochs)},
+        {"params": distributed.fingerprint(start), "batches per epoch": steps_per_epoch, "epochs": (burn, epochs)},
         process_group,
     )
     history: list[Tensor] = []
-    step = 0
-    for epoch in range(burn_in + epochs):
-        collecting = epoch >= burn_in
-        for batch in batches:
-            if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
-                raise ValueError(f"data batches must be (x, y) pairs, got {type(batch).__name__}")
-            x, y = batch
+    previous = 0 if ck is None else int(ck["history"].shape[0])
+    for epoch in range(burn + epochs):
+        collecting = epoch >= burn
+        first_epoch = epoch == 0
+        for b, batch in enumerate(batches):
+            where = f"batch {b} of epoch {done + epoch}"
+            x, y = _batch_pair(batch, where)
+            check_finite(x, "data inputs", context=where)
+            check_finite(y, "data targets", context=where)
             if collecting:
                 for group in opt.param_groups:
                     group["lr"] = _lr_at(step % cycle, cycle, lr, lr_min, schedule)
             opt.zero_grad()
             if process_group is None:
-                out = apply_fn(theta, x) if buffers is None else apply_fn(theta, x, buffers)
+                with guarded_call(x, theta, "the data inputs", f"swag.fit ({where})"):
+                    out = apply_fn(theta, x) if buffers is None else apply_fn(theta, x, buffers)
+                if first_epoch:  # the targets' shape, dtype and range, once per batch of the data
+                    try:
+                        lik.check(out, y)
+                    except ValueError as e:
+                        raise ValueError(f"data targets ({where}) do not fit the likelihood '{lik.name}': {e}") from None
                 loss = lik.nll(out, y).mean()
                 loss.backward()
             else:
                 loss = _sharded_mean_loss(apply_fn, theta, leaves, x, y, lik, buffers, process_group)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(
-                    f"the SGD loss became {loss.item()} at epoch {epoch}; lower lr (now {lr}) or check the data"
+            if finite_checks_enabled() and not bool(torch.isfinite(loss)):
+                index = previous + len(history)
+                raise DivergedError(
+                    f"step {index} ({where}): the SGD loss became {loss.item()}; the optimiser did not step, "
+                    f"error.state is the iterate this step started from. Lower lr (now {lr}) or check the data",
+                    index,
+                    optree.tree_map(lambda t: t.detach().clone(), theta),
                 )
             opt.step()
             history.append(loss.detach())
@@ -536,7 +632,7 @@ def fit(
         if progress:
             phase = "swag" if collecting else "burn-in"
             print(
-                f"epoch {epoch + 1}/{burn_in + epochs} ({phase}): loss {history[-1].item():.4f}, "
+                f"epoch {done + epoch + 1}/{done + burn + epochs} ({phase}): loss {history[-1].item():.4f}, "
                 f"collected {int(state.num_models)}",
                 file=sys.stderr,
             )
@@ -546,4 +642,17 @@ def fit(
             "after burn-in; lower collect_every or raise epochs"
         )
     final = optree.tree_map(lambda t: t.detach().clone(), theta)
-    return SWAGResult(state, final, torch.stack(history))
+    hist = torch.stack(history)
+    if ck is not None:
+        hist = torch.cat([ck["history"], hist])
+    checkpoint = {
+        "format": _CHECKPOINT_FORMAT,
+        "version": 1,
+        "params": final,
+        "optimizer": opt.state_dict(),
+        "state": state,
+        "step": step,
+        "epochs": done + burn + epochs,
+        "history": hist,
+    }
+    return SWAGResult(state, final, hist, checkpoint)
