@@ -42,8 +42,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._validation import positive_int
+from ..checks import check_finite, guarded_call
 from ..likelihoods import Likelihood, get_likelihood
 from ..model import FunctionalModel
+from ._guards import LOW_PRECISION, accumulator_dtype, check_eval_normalisation, tensor_output
+from ._per_example import PerExample
 from ._subset import Subset, split
 from ._taps import Layer, OutsideForward, math_attention, structured_layers, tapped_forward
 
@@ -102,7 +105,11 @@ def ggn_columns(likelihood: Likelihood, outputs: Tensor) -> Tensor:
     if k < 2 or k > 64:
         return V
     gram = torch.einsum("kno,jno->nkj", flat, flat)  # V^T V per example, (N, K, K)
-    evals, evecs = torch.linalg.eigh(gram)  # ascending
+    if gram.dtype in LOW_PRECISION:  # no float16/bfloat16 eigh: decompose in float32, cast back
+        evals, evecs = torch.linalg.eigh(gram.float())
+        evecs = evecs.to(gram.dtype)
+    else:
+        evals, evecs = torch.linalg.eigh(gram)  # ascending
     tol = k * torch.finfo(evals.dtype).eps * evals[:, -1:].clamp_min(torch.finfo(evals.dtype).tiny)
     rank = int((evals > tol).sum(-1).max()) if n else k
     if rank >= k:
@@ -116,8 +123,19 @@ def _sample_targets(likelihood: Likelihood, outputs: Tensor, generator: torch.Ge
     return likelihood.sample_targets(outputs.detach(), generator)
 
 
+class _Batches(list):
+    """Batches :func:`check_data` has already checked (an inner engine call does not check them again)."""
+
+
 def check_data(data: Any) -> list[tuple[Any, Tensor]]:
-    """Materialise an iterable of ``(x, y)`` batches, rejecting empty or malformed data early."""
+    """Materialise an iterable of ``(x, y)`` batches, rejecting empty, malformed or non-finite data early.
+
+    Each batch's targets must be a tensor with a leading batch axis; inputs and
+    targets are checked for NaN and inf (:func:`funcbnn.checks.check_finite`,
+    off under ``set_finite_checks(False)``), naming the batch.
+    """
+    if isinstance(data, _Batches):
+        return data
     if isinstance(data, tuple) and len(data) == 2 and isinstance(data[0], Tensor):
         data = [data]
     try:
@@ -127,9 +145,26 @@ def check_data(data: Any) -> list[tuple[Any, Tensor]]:
     if not batches:
         raise ValueError("data is empty: the loader yielded no batches")
     for i, batch in enumerate(batches):
-        if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
-            raise ValueError(f"data batch {i} must be an (x, y) pair, got {type(batch).__name__}")
-    return [tuple(b) for b in batches]  # type: ignore[misc]
+        check_batch(batch, i)
+    return _Batches(tuple(b) for b in batches)
+
+
+def check_batch(batch: Any, i: int) -> None:
+    """Raise unless ``batch`` is an ``(x, y)`` pair with tensor targets and finite values (batch ``i`` in messages)."""
+    if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
+        raise ValueError(f"data batch {i} must be an (x, y) pair, got {type(batch).__name__}")
+    x, y = batch
+    if not isinstance(y, Tensor) or y.dim() == 0:
+        what = "a 0-d tensor" if isinstance(y, Tensor) else type(y).__name__
+        raise ValueError(f"data batch {i}: targets y must be a tensor with a leading batch axis, got {what}")
+    check_finite(x, f"data batch {i} inputs x")
+    check_finite(y, f"data batch {i} targets y")
+
+
+def first_forward(apply_fn: Any, params: Any, x: Any, i: int) -> Tensor:
+    """One forward of batch ``i`` without gradients, its errors named by the input (:func:`funcbnn.checks.guarded_call`)."""
+    with guarded_call(x, params, f"x of data batch {i}"), torch.no_grad():
+        return tensor_output(apply_fn(optree.tree_map(lambda t: t.detach(), params), x))
 
 
 # --- the structured engine -------------------------------------------------------------------
@@ -281,9 +316,11 @@ def _structured_batch(
     num_mc: int,
     generator: torch.Generator | None,
     out: dict[str, Tensor],
+    i: int = 0,
 ) -> Tensor:
-    f, calls = tapped_forward(apply_fn, params, layers, x)
-    likelihood.check(f, y)
+    with guarded_call(x, params, f"x of data batch {i}"):
+        f, calls = tapped_forward(apply_fn, params, layers, x)
+    likelihood.check(tensor_output(f), y)
     loss = likelihood.nll(f.detach(), y).sum()
     grads = tap_gradients(f, y, [c.tap for c in calls], likelihood, kind, num_mc, generator)
     for i, layer in enumerate(layers):
@@ -309,8 +346,14 @@ def _generic_batch(
     generator: torch.Generator | None,
     chunk_size: int,
     out: Any,
+    per_example: PerExample | None = None,
 ) -> None:
-    """Squares of per-example gradients of the leaves in ``sub``; ``subset`` holds the other leaves."""
+    """Squares of per-example gradients of the leaves in ``sub``; ``subset`` holds the other leaves.
+
+    ``per_example`` maps over the examples of a chunk (``vmap``, or a loop for forwards that
+    cannot run under it: :mod:`funcbnn.laplace._per_example`).
+    """
+    per_example = PerExample() if per_example is None else per_example
 
     def f_one(p, xi):
         return apply_fn(subset.merge(p), xi[None])[0]
@@ -323,11 +366,11 @@ def _generic_batch(
         xs, ys = x[start : start + chunk_size], y[start : start + chunk_size]
         if kind == "ef":
             with math_attention():
-                g = torch.func.vmap(torch.func.grad(nll_one), in_dims=(None, 0, 0))(sub, xs, ys)
+                g = per_example(torch.func.grad(nll_one), (None, 0, 0), sub, xs, ys)
             squares = optree.tree_map(lambda t: t.square().sum(0), g)
         elif kind == "ggn":
             with math_attention():
-                jac = torch.func.vmap(torch.func.jacrev(f_one), in_dims=(None, 0))(sub, xs)  # (n, *out, *leaf)
+                jac = per_example(torch.func.jacrev(f_one), (None, 0), sub, xs)  # (n, *out, *leaf)
             with torch.no_grad():
                 # One batched forward (examples are independent): no vmap fallback for fused kernels.
                 f = apply_fn(subset.merge(sub), xs)
@@ -349,7 +392,7 @@ def _generic_batch(
             for _ in range(num_mc):
                 y_hat = _sample_targets(likelihood, f, generator)
                 with math_attention():
-                    g = torch.func.vmap(torch.func.grad(nll_one), in_dims=(None, 0, 0))(sub, xs, y_hat)
+                    g = per_example(torch.func.grad(nll_one), (None, 0, 0), sub, xs, y_hat)
                 sq = optree.tree_map(lambda t: t.square().sum(0) / num_mc, g)
                 squares = sq if squares is None else optree.tree_map(torch.add, squares, sq)
         optree.tree_map_(lambda acc, s: acc.add_(s.detach()), out, squares)
@@ -422,6 +465,7 @@ def diag_curvature(
     positive_int(chunk_size, "chunk_size")
     if not isinstance(params, dict):
         raise TypeError(f"params must be a dict of tensors, got {type(params).__name__}")
+    check_eval_normalisation(apply_fn, "diag_curvature")
     lik = unit_likelihood(likelihood)
     batches = check_data(data)
     active = set(params) if subset is None else set(subset)
@@ -471,25 +515,27 @@ def _diag_pass(
     generic_names = active - covered
     sub, subset = split(params, generic_names)
 
-    out = {k: torch.zeros_like(v) for k, v in params.items() if k in covered}
-    generic_out = optree.tree_map(torch.zeros_like, sub)
+    # float16/bfloat16 models sum in float32 (see _guards.LOW_PRECISION) and cast back at the end.
+    out = {k: torch.zeros_like(v, dtype=accumulator_dtype(v.dtype)) for k, v in params.items() if k in covered}
+    generic_out = optree.tree_map(lambda v: torch.zeros_like(v, dtype=accumulator_dtype(v.dtype)), sub)
     loss = None
     num_data = num_outputs = 0
-    for x, y in batches:
+    per_example = PerExample()
+    for i, (x, y) in enumerate(batches):
         if layers:
-            batch_loss = _structured_batch(apply_fn, params, layers, x, y, lik, kind, num_mc, generator, out)
+            batch_loss = _structured_batch(apply_fn, params, layers, x, y, lik, kind, num_mc, generator, out, i)
         else:
-            with torch.no_grad():
-                f = apply_fn(optree.tree_map(lambda t: t.detach(), params), x)
+            f = first_forward(apply_fn, params, x, i)
             lik.check(f, y)
             batch_loss = lik.nll(f, y).sum()
         if generic_names:
-            _generic_batch(apply_fn, sub, subset, x, y, lik, kind, num_mc, generator, chunk_size, generic_out)
+            _generic_batch(apply_fn, sub, subset, x, y, lik, kind, num_mc, generator, chunk_size, generic_out, per_example)
         loss = batch_loss if loss is None else loss + batch_loss
         num_data += y.shape[0]
         num_outputs += lik.num_outputs(y)
     out.update(generic_out)
-    return {k: out[k] for k in params if k in active}, CurvatureStats(loss.detach(), num_data, num_outputs)
+    diag = {k: out[k].to(params[k].dtype) for k in params if k in active}
+    return diag, CurvatureStats(loss.detach(), num_data, num_outputs)
 
 
 def dense_curvature(
@@ -526,6 +572,7 @@ def dense_curvature(
             f"a dense curvature over {size} weights needs {size}^2 numbers; use structure='diag' or a "
             f"smaller subset (or raise max_size={max_size})"
         )
+    check_eval_normalisation(apply_fn, "dense_curvature")
     lik = unit_likelihood(likelihood)
     sub, subset = split(params, names)
 
@@ -539,11 +586,11 @@ def dense_curvature(
         return torch.cat([tree[k].reshape(*tree[k].shape[:lead], -1) for k in names], dim=-1)
 
     ref = next(iter(sub.values()))
-    out = torch.zeros(size, size, dtype=ref.dtype, device=ref.device)
+    out = torch.zeros(size, size, dtype=accumulator_dtype(ref.dtype), device=ref.device)
     loss, num_data, num_outputs = None, 0, 0
-    for x, y in check_data(data):
-        with torch.no_grad():
-            f_all = apply_fn(subset.merge(sub), x)
+    per_example = PerExample()
+    for i, (x, y) in enumerate(check_data(data)):
+        f_all = first_forward(apply_fn, subset.merge(sub), x, i)
         lik.check(f_all, y)
         batch_loss = lik.nll(f_all, y).sum()
         loss = batch_loss if loss is None else loss + batch_loss
@@ -552,15 +599,18 @@ def dense_curvature(
         for start in range(0, x.shape[0], chunk_size):
             xs, ys, fs = x[start : start + chunk_size], y[start : start + chunk_size], f_all[start : start + chunk_size]
             if kind == "ggn":
-                jac = flat(torch.func.vmap(torch.func.jacrev(f_one), in_dims=(None, 0))(sub, xs), fs.dim())
-                jac = jac.reshape(jac.shape[0], -1, size)  # (n, outputs, P)
+                with math_attention():
+                    jac = flat(per_example(torch.func.jacrev(f_one), (None, 0), sub, xs), fs.dim())
+                    jac = jac.reshape(jac.shape[0], -1, size)  # (n, outputs, P)
                 V = ggn_columns(lik, fs)
                 rows = torch.einsum("kno,nop->nkp", V.reshape(V.shape[0], V.shape[1], -1), jac).reshape(-1, size)
             else:
                 targets = [ys] if kind == "ef" else [_sample_targets(lik, fs, generator) for _ in range(num_mc)]
                 scale = 1.0 if kind == "ef" else 1.0 / math.sqrt(num_mc)
-                rows = torch.cat(
-                    [flat(torch.func.vmap(torch.func.grad(nll_one), in_dims=(None, 0, 0))(sub, xs, t), 1) * scale for t in targets]
-                )
+                with math_attention():
+                    rows = torch.cat(
+                        [flat(per_example(torch.func.grad(nll_one), (None, 0, 0), sub, xs, t), 1) * scale for t in targets]
+                    )
+            rows = rows.to(out.dtype)
             out += rows.T @ rows
-    return out.detach(), CurvatureStats(loss.detach(), num_data, num_outputs)
+    return out.detach().to(ref.dtype), CurvatureStats(loss.detach(), num_data, num_outputs)

@@ -24,6 +24,8 @@ from .._validation import positive_int
 from ..likelihoods import Likelihood, get_likelihood
 from ..model import FunctionalModel
 from ..priors import gaussian
+from ..checks import check_finite
+from ._guards import check_curvature, check_eval_normalisation, check_state_fits, refuse_low_precision
 from ._subset import Subset, split
 from .curvature import Kind, check_data, dense_curvature, diag_curvature
 from .kron import kron_curvature, kron_decompose
@@ -278,6 +280,7 @@ def fit(
     'DenseGaussianState'
     """
     check_apply_fn(apply_fn)
+    check_eval_normalisation(apply_fn)
     lik = get_likelihood(likelihood)
     if structure not in STRUCTURES:
         raise ValueError(f"structure must be 'diag', 'kron' or 'full', got {structure!r}")
@@ -285,6 +288,8 @@ def fit(
         raise TypeError("params must be a non-empty dict of tensors")
     if curvature not in ("ggn", "ef", "mc_ggn"):
         raise ValueError(f"curvature must be 'ggn', 'ef' or 'mc_ggn', got {curvature!r}")
+    check_finite(params, "params")
+    refuse_low_precision(params, structure)
     if not isinstance(joint_bias, bool):
         raise TypeError(f"joint_bias must be a bool, got {type(joint_bias).__name__}")
     ref = next(iter(params.values()))
@@ -335,6 +340,7 @@ def fit(
         curv, stats = dense_curvature(model, fit_params, data, lik, **kw)
     if process_group is not None:
         curv, stats = _sum_over_ranks(curv, stats, empty_shard, process_group)
+    check_curvature(curv)
     if structure == "kron":
         curv = kron_decompose(curv)
     state = LaplaceState(
@@ -354,7 +360,7 @@ def fit(
         temperature=temp,
         indices=indices,
     )
-    return _build(model, fixed, names, structure, lik), state
+    return _build(model, fixed, names, structure, lik, {k: v.shape for k, v in mean.items()}), state
 
 
 def _borrow_if_empty(data: Any, process_group: Any) -> tuple[list, bool]:
@@ -462,7 +468,7 @@ def from_state(
     else:
         model, fit_params = apply_fn, params
     _, fixed = split(fit_params, names, clone=True)
-    return _build(model, fixed, names, state.structure, lik)
+    return _build(model, fixed, names, state.structure, lik, {k: v.shape for k, v in state.mean.items()})
 
 
 def _default_prior(state: LaplaceState) -> Any:
@@ -475,24 +481,42 @@ def _default_prior(state: LaplaceState) -> Any:
     )
 
 
-def _build(apply_fn: Any, fixed: Subset, names: list[str], structure: str, lik: Likelihood) -> Laplace:
+def _build(
+    apply_fn: Any, fixed: Subset, names: list[str], structure: str, lik: Likelihood, shapes: dict[str, torch.Size]
+) -> Laplace:
     family = family_of(structure)
+    names_t = tuple(names)
+
+    def fits(state: LaplaceState) -> None:
+        # A state of another model or structure would otherwise fail inside torch (or worse, broadcast).
+        check_state_fits(state, names_t, shapes, structure)
+
+    def posterior_(state: LaplaceState, prior_precision: Any = None, sigma: Any = None, temperature: Any = None) -> Any:
+        """:func:`funcbnn.laplace.state.posterior`: the family state at the state's (or the given) hyperparameters."""
+        fits(state)
+        return posterior(state, prior_precision, sigma, temperature)
+
+    def precision_(state: LaplaceState, prior_precision: Any = None, sigma: Any = None, temperature: Any = None) -> Any:
+        """:func:`funcbnn.laplace.state.precision`: the posterior precision in the structure's form."""
+        fits(state)
+        return precision(state, prior_precision, sigma, temperature)
 
     def sub_apply(sub: dict[str, Tensor], x: Any) -> Any:
         return apply_fn(fixed.merge(sub), x)
 
     def sample(state: LaplaceState, num_samples: int, *, generator: torch.Generator | None = None) -> dict[str, Tensor]:
         """Draws of the posterior's leaves, each ``(num_samples, *leaf.shape)``: ``family.sample(posterior(state), ...)``."""
-        return family.sample(posterior(state), num_samples, generator=generator)
+        return family.sample(posterior_(state), num_samples, generator=generator)
 
     def kl(state: LaplaceState, prior: Any = None, **kwargs: Any) -> Tensor:
         """``family.kl(posterior(state), prior)``; by default against the state's prior ``N(prior_mean, prior_precision^-1)``."""
-        return family.kl(posterior(state), _default_prior(state) if prior is None else prior, **kwargs)
+        return family.kl(posterior_(state), _default_prior(state) if prior is None else prior, **kwargs)
 
     def tune_(state: LaplaceState, *, method: str = "marglik", val_data: Any = None, **kwargs: Any) -> LaplaceState:
         """Tune the hyperparameters: :func:`funcbnn.laplace.marglik.tune` (``method="marglik"``: ``per_leaf``,
         ``prior_structure``, ``tune_sigma``, ``steps``, ``lr``) or :func:`funcbnn.laplace.validation.tune_validation`
         (``method="val_nll"`` on ``val_data``)."""
+        fits(state)
         if method == "marglik":
             if val_data is not None:
                 raise ValueError("val_data is for method='val_nll'; the marginal likelihood needs no validation data")
@@ -505,18 +529,22 @@ def _build(apply_fn: Any, fixed: Subset, names: list[str], structure: str, lik: 
 
     def tune_validation_(state: LaplaceState, val_data: Any, **kwargs: Any) -> tuple[LaplaceState, ValidationInfo]:
         """:func:`funcbnn.laplace.validation.tune_validation` with the fitted model and likelihood."""
+        fits(state)
         return tune_validation(apply_fn, fixed, lik, state, val_data, **kwargs)
 
     def log_marglik_(state: LaplaceState, prior_precision: Any = None, sigma: Any = None, temperature: Any = None) -> Tensor:
         """:func:`funcbnn.laplace.marglik.log_marglik` with the fitted likelihood."""
+        fits(state)
         return log_marglik(state, lik, prior_precision, sigma, temperature)
 
     def linearize_(state: LaplaceState, x: Tensor, *, chunk_size: int = 64) -> Linearization:
         """:func:`funcbnn.laplace.predictive.linearize`: reuse the result in ``predict`` / ``output_covariance``."""
+        fits(state)
         return linearize(apply_fn, fixed, state, x, chunk_size=chunk_size)
 
     def output_covariance_(state: LaplaceState, x: Any, **kwargs: Any) -> tuple[Tensor, Tensor]:
         """:func:`funcbnn.laplace.predictive.output_covariance` (``prior_precision``, ``sigma``, ``temperature``, ``chunk_size``)."""
+        fits(state)
         return output_covariance(apply_fn, fixed, state, x, **kwargs)
 
     def predict_(state: LaplaceState, x: Any, **kwargs: Any) -> Any:
@@ -526,14 +554,15 @@ def _build(apply_fn: Any, fixed: Subset, names: list[str], structure: str, lik: 
         ``link_approx``, ``num_samples``, ``generator``, ``prior_precision``,
         ``sigma``, ``temperature``, ``chunk_size``.
         """
+        fits(state)
         return predict(apply_fn, fixed, lik, state, x, **kwargs)
 
     return Laplace(
         family=family,
-        posterior=posterior,
+        posterior=posterior_,
         sample=sample,
         kl=kl,
-        precision=precision,
+        precision=precision_,
         log_marglik=log_marglik_,
         tune=tune_,
         tune_validation=tune_validation_,

@@ -31,6 +31,9 @@ import torch
 from torch import Tensor, nn
 
 from .._validation import positive_int
+from ..checks import check_finite, guarded_call
+from ._guards import tensor_output
+from ._per_example import PerExample
 from ._subset import split
 from ._taps import Layer, OutsideForward, math_attention, structured_layers, tapped_forward
 from .curvature import _grads_from, _unfold
@@ -75,7 +78,9 @@ class _Unstructured(Exception):
 def _structured(apply_fn: Any, params: dict[str, Tensor], layers: list[Layer], x: Tensor) -> tuple[Tensor, list[LayerPiece]]:
     """Outputs ``(N, *out)`` and one piece per structured layer (each must be called exactly once)."""
     try:
-        f, calls = tapped_forward(apply_fn, params, layers, x)
+        with guarded_call(x, params, "x"):
+            f, calls = tapped_forward(apply_fn, params, layers, x)
+        f = tensor_output(f, "the Laplace predictive")
     except OutsideForward as err:  # weights read outside their layer's forward: the generic path takes them
         raise _Unstructured(err.layers) from None
     count = [0] * len(layers)
@@ -106,23 +111,31 @@ def _structured(apply_fn: Any, params: dict[str, Tensor], layers: list[Layer], x
     return f.detach(), pieces
 
 
-def _generic_jacobian(apply_fn: Any, params: dict[str, Tensor], names: list[str], x: Tensor) -> dict[str, Tensor]:
+def _generic_jacobian(
+    apply_fn: Any, params: dict[str, Tensor], names: list[str], x: Tensor, per_example: PerExample | None = None
+) -> dict[str, Tensor]:
     sub, subset = split(params, names)
 
     def f_one(p: dict[str, Tensor], xi: Tensor) -> Tensor:
         return apply_fn(subset.merge(p), xi[None])[0].reshape(-1)
 
     with math_attention():
-        return torch.func.vmap(torch.func.jacrev(f_one), in_dims=(None, 0))(sub, x)  # leaf: (N, O, *leaf)
+        # vmap, or a loop over examples for forwards that cannot run under it (recurrent layers, control flow)
+        return (per_example or PerExample())(torch.func.jacrev(f_one), (None, 0), sub, x)  # leaf: (N, O, *leaf)
 
 
-def jacobian_pieces(apply_fn: Any, params: dict[str, Tensor], names: list[str], x: Tensor) -> JacobianPieces:
+def jacobian_pieces(
+    apply_fn: Any, params: dict[str, Tensor], names: list[str], x: Tensor, per_example: PerExample | None = None
+) -> JacobianPieces:
     """The per-example Jacobian of the outputs in the leaves ``names``, at ``params``, in pieces.
 
     Linear/Conv1d/Conv2d layers of a :class:`~funcbnn.model.FunctionalModel`
     called once per forward give a :class:`LayerPiece` (one forward and ``O``
     backward passes for the whole batch); every other leaf in ``names`` gets its
-    dense Jacobian from ``vmap(jacrev)``. Nothing carries a graph.
+    dense Jacobian from ``vmap(jacrev)`` (``per_example``: a
+    :class:`~funcbnn.laplace._per_example.PerExample` shared over chunks, so a
+    forward that cannot run under ``vmap`` is tried under it once). Nothing
+    carries a graph.
     """
     detached = {k: v.detach() for k, v in params.items()}
     layers = structured_layers(apply_fn, set(names)) if hasattr(apply_fn, "module") else []
@@ -136,7 +149,7 @@ def jacobian_pieces(apply_fn: Any, params: dict[str, Tensor], names: list[str], 
             layers = [layer for layer in layers if layer not in err.layers]
     covered = {n for layer in layers for n in (layer.weight, layer.bias) if n}
     generic = [k for k in names if k not in covered]
-    jac = _generic_jacobian(apply_fn, detached, generic, x) if generic else {}
+    jac = _generic_jacobian(apply_fn, detached, generic, x, per_example) if generic else {}
     return JacobianPieces(f, pieces, {k: v.detach() for k, v in jac.items()})
 
 
@@ -221,6 +234,7 @@ def diag_output_covariance(
     chunk_size = positive_int(chunk_size, "chunk_size")
     if not isinstance(x, Tensor) or x.dim() == 0:
         raise ValueError("x must be a tensor with a leading batch axis")
+    check_finite(x, "x")
     unknown = set(variances) - set(params)
     if unknown:
         raise ValueError(f"variances has leaves that are not in params: {sorted(unknown)}")
@@ -229,8 +243,9 @@ def diag_output_covariance(
             raise ValueError(f"variances[{k!r}] has shape {tuple(v.shape)}, expected {tuple(params[k].shape)}")
     names = [k for k in params if k in variances]
     fs, covs = [], []
+    per_example = PerExample()
     for start in range(0, x.shape[0], chunk_size):
-        pieces = jacobian_pieces(apply_fn, params, names, x[start : start + chunk_size])
+        pieces = jacobian_pieces(apply_fn, params, names, x[start : start + chunk_size], per_example)
         fs.append(pieces.outputs)
         covs.append(pieces_covariance(pieces, variances))
     return torch.cat(fs), torch.cat(covs)

@@ -44,6 +44,8 @@ from .._validation import positive_int
 from ..families.kron_gaussian import BlockKey, KronDecomposed, KronEigen
 from ..likelihoods import Likelihood
 from ..model import FunctionalModel
+from ..checks import guarded_call
+from ._guards import accumulator_dtype, check_eval_normalisation, tensor_output
 from ._taps import Layer, OutsideForward, structured_layers, tapped_forward
 from .curvature import (
     _patches,
@@ -169,11 +171,13 @@ def _kron_batch(
     A: list[Tensor],
     G: list[Tensor],
     rows: list[int],
+    batch: int = 0,
 ) -> Tensor:
     # A layer called twice in one forward shares its weight across calls, which
     # KFAC-expand treats as extra positions.
-    f, calls = tapped_forward(apply_fn, params, layers, x)
-    likelihood.check(f, y)
+    with guarded_call(x, params, f"x of data batch {batch}"):
+        f, calls = tapped_forward(apply_fn, params, layers, x)
+    likelihood.check(tensor_output(f), y)
     loss = likelihood.nll(f.detach(), y).sum()
     if not calls:  # no structured layer ran: nothing to accumulate
         return loss
@@ -181,7 +185,7 @@ def _kron_batch(
     with torch.no_grad():
         for (i, a, _), g in zip(calls, grads):
             layer = layers[i]
-            ar = _input_rows(layer, a)
+            ar = _input_rows(layer, a).to(A[i].dtype)
             d = ar.shape[1]
             # [a | 1] [a | 1]^T blockwise, without materialising the ones column.
             _add_gram_(A[i][:d, :d], ar)
@@ -192,7 +196,7 @@ def _kron_batch(
                 A[i][d, d] += ar.shape[0]
             rows[i] += ar.shape[0]
             for column in g or ():  # one gram per column: no (K * M, out) copy of the rows
-                _add_gram_(G[i], _grad_rows(layer, column[None]))
+                _add_gram_(G[i], _grad_rows(layer, column[None]).to(G[i].dtype))
     return loss
 
 
@@ -210,14 +214,15 @@ def _kron_pass(
     for layer in layers:
         w = params[layer.weight]
         d = w[0].numel() + (layer.bias is not None)
-        A.append(torch.zeros(d, d, dtype=w.dtype, device=w.device))
-        G.append(torch.zeros(w.shape[0], w.shape[0], dtype=w.dtype, device=w.device))
+        # float16/bfloat16 models sum in float32 (see _guards.LOW_PRECISION), cast back in kron_curvature.
+        A.append(torch.zeros(d, d, dtype=accumulator_dtype(w.dtype), device=w.device))
+        G.append(torch.zeros(w.shape[0], w.shape[0], dtype=accumulator_dtype(w.dtype), device=w.device))
     if not layers:
         return A, G, rows, None
     loss, num_data, num_outputs = None, 0, 0
     with apply_fn._lock:  # hooks live on the shared shell
-        for x, y in batches:
-            batch_loss = _kron_batch(apply_fn, params, layers, x, y, lik, kind, num_mc, generator, A, G, rows)
+        for i, (x, y) in enumerate(batches):
+            batch_loss = _kron_batch(apply_fn, params, layers, x, y, lik, kind, num_mc, generator, A, G, rows, i)
             loss = batch_loss if loss is None else loss + batch_loss
             num_data += y.shape[0]
             num_outputs += lik.num_outputs(y)
@@ -299,6 +304,7 @@ def kron_curvature(
         )
     if not isinstance(params, dict):
         raise TypeError(f"params must be a dict of tensors, got {type(params).__name__}")
+    check_eval_normalisation(apply_fn, "kron_curvature")
     lik = unit_likelihood(likelihood)
     batches = check_data(data)
     active = set(params) if subset is None else set(subset)
@@ -327,6 +333,8 @@ def kron_curvature(
 
     blocks: dict[BlockKey, KronBlock] = {}
     for i, layer in enumerate(layers):
+        dtype = params[layer.weight].dtype
+        A[i], G[i] = A[i].to(dtype), G[i].to(dtype)
         m = torch.tensor(float(rows[i]), dtype=A[i].dtype, device=A[i].device)
         if layer.bias is None:
             blocks[(layer.weight,)] = KronBlock(A[i], G[i], m)
@@ -352,7 +360,9 @@ def kron_decompose(curv: KronCurvature) -> KronDecomposed:
     with torch.no_grad():
         for key, blk in curv.blocks.items():
             # clamp: a layer the forward never called has A = 0 and no rows.
-            a, U = torch.linalg.eigh(blk.A / blk.num_rows.clamp(min=1))
-            g, V = torch.linalg.eigh(blk.G)
-            blocks[key] = KronEigen(a.clamp(min=0), U, g.clamp(min=0), V)
+            # float16/bfloat16 have no eigh: decompose in float32 and cast back.
+            work = accumulator_dtype(blk.A.dtype)
+            a, U = torch.linalg.eigh((blk.A.to(work) / blk.num_rows.to(work).clamp(min=1)))
+            g, V = torch.linalg.eigh(blk.G.to(work))
+            blocks[key] = KronEigen(*(t.to(blk.A.dtype) for t in (a.clamp(min=0), U, g.clamp(min=0), V)))
     return KronDecomposed(blocks, {k: v.detach() for k, v in curv.diag.items()})

@@ -41,6 +41,9 @@ from torch import Tensor
 from .._validation import positive_int
 from ..families.kron_gaussian import KronJacobian, kron_project_jacobian
 from ..likelihoods import Likelihood
+from ..checks import check_finite
+from ._guards import LOW_PRECISION
+from ._per_example import PerExample
 from ._subset import Subset
 from .glm import JacobianPieces, LayerPiece, jacobian_pieces, layer_jacobian, pieces_covariance
 from .state import LaplaceState, _scale, family_of, hyperparameters, posterior, precision
@@ -93,7 +96,9 @@ class DenseJacobian(NamedTuple):
 
 def _check_inputs(x: Any) -> None:
     if not isinstance(x, Tensor) or x.dim() == 0:
-        raise ValueError("x must be a tensor with a leading batch axis")
+        what = "a 0-d tensor" if isinstance(x, Tensor) else type(x).__name__
+        raise ValueError(f"x must be a tensor with a leading batch axis (or a Linearization), got {what}")
+    check_finite(x, "x")
 
 
 def _kron_jacobian(curvature: Any, pieces: JacobianPieces) -> KronJacobian:
@@ -152,8 +157,9 @@ def linearize(
         with torch.no_grad():
             evals, evecs = torch.linalg.eigh(state.curvature.detach())
     chunks = []
+    per_example = PerExample()
     for start in range(0, x.shape[0], chunk_size):
-        pieces = jacobian_pieces(apply_fn, params, names, x[start : start + chunk_size])
+        pieces = jacobian_pieces(apply_fn, params, names, x[start : start + chunk_size], per_example)
         with torch.no_grad():
             if state.structure == "kron":  # rotate chunk by chunk: the unrotated Jacobian never exists whole
                 chunks.append((pieces.outputs, _kron_jacobian(state.curvature, pieces)))
@@ -332,6 +338,8 @@ def predict(
         from ..predict import sample_outputs
 
         inputs = x.inputs if isinstance(x, Linearization) else x
+        if not isinstance(x, Linearization):
+            _check_inputs(inputs)
         draws = family_of(state.structure).sample(posterior(state, pp, sd, temp), num_samples, generator=generator)
         outs = sample_outputs(lambda sub, xs: apply_fn(subset.merge(sub), xs), draws, inputs)
         if regression:
@@ -353,7 +361,10 @@ def predict(
         return laplace_bridge(f_flat, cov, normalize=link_approx == "bridge_norm")
     # A square root through the eigendecomposition: the output covariance is often rank
     # deficient (fewer uncertain directions than classes), where Cholesky fails.
-    evals, evecs = torch.linalg.eigh(cov)
+    if cov.dtype in LOW_PRECISION:  # no float16/bfloat16 eigh: decompose in float32, cast back
+        evals, evecs = (t.to(cov.dtype) for t in torch.linalg.eigh(cov.float()))
+    else:
+        evals, evecs = torch.linalg.eigh(cov)
     root = evecs * evals.clamp_min(0).sqrt().unsqueeze(-2)
     eps = torch.empty((num_samples, *f_flat.shape), dtype=f.dtype, device=f.device).normal_(generator=generator)
     logits = f_flat + torch.einsum("noq,snq->sno", root, eps)

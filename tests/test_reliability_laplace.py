@@ -1,0 +1,259 @@
+"""Laplace on bad input and awkward models (issue 16): early errors that name the argument, and models that run.
+
+Each test failed on the code before the fix it covers: torch-internals errors,
+silent NaN predictions, ``linalg.eigh`` failures on NaN curvature, vmap errors
+on recurrent layers and data-dependent control flow.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import pickle
+import threading
+
+import pytest
+import torch
+from torch import nn
+
+import funcbnn
+from funcbnn import laplace
+from funcbnn.checks import NonFiniteError, set_finite_checks
+from funcbnn.laplace import LaplaceApproximation
+
+STRUCTURES = ("diag", "kron", "full")
+
+
+def _mlp(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+
+
+@pytest.fixture
+def data() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(24, 4, generator=g), torch.randint(0, 3, (24,), generator=g)
+
+
+@pytest.fixture
+def fitted(data):
+    apply_fn, params, _ = funcbnn.functionalize(_mlp())
+    la, state = laplace.fit(apply_fn, params, data, "classification", structure="diag")
+    return apply_fn, params, la, state
+
+
+# --- item 1: wrong dtype / trailing shape of x, bad targets -------------------------------------
+
+
+@pytest.mark.parametrize("structure", STRUCTURES)
+@pytest.mark.parametrize("bad_x", ["trailing_shape", "dtype"])
+def test_fit_names_x_when_the_model_cannot_run_on_it(structure, bad_x, data):
+    x, y = data
+    x = torch.randn(24, 5) if bad_x == "trailing_shape" else x.double()
+    apply_fn, params, _ = funcbnn.functionalize(_mlp())
+    with pytest.raises(ValueError, match=r"could not run on x of data batch 0 \(a tensor of shape \(24, \d\)") as err:
+        laplace.fit(apply_fn, params, (x, y), "classification", structure=structure)
+    assert isinstance(err.value.__cause__, RuntimeError)  # torch's message stays in the chain
+    if bad_x == "dtype":
+        assert "differs from the parameters' torch.float32" in str(err.value)
+
+
+def test_fit_names_the_batch_that_the_model_cannot_run_on(data):
+    x, y = data
+    apply_fn, params, _ = funcbnn.functionalize(_mlp())
+    with pytest.raises(ValueError, match="x of data batch 1"):
+        laplace.fit(apply_fn, params, [(x, y), (torch.randn(4, 7), y[:4])], "classification")
+
+
+@pytest.mark.parametrize("bad", [torch.randn(5, 7), torch.randn(5, 4, dtype=torch.float64)])
+def test_predict_names_x_when_the_model_cannot_run_on_it(fitted, bad):
+    _, _, la, state = fitted
+    with pytest.raises(ValueError, match=r"the model could not run on x \(a tensor of shape \(5,"):
+        la.predict(state, bad)
+
+
+def test_targets_that_are_not_a_tensor_are_named(data):
+    x, y = data
+    apply_fn, params, _ = funcbnn.functionalize(_mlp())
+    with pytest.raises(ValueError, match="data batch 0: targets y must be a tensor"):
+        laplace.fit(apply_fn, params, [(x, y.tolist())], "classification")
+
+
+@pytest.mark.parametrize(
+    "likelihood, y, message",
+    [
+        ("classification", torch.full((24,), 3), r"targets must lie in \[0, 2\]"),
+        ("classification", torch.zeros(24, 1, dtype=torch.long), r"targets must have shape \(24,\)"),
+        ("regression", torch.zeros(24), r"targets must have the shape of the outputs \(24, 3\)"),
+    ],
+)
+def test_targets_of_the_wrong_range_or_shape_get_the_likelihoods_error(likelihood, y, message, data):
+    apply_fn, params, _ = funcbnn.functionalize(_mlp())
+    with pytest.raises(ValueError, match=message):
+        laplace.fit(apply_fn, params, (data[0], y), likelihood)
+
+
+# --- item 2: non-finite inputs, targets, parameters, curvature ----------------------------------
+
+
+@pytest.mark.parametrize("structure", STRUCTURES)
+def test_fit_names_nan_inputs_targets_and_params(structure, data):
+    x, y = data
+    apply_fn, params, _ = funcbnn.functionalize(_mlp())
+    x_nan = x.clone()
+    x_nan[3, 1] = float("nan")
+    with pytest.raises(NonFiniteError, match=r"data batch 1 inputs x contains non-finite values \(1 NaN, 0 inf\)"):
+        laplace.fit(apply_fn, params, [(x, y), (x_nan, y)], "classification", structure=structure)
+    y_inf = torch.randn(24, 3)
+    y_inf[0, 0] = float("inf")
+    with pytest.raises(NonFiniteError, match=r"data batch 0 targets y contains non-finite values \(0 NaN, 1 inf\)"):
+        laplace.fit(apply_fn, params, (x, y_inf), "regression", structure=structure)
+    bad = {k: v.clone() for k, v in params.items()}
+    bad["2.weight"][0, 0] = float("nan")
+    with pytest.raises(NonFiniteError, match="params contains non-finite values .* in leaf '2.weight'"):
+        laplace.fit(apply_fn, bad, (x, y), "classification", structure=structure)
+
+
+class _Overflow(nn.Module):
+    """Finite outputs whose Jacobian squares overflow float32: the curvature, not the input, is non-finite."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.fc(x) * 1e25
+
+
+@pytest.mark.parametrize("structure", STRUCTURES)
+def test_non_finite_curvature_is_named_before_any_decomposition(structure, data):
+    apply_fn, params, _ = funcbnn.functionalize(_Overflow())
+    with pytest.raises(NonFiniteError, match="the accumulated curvature contains non-finite values"):
+        laplace.fit(apply_fn, params, (data[0], torch.randn(24, 3) * 1e25), "regression", structure=structure)
+
+
+@pytest.mark.parametrize("pred_type", ["glm", "nn"])
+def test_predict_refuses_nan_inputs(fitted, pred_type):
+    _, _, la, state = fitted
+    x = torch.randn(5, 4)
+    x[2, 2] = float("nan")
+    with pytest.raises(NonFiniteError, match=r"^x contains non-finite values \(1 NaN, 0 inf\)"):
+        la.predict(state, x, pred_type=pred_type, num_samples=3)
+
+
+def test_finite_checks_can_be_turned_off(fitted):
+    _, _, la, state = fitted
+    x = torch.randn(5, 4)
+    x[2, 2] = float("nan")
+    with set_finite_checks(False):
+        probs = la.predict(state, x)
+    assert probs[2].isnan().all() and probs[[0, 1, 3, 4]].isfinite().all()
+
+
+# --- item 3: batch statistics -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("make", ["train", "no_running_stats"])
+def test_batchnorm_with_batch_statistics_is_refused_naming_the_layer(make, data):
+    if make == "train":
+        model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 3))
+        apply_fn, params, _ = funcbnn.functionalize(model, train=True)
+    else:
+        model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8, track_running_stats=False), nn.Linear(8, 3))
+        apply_fn, params, _ = funcbnn.functionalize(model)
+    for structure in STRUCTURES:
+        with pytest.raises(ValueError, match=r"eval-mode normalisation, but the BatchNorm layer\(s\) \['1'\]"):
+            laplace.fit(apply_fn, params, data, "classification", structure=structure, subset="last_layer")
+
+
+def test_eval_mode_batchnorm_fits(data):
+    model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 3)).eval()
+    apply_fn, params, _ = funcbnn.functionalize(model)
+    la, state = laplace.fit(apply_fn, params, data, "classification", structure="kron")
+    assert la.predict(state, data[0]).isfinite().all()
+
+
+# --- item 4: non-tensor outputs ------------------------------------------------------------------
+
+
+class _TupleOut(nn.Module):
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+        self.kind = kind
+
+    def forward(self, x):
+        f = self.fc(x)
+        return (f, f.detach()) if self.kind == "tuple" else {"logits": f}
+
+
+@pytest.mark.parametrize("kind", ["tuple", "dict"])
+@pytest.mark.parametrize("structure", STRUCTURES)
+def test_tuple_or_dict_outputs_get_a_type_error_saying_how_to_wrap(kind, structure, data):
+    apply_fn, params, _ = funcbnn.functionalize(_TupleOut(kind))
+    with pytest.raises(TypeError, match=f"output is one tensor .*got a {kind}.*Wrap the model"):
+        laplace.fit(apply_fn, params, data, "classification", structure=structure)
+
+
+def test_predict_with_a_tuple_output_model_says_so(data):
+    class Plain(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.fc(x)
+
+    apply_fn, params, _ = funcbnn.functionalize(Plain())
+    _, state = laplace.fit(apply_fn, params, data, "classification")
+    tuple_fn, tuple_params, _ = funcbnn.functionalize(_TupleOut("tuple"))
+    la = laplace.from_state(tuple_fn, tuple_params, state)
+    with pytest.raises(TypeError, match="output is one tensor"):
+        la.predict(state, torch.randn(3, 4))
+
+
+# --- item 5: float16 / bfloat16 ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("structure", ["diag", "kron"])
+def test_low_precision_models_fit_and_match_the_float32_fit(dtype, structure, data):
+    x, y = data
+    model = _mlp().to(dtype)
+    apply_fn, params, _ = funcbnn.functionalize(model)
+    la, state = laplace.fit(apply_fn, params, (x.to(dtype), y), "classification", structure=structure)
+    # The reference: the same (rounded) weights and inputs in float32.
+    apply32, params32, _ = funcbnn.functionalize(copy.deepcopy(model).float())
+    la32, state32 = laplace.fit(apply32, params32, (x.to(dtype).float(), y), "classification", structure=structure)
+    probs, probs32 = la.predict(state, x.to(dtype)), la32.predict(state32, x.to(dtype).float())
+    assert probs.dtype == dtype
+    tol = 2e-3 if dtype == torch.float16 else 2e-2
+    torch.testing.assert_close(probs.float(), probs32, atol=tol, rtol=0)
+    mc = la.predict(state, x.to(dtype), link_approx="mc", num_samples=4, generator=torch.Generator().manual_seed(0))
+    assert mc.dtype == dtype and mc.isfinite().all()
+    lml, lml32 = la.log_marglik(state).float(), la32.log_marglik(state32)
+    torch.testing.assert_close(lml, lml32, rtol=2e-2, atol=0)
+    draws = la.sample(state, 3, generator=torch.Generator().manual_seed(0))
+    assert all(d.dtype == dtype and d.isfinite().all() for d in draws.values())
+
+
+def test_low_precision_curvature_is_summed_in_float32():
+    """Past 2048, float16 steps by 2: 2048 + 1 rounds back to 2048, so 32 single examples after a batch
+    of 2048 add nothing in float16; summed in float32 they give 2080 (exact in float16 too)."""
+    model = nn.Linear(1, 1, bias=False).half()
+    apply_fn, params, _ = funcbnn.functionalize(model)
+    ones = torch.ones(2048, 1, dtype=torch.float16)
+    batches = [(ones, ones)] + [(ones[:1], ones[:1])] * 32
+    for structure in ("diag", "kron"):
+        _, state = laplace.fit(apply_fn, params, batches, "regression", structure=structure)
+        if structure == "diag":
+            assert float(state.curvature["weight"]) == 2080.0
+        else:  # G sums the unit output gradients, A averages x^2 = 1
+            assert float(state.curvature.blocks["weight",].g[0]) == 2080.0
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_full_structure_names_the_dtype(dtype, data):
+    apply_fn, params, _ = funcbnn.functionalize(_mlp().to(dtype))
+    with pytest.raises(TypeError, match=f"structure='full' does not support {dtype}"):
+        laplace.fit(apply_fn, params, (data[0].to(dtype), data[1]), "classification", structure="full")
