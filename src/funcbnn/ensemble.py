@@ -23,6 +23,7 @@ moment-matched mean and variance, the paper's combination for regression).
 from __future__ import annotations
 
 import copy
+import math
 import sys
 import time
 from typing import Any, Callable, Literal, NamedTuple
@@ -33,6 +34,7 @@ from torch import Tensor, nn
 
 from . import distributed
 from ._validation import positive_int
+from .checks import DivergedError, check_finite, check_generator, describe, finite_checks_enabled, guarded_call
 from .families.empirical import EmpiricalState
 from .likelihoods import Likelihood, get_likelihood
 from .model import functionalize
@@ -42,10 +44,24 @@ __all__ = ["EnsembleResult", "init_members", "fit", "disagreement", "pairwise_kl
 
 
 class EnsembleResult(NamedTuple):
-    """What :func:`fit` returns: the trained members and each member's loss per step ``(steps, K)``."""
+    """What :func:`fit` returns: the trained members and each member's loss per step ``(steps, K)``.
+
+    ``checkpoint`` holds what :func:`fit` needs to continue bit-identically
+    (``fit(..., resume=result)``): the members, the optimiser's ``state_dict``,
+    the generator's state (the members' future data orders), the epochs done,
+    the forward path taken and the history; plain tensors, dicts and lists, so
+    ``torch.load`` with ``weights_only=True`` reads it.
+    """
 
     state: EmpiricalState
     history: Tensor
+    checkpoint: dict | None = None
+
+
+# A saved result loads with plain torch.load (weights_only=True).
+torch.serialization.add_safe_globals([EnsembleResult, EmpiricalState])
+
+_CHECKPOINT_FORMAT = "funcbnn.ensemble.fit"
 
 
 def _seed_from(generator: torch.Generator | None) -> int:
@@ -119,6 +135,7 @@ def fit(
     adversarial_eps: float = 0.0,
     generator: torch.Generator | None = None,
     method: Literal["auto", "vmap", "loop"] = "auto",
+    resume: EnsembleResult | dict | None = None,
     progress: bool = False,
     process_group: Any = None,
 ) -> EnsembleResult:
@@ -152,8 +169,17 @@ def fit(
         the first batch (forward and backward, no optimiser step; the data orders
         are drawn before, so the generator's stream is unchanged, though a forward
         with global-RNG dropout draws from the global RNG) and keeps the faster; a
-        forward that fails under vmap loops.
-
+        forward that fails under vmap loops. A resumed fit keeps the path of the
+        run it continues.
+    resume : EnsembleResult or dict, optional
+        A result of an earlier ``fit`` (or its ``.checkpoint``, also after
+        ``torch.save``/``torch.load``): training continues from its members,
+        optimiser state, generator state (the data orders), path and history,
+        for ``epochs`` more epochs, so ``fit(epochs=2)`` then
+        ``fit(epochs=2, resume=...)`` equals ``fit(epochs=4)`` bit for bit
+        (same other arguments; ``generator``, a new one if None, is set to the
+        saved state). ``state`` must be shaped like the checkpoint's members.
+        Not with ``process_group``.
     process_group : torch.distributed group, optional
         Spread the members over the ranks (contiguous blocks, the first ranks one
         more; a rank may have none): each rank trains its members on the whole
@@ -164,7 +190,20 @@ def fit(
     Returns
     -------
     EnsembleResult
-        ``(state, history)`` with ``history[t, k]`` member ``k``'s loss at step ``t``.
+        ``(state, history, checkpoint)`` with ``history[t, k]`` member ``k``'s loss at step ``t``.
+
+    Raises
+    ------
+    ValueError
+        Inputs the model cannot run on (named, with shape and dtype); targets
+        that do not fit the likelihood; NaN or inf in the data
+        (:class:`~funcbnn.checks.NonFiniteError`); no examples.
+    TypeError
+        A ``generator`` that is not a ``torch.Generator``, data that is not a
+        pair of tensors.
+    funcbnn.checks.DivergedError
+        A member's loss became non-finite: ``error.step`` is the step (over the
+        whole run), ``error.state`` the members that step started from.
 
     Examples
     --------
@@ -179,8 +218,24 @@ def fit(
     """
     if not isinstance(state, EmpiricalState):
         raise TypeError(f"state must be an EmpiricalState (e.g. from init_members), got {type(state).__name__}")
+    generator = check_generator(generator)
     lik = get_likelihood(likelihood)
     x, y = _check_data(data)
+    check_finite(x, "data inputs")
+    check_finite(y, "data targets")
+    ck = _checkpoint_of(resume)
+    if ck is not None:
+        if process_group is not None:
+            raise ValueError("resume is not supported with process_group (each rank holds only its members' optimiser state)")
+        if not _same_layout(ck["members"], state.members):
+            raise ValueError(
+                "resume: the checkpoint's members are not shaped like state.members: "
+                f"{describe(ck['members'])} vs {describe(state.members)}"
+            )
+        state = EmpiricalState(ck["members"])
+        generator = _resumed_generator(ck, generator)
+        if method == "auto":
+            method = ck["method"]
     epochs = positive_int(epochs, "epochs")
     batch_size = positive_int(batch_size, "batch_size")
     if method not in ("auto", "vmap", "loop"):
@@ -214,9 +269,16 @@ def fit(
     k_all, k = k, len(mine)
     members = optree.tree_map(lambda t: t[mine.start : mine.stop].detach().clone().requires_grad_(True), state.members)
     leaves = optree.tree_leaves(members)
+    if k:
+        _check_model_and_targets(apply_fn, lik, optree.tree_map(lambda t: t[0].detach(), members), x, y)
     opt = optimizer(leaves) if optimizer is not None else torch.optim.Adam(leaves, lr=1e-3)
     if not isinstance(opt, torch.optim.Optimizer):
         raise TypeError(f"optimizer must return a torch.optim.Optimizer, got {type(opt).__name__}")
+    if ck is not None:
+        try:  # a deep copy: load_state_dict shares the saved tensors and the optimiser updates them in place
+            opt.load_state_dict(copy.deepcopy(ck["optimizer"]))
+        except (ValueError, KeyError, RuntimeError) as e:
+            raise ValueError(f"resume: the checkpoint's optimiser state does not fit the optimiser: {e}") from e
 
     n = y.shape[0]
     device = y.device
@@ -234,6 +296,8 @@ def fit(
         ])
 
     history: list[Tensor] = []
+    previous = 0 if ck is None else int(ck["history"].shape[0])
+    done = 0 if ck is None else int(ck["epochs"])
     for epoch in range(epochs):
         # every rank draws all K orders (the one-process stream) and keeps its members' rows
         orders = torch.stack([torch.randperm(n, generator=generator) for _ in range(k_all)])[mine.start : mine.stop]
@@ -249,9 +313,16 @@ def fit(
                 method = _pick_path(batched, looped, members, xb, yb)
             opt.zero_grad()
             losses = (batched if method == "vmap" else looped)(members, xb, yb)
-            if not bool(torch.isfinite(losses).all()):
-                raise FloatingPointError(
-                    f"member losses became non-finite at epoch {epoch}: {losses.tolist()}; lower the learning rate"
+            # one host sync per step, before the optimiser can write a non-finite update
+            if finite_checks_enabled() and not bool(torch.isfinite(losses).all()):
+                index = previous + len(history)
+                bad = [j for j, v in enumerate(losses.tolist()) if not math.isfinite(v)]
+                raise DivergedError(
+                    f"step {index} (epoch {done + epoch}): the loss of member(s) {bad} became non-finite "
+                    f"({losses.tolist()}); the optimiser did not step, error.state holds the members this step "
+                    "started from. Lower the learning rate or check the data",
+                    index,
+                    EmpiricalState(optree.tree_map(lambda t: t.detach().clone(), members)),
                 )
             losses.sum().backward()  # members do not interact: each gets the gradient of its own loss
             opt.step()
@@ -264,7 +335,70 @@ def fit(
         counts = [len(distributed.shard_range(k_all, r, size)) for r in range(size)]
         trained = distributed.all_gather_blocks(trained, counts, process_group)
         hist = distributed.all_gather_blocks(hist.T.contiguous().to(leaves0[0].dtype), counts, process_group).T
-    return EnsembleResult(EmpiricalState(trained), hist)
+        return EnsembleResult(EmpiricalState(trained), hist)  # no checkpoint: each rank's optimiser holds a shard
+    if ck is not None:
+        hist = torch.cat([ck["history"], hist])
+    checkpoint = {
+        "format": _CHECKPOINT_FORMAT,
+        "version": 1,
+        "members": trained,
+        "optimizer": opt.state_dict(),
+        "generator": None if generator is None else generator.get_state(),
+        "generator_device": None if generator is None else str(generator.device),
+        "epochs": done + epochs,
+        "method": method,  # "vmap" or "loop" once a step ran: a resumed "auto" keeps it
+        "history": hist,
+    }
+    return EnsembleResult(EmpiricalState(trained), hist, checkpoint)
+
+
+def _checkpoint_of(resume: Any) -> dict | None:
+    if resume is None:
+        return None
+    ck = resume.checkpoint if isinstance(resume, EnsembleResult) else resume
+    if not (isinstance(ck, dict) and ck.get("format") == _CHECKPOINT_FORMAT):
+        raise TypeError(
+            "resume must be an EnsembleResult of ensemble.fit or its .checkpoint (a dict with format "
+            f"{_CHECKPOINT_FORMAT!r}), got {describe(resume)}"
+        )
+    return ck
+
+
+def _same_layout(a: Any, b: Any) -> bool:
+    la, sa = optree.tree_flatten(a)
+    lb, sb = optree.tree_flatten(b)
+    return sa == sb and all(x.shape == y.shape and x.dtype == y.dtype for x, y in zip(la, lb))
+
+
+def _resumed_generator(ck: dict, generator: torch.Generator | None) -> torch.Generator | None:
+    if ck["generator"] is None:
+        return generator
+    if generator is None:
+        generator = torch.Generator(device=ck["generator_device"])
+    try:
+        generator.set_state(ck["generator"])
+    except RuntimeError as e:
+        raise ValueError(f"resume: the checkpoint's generator state does not fit generator: {e}") from e
+    return generator
+
+
+def _check_model_and_targets(apply_fn: Callable, lik: Likelihood, member: Tree, x: Any, y: Tensor) -> None:
+    """One member on one example: inputs the model cannot take and targets that do not fit the
+    likelihood fail here, named, instead of inside the vmapped step (one small forward, no data pass)."""
+    first = optree.tree_map(lambda t: t[:1], x)
+    with torch.no_grad(), guarded_call(x, member, "the data inputs", "ensemble.fit"):
+        out = apply_fn(member, first)
+    if not isinstance(out, Tensor):
+        raise TypeError(
+            f"the model must return one Tensor (what the likelihood scores), got {describe(out)}; wrap it to "
+            "return that tensor, e.g. apply_fn=lambda params, x: model_fn(params, x)[0]"
+        )
+    if out.dim() == 0 or out.shape[0] != 1:
+        return  # not a batch-first output: the likelihood's own errors will speak
+    try:
+        lik.check(out.expand(y.shape[0], *out.shape[1:]), y)  # the targets' shape, dtype and range
+    except ValueError as e:
+        raise ValueError(f"data targets do not fit the likelihood '{lik.name}': {e}") from None
 
 
 def _pick_path(batched: Callable, looped: Callable, members: Tree, xb: Any, yb: Tensor) -> str:
