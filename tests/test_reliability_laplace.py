@@ -12,6 +12,8 @@ import io
 import pickle
 import threading
 
+import optree
+
 import pytest
 import torch
 from torch import nn
@@ -257,3 +259,176 @@ def test_low_precision_full_structure_names_the_dtype(dtype, data):
     apply_fn, params, _ = funcbnn.functionalize(_mlp().to(dtype))
     with pytest.raises(TypeError, match=f"structure='full' does not support {dtype}"):
         laplace.fit(apply_fn, params, (data[0].to(dtype), data[1]), "classification", structure="full")
+
+
+# --- item 6: forwards that do not run under vmap -----------------------------------------------
+
+
+class _Recurrent(nn.Module):
+    def __init__(self, cell: type) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.rnn = cell(3, 4, batch_first=True)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.head(self.rnn(x)[0][:, -1])
+
+
+class _Branching(nn.Module):
+    """Python control flow on the input's value; ``scale`` is a bare leaf, so the generic engine runs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b = nn.Linear(3, 3), nn.Linear(3, 3)
+        self.scale = nn.Parameter(torch.rand(3) + 0.5)
+
+    def forward(self, x):
+        if x.sum() > 0:
+            return self.a(x) * self.scale
+        return self.b(x)
+
+
+def _loop_curvature(apply_fn, params, names, batches, kind):
+    """The per-example GGN (or EF) over ``names``, by a plain loop of ``torch.autograd.functional.jacobian``."""
+    sizes = [params[k].numel() for k in names]
+    theta0 = torch.cat([params[k].reshape(-1) for k in names]).double()
+
+    def unflat(theta):
+        out = dict(params)
+        for k, piece in zip(names, theta.split(sizes)):
+            out[k] = piece.reshape(params[k].shape).to(params[k].dtype)
+        return out
+
+    total = torch.zeros(theta0.numel(), theta0.numel(), dtype=torch.float64)
+    for x, y in batches:
+        for n in range(x.shape[0]):
+            def f(theta):
+                return apply_fn(unflat(theta), x[n : n + 1])[0].double()
+
+            J = torch.autograd.functional.jacobian(f, theta0)  # (C, P)
+            p = f(theta0).softmax(-1)
+            if kind == "ggn":
+                total += J.T @ (torch.diag(p) - torch.outer(p, p)) @ J
+            else:
+                g = J.T @ (p - nn.functional.one_hot(y[n], p.numel()).double())
+                total += torch.outer(g, g)
+    return total
+
+
+def _awkward_cases():
+    g = torch.Generator().manual_seed(3)
+    seqs = torch.randn(6, 5, 3, generator=g)
+    labels = torch.randint(0, 3, (6,), generator=g)
+    # Both batches keep every example on the same branch as its batch, so the batched forward and
+    # the per-example loop take the same branches.
+    pos, neg = torch.rand(4, 3, generator=g) + 0.1, -torch.rand(4, 3, generator=g) - 0.1
+    return {
+        "lstm": (_Recurrent(nn.LSTM), [(seqs, labels)]),
+        "gru": (_Recurrent(nn.GRU), [(seqs, labels)]),
+        "branching": (_Branching(), [(pos, labels[:4]), (neg, labels[2:])]),
+    }
+
+
+@pytest.mark.parametrize("case", ["lstm", "gru", "branching"])
+@pytest.mark.parametrize("kind", ["ggn", "ef"])
+@pytest.mark.parametrize("structure", STRUCTURES)
+@pytest.mark.parametrize("subset", ["all", "last_layer"])
+def test_forwards_that_break_vmap_fit_and_match_a_per_example_loop(case, kind, structure, subset):
+    model, batches = _awkward_cases()[case]
+    apply_fn, params, _ = funcbnn.functionalize(model)
+    la, state = laplace.fit(apply_fn, params, batches, "classification", structure=structure, curvature=kind, subset=subset)
+    names = list(state.mean)
+    truth = _loop_curvature(apply_fn, params, names, batches, kind)
+    if structure == "full":
+        torch.testing.assert_close(state.curvature.double(), truth, atol=1e-5, rtol=1e-4)
+    elif structure == "diag":
+        got = torch.cat([state.curvature[k].reshape(-1) for k in names]).double()
+        torch.testing.assert_close(got, truth.diagonal(), atol=1e-5, rtol=1e-4)
+    else:  # the leaves off the Kronecker blocks (recurrent weights, the bare scale) are diagonal
+        offsets = dict(zip(names, torch.tensor([0] + [params[k].numel() for k in names]).cumsum(0).tolist()))
+        assert state.curvature.diag or subset == "last_layer"
+        for k, v in state.curvature.diag.items():
+            want = truth.diagonal()[offsets[k] : offsets[k] + v.numel()]
+            torch.testing.assert_close(v.reshape(-1).double(), want, atol=1e-5, rtol=1e-4)
+    x = batches[0][0]
+    probs = la.predict(state, x)
+    assert probs.shape == (x.shape[0], 3) and probs.isfinite().all()
+    torch.testing.assert_close(probs.sum(-1), torch.ones(x.shape[0]))
+
+
+# --- item 7: pickling and saving ---------------------------------------------------------------
+
+
+def _same_predictions(a: LaplaceApproximation, b: LaplaceApproximation, x: torch.Tensor) -> None:
+    gen = lambda: torch.Generator().manual_seed(5)  # noqa: E731
+    for left, right in zip(a.predict(x, 7, generator=gen()), b.predict(x, 7, generator=gen())):
+        assert torch.equal(left, right)
+    glm_a, glm_b = a(x), b(x)  # probabilities, or (mean, variance) for regression
+    for left, right in zip(optree.tree_leaves(glm_a), optree.tree_leaves(glm_b)):
+        assert torch.equal(left, right)
+    assert torch.equal(a.log_marglik(), b.log_marglik())
+
+
+@pytest.mark.parametrize("structure", STRUCTURES)
+@pytest.mark.parametrize("subset", ["all", "last_layer"])
+@pytest.mark.parametrize("likelihood", ["classification", "regression"])
+def test_laplace_approximation_pickles_fitted_and_not_and_predicts_identically(structure, subset, likelihood, data):
+    x, y = data
+    y = y if likelihood == "classification" else torch.randn(24, 3)
+    la = LaplaceApproximation(_mlp(), likelihood, subset_of_weights=subset, hessian_structure=structure, sigma=None)
+    fresh = pickle.loads(pickle.dumps(la))
+    assert not fresh.is_fitted and fresh.structure == structure and fresh.subset == subset
+    la.fit([(x, y)])
+    fresh.fit([(x, y)])
+    _same_predictions(la, fresh, x)
+    again = pickle.loads(pickle.dumps(la))
+    _same_predictions(la, again, x)
+    la.tune(steps=5)
+    _same_predictions(la, pickle.loads(pickle.dumps(la)), x)
+
+
+def test_unpickled_approximation_keeps_the_weights_it_was_fitted_at(data):
+    model = _mlp()
+    la = LaplaceApproximation(model, "classification", subset="last_layer").fit([data])
+    before = la(data[0])
+    with torch.no_grad():
+        model[0].weight.add_(1.0)  # training goes on after the fit: the fit's snapshot does not move
+    assert torch.equal(pickle.loads(pickle.dumps(la))(data[0]), before)
+
+
+def test_laplace_approximation_refuses_both_names_of_one_option():
+    with pytest.raises(TypeError, match="not both"):
+        LaplaceApproximation(_mlp(), structure="kron", hessian_structure="full")
+
+
+@pytest.mark.parametrize("structure", STRUCTURES)
+def test_the_state_saves_and_loads_with_weights_only(structure, data):
+    la_obj = LaplaceApproximation(_mlp(), "classification", structure=structure, subset="last_layer").fit([data])
+    buffer = io.BytesIO()
+    torch.save(la_obj.state, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer)  # torch's default weights_only=True
+    apply_fn, params, _ = funcbnn.functionalize(la_obj.model)
+    again = laplace.from_state(apply_fn, params, loaded)
+    assert torch.equal(again.predict(loaded, data[0]), la_obj(data[0]))
+
+
+def test_incerto_laplace_pickles_and_its_state_dict_loads_with_weights_only(data):
+    from funcbnn.compat.incerto import LaplaceApproximation as IncertoLaplace
+
+    la = IncertoLaplace(_mlp(), "classification", num_samples=6)
+    fresh = pickle.loads(pickle.dumps(la))
+    la.fit([data])
+    fresh.fit([data])
+    gen = lambda: torch.Generator().manual_seed(2)  # noqa: E731
+    assert torch.equal(la.predict(data[0], generator=gen())[0], fresh.predict(data[0], generator=gen())[0])
+    again = pickle.loads(pickle.dumps(la))
+    assert torch.equal(la.predict(data[0], generator=gen())[1], again.predict(data[0], generator=gen())[1])
+    buffer = io.BytesIO()
+    torch.save(la.state_dict(), buffer)
+    buffer.seek(0)
+    other = IncertoLaplace(_mlp(seed=1), "classification")
+    other.load_state_dict(torch.load(buffer))
+    assert torch.equal(la.predict(data[0], generator=gen())[0], other.predict(data[0], generator=gen())[0])

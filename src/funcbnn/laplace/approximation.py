@@ -11,6 +11,11 @@ squared *batch-mean* gradients and never multiplies by the number of examples,
 so its posterior width depends on the batch size; here the curvature is the sum
 of per-example terms over the whole data set (Daxberger et al. 2021), so the
 same model and data give the same posterior for any batching.
+
+The object pickles, fitted or not (the functions of the fit are closures:
+what is saved is the fitted :class:`~funcbnn.laplace.LaplaceState`, the
+functional model and the leaves outside the posterior, from which
+:func:`~funcbnn.laplace.from_state` rebuilds the same functions on load).
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from ..likelihoods import Likelihood, get_likelihood
 from ..model import functionalize
 from ..predict import sample_outputs
 from .curvature import Kind
-from .fit import Laplace, fit
+from .fit import Laplace, fit, from_state
 from .state import LaplaceState
 
 __all__ = ["LaplaceApproximation", "NotFittedError"]
@@ -62,6 +67,8 @@ class LaplaceApproximation:
         tensor); by default the likelihood's own (1 for ``"regression"``).
     prior_mean, temperature
         laplace-torch's options, as in :func:`funcbnn.laplace.fit`.
+    subset_of_weights, hessian_structure
+        laplace-torch's names for ``subset`` and ``structure`` (give one name of each pair).
 
     Examples
     --------
@@ -84,9 +91,19 @@ class LaplaceApproximation:
         sigma: float | Tensor | None = None,
         prior_mean: float | Tensor = 0.0,
         temperature: float | Tensor = 1.0,
+        subset_of_weights: Literal["all", "last_layer"] | Iterable[str] | Callable[[str, Tensor], bool] | None = None,
+        hessian_structure: Literal["diag", "kron", "full"] | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        if subset_of_weights is not None:
+            if subset != "all":
+                raise TypeError("give subset or its laplace-torch name subset_of_weights, not both")
+            subset = subset_of_weights
+        if hessian_structure is not None:
+            if structure != "diag":
+                raise TypeError("give structure or its laplace-torch name hessian_structure, not both")
+            structure = hessian_structure
         self.likelihood: Likelihood = get_likelihood(likelihood)
         self.model = model
         self.prior_precision = prior_precision
@@ -98,6 +115,28 @@ class LaplaceApproximation:
         self.temperature = temperature
         self._laplace: Laplace | None = None
         self._state: LaplaceState | None = None
+        # What from_state needs to rebuild _laplace after unpickling (set by fit).
+        self._apply_fn: Any = None
+        self._fixed: dict[str, Tensor] | None = None
+        self._order: list[str] | None = None
+
+    # -- pickling --------------------------------------------------------------------------
+
+    def __getstate__(self) -> dict[str, Any]:
+        # The Laplace functions and the likelihood are closures: keep the state and what rebuilds them.
+        state = {k: v for k, v in self.__dict__.items() if k != "_laplace"}
+        state["likelihood"] = _likelihood_spec(self.likelihood)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        name, sigma = state["likelihood"]
+        self.likelihood = get_likelihood(name) if sigma is None else get_likelihood(name, sigma=sigma)
+        self._laplace = None
+        if self._state is not None:
+            fitted = self._state
+            params = {k: self._fixed[k] if k in self._fixed else fitted.mean[k] for k in self._order}
+            self._laplace = from_state(self._apply_fn, params, fitted, likelihood=self.likelihood)
 
     # -- fitting ---------------------------------------------------------------------------
 
@@ -108,7 +147,7 @@ class LaplaceApproximation:
         do not fit the likelihood.
         """
         apply_fn, params, _ = functionalize(self.model)
-        self._laplace, self._state = fit(
+        laplace, state = fit(
             apply_fn,
             params,
             loader,
@@ -122,6 +161,13 @@ class LaplaceApproximation:
             temperature=self.temperature,
             generator=generator,
         )
+        self._laplace, self._state = laplace, state
+        self._apply_fn, self._order = apply_fn, list(params)
+        # Leaves outside the posterior, as fit saw them (the posterior's own are state.mean; a
+        # subnetwork's mean holds single entries, so it keeps them all).
+        self._fixed = {
+            k: v.detach().clone() for k, v in params.items() if state.indices is not None or k not in state.mean
+        }
         return self
 
     @property
@@ -211,9 +257,33 @@ class LaplaceApproximation:
         mean = samples.mean(0)
         return (mean, var, samples) if return_samples else (mean, var)
 
+    def __call__(self, x: Any, **kwargs: Any) -> Any:
+        """The linearised (GLM) predictive, laplace-torch's ``la(x)``: :func:`funcbnn.laplace.predictive.predict`.
+
+        Keywords ``pred_type``, ``link_approx``, ``num_samples``, ``generator``
+        and the hyperparameter overrides pass through; classification gives
+        probabilities ``(N, C)``, regression ``(mean, variance)``.
+        """
+        la, state = self._fitted()
+        return la.predict(state, x, **kwargs)
+
     def __repr__(self) -> str:
         state = "fitted" if self.is_fitted else "not fitted"
         return (
             f"LaplaceApproximation(likelihood={self.likelihood.name!r}, structure={self.structure!r}, "
             f"subset={self.subset!r}, curvature={self.curvature!r}, {state})"
         )
+
+
+def _likelihood_spec(lik: Likelihood) -> tuple[str, Any]:
+    """``(name, sigma)`` that :func:`funcbnn.likelihoods.get_likelihood` rebuilds ``lik`` from."""
+    try:
+        rebuilt = get_likelihood(lik.name) if lik.sigma is None else get_likelihood(lik.name, sigma=lik.sigma)
+    except (ValueError, TypeError):
+        rebuilt = None
+    if rebuilt is None or rebuilt.link != lik.link:
+        raise TypeError(
+            f"cannot pickle a LaplaceApproximation whose likelihood {lik.name!r} is not a registered one: "
+            "save la.state with torch.save and rebuild with funcbnn.laplace.from_state(..., likelihood=...)"
+        )
+    return lik.name, lik.sigma

@@ -285,6 +285,8 @@ def tap_gradients(
     ``is_grads_batched`` (vmapped) backward, whose convolution and ReLU batching rules copy
     and expand, and on par for MLPs.
     """
+    if not taps:  # no tapped layer ran on this batch (a branch skipped it): nothing to differentiate
+        return []
     if kind == "ef":
         grads = torch.autograd.grad(likelihood.nll(f, y).sum(), taps, allow_unused=True)
         return [None if g is None else [g] for g in grads]
