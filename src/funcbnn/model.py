@@ -7,20 +7,27 @@
 touched: ``apply_fn`` runs a private structural copy of it (new module
 objects and tensor tables, shared code, hooks and plain attributes) whose
 tensor slots hold shape-only ``meta`` placeholders between calls.
+
+A forward with several inputs is called as ``apply_fn(params, x, z, mask=m)``;
+the APIs that take one ``x`` (``sample_outputs``, ``vi``, ``laplace``) carry
+them as one :class:`Inputs` (``Inputs(x, z, mask=m)``), a pytree whose tensor
+leaves share the leading batch axis.
 """
 
 from __future__ import annotations
 
 import copy
+import inspect
 import threading
-from typing import Any, Callable, NamedTuple, Union
+from typing import Any, Callable, Iterator, NamedTuple, Union
 
+import optree
 import torch
 from torch import Tensor, nn
 
 from .tree import Tree, check_same_structure
 
-__all__ = ["FunctionalModel", "Functional", "functionalize", "TrainMode"]
+__all__ = ["FunctionalModel", "Functional", "Inputs", "functionalize", "TrainMode"]
 
 TrainMode = Union[bool, Callable[[str, nn.Module], bool]]
 """Which submodules run in training mode: ``False`` (all eval), ``True`` (all
@@ -38,8 +45,111 @@ class Functional(NamedTuple):
     buffers: dict[str, Tensor]
 
 
+class Inputs:
+    """Several model inputs carried as one ``x``: ``Inputs(x, z, mask=m)`` calls ``forward(x, z, mask=m)``.
+
+    A pytree (registered with optree and ``torch.utils._pytree``) whose
+    leaves are the positional and keyword inputs, so it goes wherever one
+    ``x`` goes: ``sample_outputs(apply_fn, samples, Inputs(x, z))``. Its
+    tensor leaves are expected to share a leading batch axis; indexing
+    (``inputs[:8]``, ``inputs[idx]``) indexes every tensor leaf along it, and
+    non-tensor leaves (flags, scales) are passed through unchanged.
+
+    Examples
+    --------
+    >>> class Add(nn.Module):
+    ...     def __init__(self):
+    ...         super().__init__()
+    ...         self.lin = nn.Linear(3, 2)
+    ...     def forward(self, x, z, scale=1.0):
+    ...         return self.lin(x) * scale + z
+    >>> apply_fn, params, _ = functionalize(Add())
+    >>> x, z = torch.randn(5, 3), torch.randn(5, 2)
+    >>> out = apply_fn(params, Inputs(x, z, scale=2.0))
+    >>> torch.equal(out, apply_fn(params, x, z, scale=2.0))
+    True
+    >>> Inputs(x, z, scale=2.0)[:2]
+    Inputs(tensor of shape (2, 3), tensor of shape (2, 2), scale=2.0)
+    """
+
+    __slots__ = ("args", "kwargs")
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.args = args
+        self.kwargs = kwargs
+
+    def __getitem__(self, index: Any) -> "Inputs":
+        pick = lambda t: t[index] if isinstance(t, Tensor) else t  # noqa: E731
+        return Inputs(*map(pick, self.args), **{k: pick(v) for k, v in self.kwargs.items()})
+
+    def __len__(self) -> int:
+        for t in optree.tree_leaves((self.args, self.kwargs)):
+            if isinstance(t, Tensor) and t.dim():
+                return t.shape[0]
+        raise TypeError("Inputs has no tensor with a batch axis, so no length")
+
+    def __iter__(self) -> Iterator[Any]:
+        raise TypeError("Inputs is not iterable; use .args and .kwargs")
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Inputs) and optree.tree_all(
+            optree.tree_map(lambda a, b: bool(torch.equal(a, b)) if isinstance(a, Tensor) else a == b,
+                            (self.args, self.kwargs), (other.args, other.kwargs))
+        )
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        show = lambda v: f"tensor of shape {tuple(v.shape)}" if isinstance(v, Tensor) else repr(v)  # noqa: E731
+        parts = [show(a) for a in self.args] + [f"{k}={show(v)}" for k, v in self.kwargs.items()]
+        return f"Inputs({', '.join(parts)})"
+
+
+def _flatten_inputs(inputs: Inputs) -> tuple:
+    keys = tuple(inputs.kwargs)
+    return (*inputs.args, *inputs.kwargs.values()), (len(inputs.args), keys)
+
+
+def _unflatten_inputs(meta: tuple, children: Any) -> Inputs:
+    num_args, keys = meta
+    children = list(children)
+    return Inputs(*children[:num_args], **dict(zip(keys, children[num_args:])))
+
+
+# Registered in optree's global namespace: the whole library calls optree without a namespace.
+optree.register_pytree_node(
+    Inputs, _flatten_inputs, _unflatten_inputs,
+    namespace=getattr(optree.registry, "__GLOBAL_NAMESPACE"),
+)
+torch.utils._pytree.register_pytree_node(
+    Inputs,
+    lambda i: _flatten_inputs(i),
+    lambda children, meta: _unflatten_inputs(meta, children),
+    serialized_type_name="funcbnn.model.Inputs",
+)
+
+
 def _train_flag(train: TrainMode, name: str, module: nn.Module) -> bool:
     return bool(train(name, module)) if callable(train) else bool(train)
+
+
+def _unwrap_compiled(module: nn.Module) -> nn.Module:
+    """The module inside a ``torch.compile`` wrapper (``OptimizedModule``), else ``module`` itself."""
+    while type(module).__name__ == "OptimizedModule" and isinstance(module._modules.get("_orig_mod"), nn.Module):
+        module = module._modules["_orig_mod"]
+    return module
+
+
+def _positional_capacity(module: nn.Module) -> float:
+    """How many positional inputs ``module.forward`` accepts (``inf`` with ``*args`` or if unknown)."""
+    try:
+        sig = inspect.signature(module.forward)
+    except (TypeError, ValueError):
+        return float("inf")
+    kinds = [p.kind for p in sig.parameters.values()]
+    if inspect.Parameter.VAR_POSITIONAL in kinds:
+        return float("inf")
+    return sum(k in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD) for k in kinds)
 
 
 def _structural_copy(module: nn.Module) -> nn.Module:
@@ -51,9 +161,16 @@ def _structural_copy(module: nn.Module) -> nn.Module:
     copies: dict[int, nn.Module] = {}
 
     def visit(mod: nn.Module) -> nn.Module:
+        mod = _unwrap_compiled(mod)
         if id(mod) in copies:  # a submodule used twice stays one object
             return copies[id(mod)]
-        new = copy.copy(mod)
+        if torch.nn.utils.parametrize.is_parametrized(mod):
+            # torch refuses copy.copy of a parametrized module (its __getstate__ raises, to
+            # stop pickling); a shell only needs the attribute table, so build it directly.
+            new = type(mod).__new__(type(mod))
+            new.__dict__.update(vars(mod))
+        else:
+            new = copy.copy(mod)
         copies[id(mod)] = new
         new._parameters = dict(mod._parameters)
         new._buffers = dict(mod._buffers)
@@ -90,12 +207,34 @@ def _tensor_slots(module: nn.Module) -> dict[str, list[tuple[dict, str]]]:
 
 
 class FunctionalModel:
-    """A stateless view of a module: ``apply_fn(params, x, buffers=None)``.
+    """A stateless view of a module: ``apply_fn(params, *inputs, buffers=None, **kwargs)``.
 
     Built by :func:`functionalize`; holds the frozen parameters
-    (``requires_grad=False``) and the buffers captured at build time. Calling it
-    never mutates anything passed in. Calls are serialised by a lock, because
-    they share one private module copy; ``vmap`` over samples is one call.
+    (``requires_grad=False``) and the buffers captured at build time.
+
+    ``apply_fn(params, x)`` is ``module(x)`` at ``params``; several inputs go
+    positionally or by keyword as to ``forward`` (``apply_fn(params, x, z,
+    mask=m)``), or as one :class:`Inputs` (``apply_fn(params, Inputs(x, z))``),
+    the form the single-``x`` APIs carry. ``buffers`` replaces the default
+    buffers; it is keyword-only, except that a third positional argument that
+    is a dict with exactly the buffer keys is read as the buffers when the
+    forward takes one input (the older ``apply_fn(params, x, buffers)``; a
+    third positional ``None`` then means the default buffers).
+
+    Calling it never mutates anything passed in, nor its own defaults:
+
+    - the module gets fresh copies of the buffers on every call, so a forward
+      that updates a buffer in place (running statistics, a counter, spectral
+      norm's power iteration in train mode) changes neither the caller's tree
+      nor ``apply_fn.buffers``, and no call depends on an earlier one;
+    - a forward that writes into its inputs in place (``x.add_(1)``) is found
+      on the first call, which runs on copies of the inputs; from then on it
+      gets copies on every call. (Inputs are not copied otherwise: they can
+      be large. A later write, which only a data-dependent forward could make,
+      is caught by the tensors' version counters and raises.)
+
+    Calls are serialised by a lock, because they share one private module
+    copy; ``vmap`` over samples is one call.
 
     Attributes
     ----------
@@ -125,6 +264,10 @@ class FunctionalModel:
         self._slots = _tensor_slots(module)
         self._param_keys = params_template.keys()
         self._lock = threading.RLock()
+        self._capacity = _positional_capacity(module)
+        # None until the first call has run on copies of the inputs: then whether the
+        # forward wrote into them (and so gets copies from then on).
+        self._writes_inputs: bool | None = None
         # Between calls every slot holds a meta placeholder: the shell keeps none of
         # the user's tensors alive, and a slot that was somehow not substituted
         # fails loudly instead of silently using stale weights.
@@ -156,16 +299,70 @@ class FunctionalModel:
             if isinstance(m, _STATS_LAYERS) and m.training and m.track_running_stats
         ]
 
-    def __call__(self, params: dict[str, Tensor], x: Any, buffers: dict[str, Tensor] | None = None) -> Any:
+    def _read_buffers(self, inputs: tuple, buffers: Any) -> tuple[tuple, dict[str, Tensor]]:
+        """Split the call's positional arguments into inputs and buffers, and check the buffers."""
+        if buffers is None and len(inputs) == 2:
+            third = inputs[1]
+            if (third is None and self._capacity < 2) or (
+                isinstance(third, dict) and third.keys() == self.buffers.keys() and (self.buffers or self._capacity < 2)
+            ):
+                inputs, buffers = inputs[:1], third  # the older apply_fn(params, x, buffers)
+        if buffers is None:
+            return inputs, self.buffers
+        if not isinstance(buffers, dict):
+            raise TypeError(
+                f"buffers must be a dict of tensors with the keys of apply_fn.buffers {sorted(self.buffers)}, "
+                f"got {type(buffers).__name__}; pass further model inputs positionally and buffers as buffers=..."
+            )
+        if buffers.keys() != self.buffers.keys():
+            missing = sorted(set(self.buffers) - set(buffers))
+            extra = sorted(set(buffers) - set(self.buffers))
+            raise ValueError(f"buffers do not fit the model: missing keys {missing}, unexpected keys {extra}")
+        for k, v in buffers.items():
+            if not isinstance(v, Tensor):
+                raise TypeError(f"buffers: '{k}' must be a Tensor, got {type(v).__name__}")
+        return inputs, buffers
+
+    def __call__(self, params: dict[str, Tensor], *inputs: Any, buffers: dict[str, Tensor] | None = None,
+                 **kwargs: Any) -> Any:
         if not isinstance(params, dict) or params.keys() != self._param_keys:
             self._raise_bad_keys(params)
-        buffers = self.buffers if buffers is None else buffers
-        if buffers.keys() != self.buffers.keys():
-            raise ValueError(f"buffers must have the keys {sorted(self.buffers)}, got {sorted(buffers)}")
-        if buffers and any(m.training for m in self.module.modules()):
-            # Train-mode layers (BatchNorm, InstanceNorm, spectral norm) write their
-            # buffers in place; hand them copies so the caller's tree stays as it was.
+        inputs, buffers = self._read_buffers(inputs, buffers)
+        if len(inputs) == 1 and isinstance(inputs[0], Inputs):
+            kwargs = {**inputs[0].kwargs, **kwargs}
+            inputs = inputs[0].args
+        if buffers:
+            # Fresh copies every call (~1 us per buffer): an in-place write by the forward
+            # (running statistics, counters, power iterations) never reaches the caller's
+            # tree or the defaults, and no call sees what an earlier one wrote.
             buffers = {k: v.clone() for k, v in buffers.items()}
+        if len(inputs) == 1 and not kwargs and isinstance(inputs[0], Tensor):
+            watched = [inputs[0]]  # the common case, without a tree walk
+        else:
+            watched = [t for t in optree.tree_leaves((inputs, kwargs)) if isinstance(t, Tensor)]
+        if watched and self._writes_inputs is not False:
+            # First call (or a forward known to write its inputs): run it on copies.
+            copies = {id(t): t.clone() for t in watched}
+            swap = lambda t: copies.get(id(t), t) if isinstance(t, Tensor) else t  # noqa: E731
+            inputs, kwargs = optree.tree_map(swap, (inputs, kwargs))
+            before = [copies[id(t)]._version for t in watched]
+            out = self._run(params, buffers, inputs, kwargs)
+            if self._writes_inputs is None:
+                self._writes_inputs = any(copies[id(t)]._version != v for t, v in zip(watched, before))
+            return out
+        versions = [t._version for t in watched]
+        out = self._run(params, buffers, inputs, kwargs)
+        if any(t._version != v for t, v in zip(watched, versions)):
+            self._writes_inputs = True
+            raise RuntimeError(
+                "the model's forward wrote into its input in place on this call (but not on the first call, "
+                "whose inputs were copies), so the tensor you passed has changed. From now on apply_fn hands "
+                "it copies; recompute the input and call again."
+            )
+        return out
+
+    def _run(self, params: dict[str, Tensor], buffers: dict[str, Tensor], inputs: tuple,
+             kwargs: dict[str, Any]) -> Any:
         slots = self._slots
         with self._lock:
             try:
@@ -175,7 +372,7 @@ class FunctionalModel:
                     for name, value in source.items():
                         for table, attr in slots[name]:
                             table[attr] = value
-                return self.module(x)
+                return self.module(*inputs, **kwargs)
             finally:
                 self._restore()
 
@@ -201,7 +398,13 @@ def functionalize(module: nn.Module, *, train: TrainMode = False) -> Functional:
     ----------
     module : nn.Module
         Any module. It is not modified (not its tensors, not its train/eval
-        flags) and not kept alive by ``apply_fn``.
+        flags) and not kept alive by ``apply_fn``. Parametrized layers
+        (``torch.nn.utils.parametrizations.weight_norm``, ``spectral_norm``)
+        work: their parameters are the parametrization's own tensors
+        (``"0.parametrizations.weight.original0"``, ...), and the weight is
+        computed from them on every call. A ``torch.compile``d module is
+        unwrapped: ``apply_fn`` runs the original module eagerly, and the
+        parameter names lose the ``"_orig_mod."`` prefix.
     train : bool or callable, default False
         Which submodules run in training mode inside ``apply_fn``. The default
         evaluates everything in eval mode (BatchNorm uses running statistics,
@@ -225,13 +428,14 @@ def functionalize(module: nn.Module, *, train: TrainMode = False) -> Functional:
     """
     if not isinstance(module, nn.Module):
         raise TypeError(f"module must be an nn.Module, got {type(module).__name__}")
+    shell = _structural_copy(module)
+    # Names come from the shell: the same tensors, minus torch.compile's "_orig_mod." level.
     params: dict[str, Tensor] = {}
     frozen: dict[str, Tensor] = {}
-    for name, p in module.named_parameters():
+    for name, p in shell.named_parameters():
         (params if p.requires_grad else frozen)[name] = p.detach().clone()
-    buffers = {name: b.detach().clone() for name, b in module.named_buffers()}
+    buffers = {name: b.detach().clone() for name, b in shell.named_buffers()}
 
-    shell = _structural_copy(module)
     for name, sub in shell.named_modules():
         sub.training = _train_flag(train, name, sub)
     template = {k: torch.empty_like(v, device="meta") for k, v in params.items()}
