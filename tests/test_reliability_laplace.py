@@ -432,3 +432,51 @@ def test_incerto_laplace_pickles_and_its_state_dict_loads_with_weights_only(data
     other = IncertoLaplace(_mlp(seed=1), "classification")
     other.load_state_dict(torch.load(buffer))
     assert torch.equal(la.predict(data[0], generator=gen())[0], other.predict(data[0], generator=gen())[0])
+
+
+# --- item 8: marglik_training iterates a re-iterable loader every epoch ---------------------------
+
+
+class _ReshufflingLoader:
+    """Re-iterable, no ``.dataset``: a new batch order on every pass (as a sampler with a per-epoch seed)."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, batch: int) -> None:
+        self.batches = [(x[i : i + batch], y[i : i + batch]) for i in range(0, x.shape[0], batch)]
+        self.orders: list[list[int]] = []
+
+    def __iter__(self):
+        order = torch.randperm(len(self.batches), generator=torch.Generator().manual_seed(len(self.orders))).tolist()
+        self.orders.append(order)
+        return iter([self.batches[i] for i in order])
+
+
+def test_marglik_training_reshuffles_a_reiterable_loader_every_epoch(data):
+    x, y = data
+    loader = _ReshufflingLoader(x, y, batch=4)
+    apply_fn, params, _ = funcbnn.functionalize(_mlp())
+    seen: list[float] = []
+
+    def recording(p, xs):
+        # A training step: a whole batch with autograd on (the fits' batch forwards run without it,
+        # their per-example transforms on one example at a time).
+        if torch.is_grad_enabled() and xs.shape[0] == 4:
+            seen.append(float(xs[0, 0]))
+        return apply_fn(p, xs)
+
+    firsts = [float(b[0][0, 0]) for b in loader.batches]
+    laplace.marglik_training(recording, params, loader, "classification", structure="diag", epochs=3, hyper_steps=1)
+    epochs = [seen[i : i + 6] for i in range(0, 18, 6)]
+    assert len(seen) == 18
+    orders = [[firsts.index(v) for v in epoch] for epoch in epochs]
+    assert all(order in loader.orders for order in orders)  # each epoch is one pass of the loader
+    assert len({tuple(o) for o in orders}) > 1  # and the passes differ: the loader was re-iterated
+
+
+def test_marglik_training_reads_an_iterator_once_and_refuses_an_empty_loader(data):
+    apply_fn, params, _ = funcbnn.functionalize(_mlp())
+    batches = iter([data])
+    result = laplace.marglik_training(apply_fn, params, batches, "classification", structure="diag", epochs=2, hyper_steps=1)
+    assert result.info.loss.shape[0] == 2 and result.info.loss.isfinite().all()
+    with pytest.raises(ValueError, match="empty"):
+        laplace.marglik_training(apply_fn, params, _ReshufflingLoader(data[0][:0], data[1][:0], 4), "classification",
+                                 structure="diag", epochs=1)

@@ -25,6 +25,7 @@ the prior that the evidence selects lets the two settle together.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any, Callable, Iterable, Literal, NamedTuple
 
 import torch
@@ -33,7 +34,7 @@ from torch import Tensor
 from .. import distributed
 from .._validation import positive_float, positive_int
 from ..likelihoods import Likelihood, get_likelihood
-from .curvature import Kind, check_data
+from .curvature import Kind, check_batch, check_data
 from .fit import Laplace, check_apply_fn, fit
 from .marglik import PRIOR_STRUCTURES, initial_prior_precision, log_marglik
 from .state import LaplaceState, as_prior_mean, as_prior_precision, as_sigma, as_temperature, leafwise
@@ -127,8 +128,10 @@ def marglik_training(
         From :func:`funcbnn.functionalize` (not the ``nn.Module``); ``params``
         are the initial weights and are not modified.
     data : iterable of (x, y)
-        Training batches, iterated once per epoch (a ``DataLoader`` may
-        shuffle). All of it: the Laplace fits sum curvature over it.
+        Training batches, iterated once per epoch (a ``DataLoader`` or any
+        re-iterable loader may shuffle, and is reshuffled each epoch; a
+        one-shot iterator is read into a list once). All of it: the Laplace
+        fits sum curvature over it.
     likelihood : str or Likelihood
         ``"classification"``, ``"regression"`` (noise tuned), ``"bernoulli"``, ...
     structure, curvature, joint_bias
@@ -205,9 +208,14 @@ def marglik_training(
     if tune_sigma and lik.sigma is None:
         raise ValueError(f"tune_sigma applies to the 'gaussian' likelihood only, not {lik.name!r}")
     ref = next(iter(params.values()))
-    if not hasattr(data, "dataset"):
-        data = check_data(data)  # materialised once (an iterator would be spent after one epoch)
+    if isinstance(data, Iterator) or (isinstance(data, tuple) and len(data) == 2 and isinstance(data[0], Tensor)):
+        # An iterator would be spent after one epoch (and a single (x, y) pair is one batch): read it once.
+        # Anything re-iterable (a DataLoader, a custom loader that reshuffles) is iterated every epoch.
+        data = check_data(data)
+    checked = isinstance(data, list)  # check_data's list: its batches were checked once
     n = positive_int(num_data, "num_data") if num_data is not None else _num_data(data)
+    if n == 0:
+        raise ValueError("data is empty: the loader yielded no examples")
     if process_group is not None and num_data is None:  # the shards add up to the data set
         n = int(distributed.all_reduce_tree(torch.tensor(float(n)), process_group))
     mean0 = {k: v.detach() for k, v in params.items()}
@@ -241,8 +249,10 @@ def marglik_training(
         delta = leafwise(log_pp.detach().exp(), mean0)
         nll_fn = train_lik()
         epoch_loss, seen = 0.0, 0
-        for x, y in data:
-
+        for i, batch in enumerate(data):
+            if not checked:  # a re-iterable loader's batches are new each epoch
+                check_batch(batch, i)
+            x, y = batch
             share = _batch_share(y, process_group)
 
             def closure() -> Tensor:
