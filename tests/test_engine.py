@@ -222,6 +222,7 @@ def test_a_random_forward_is_not_timed_and_takes_the_batched_path():
 
 
 def test_auto_measures_once_per_signature_and_sample_count(monkeypatch):
+    monkeypatch.setattr(_engine._LoadWindow, "others", lambda self: 0.0)  # a busy machine adds re-measurements
     apply_fn, params, _ = functionalize(make_mlp())
     timings = []
     real = _engine._vmap_is_faster
@@ -352,4 +353,63 @@ def test_the_timing_budget_stops_a_close_call(monkeypatch):
         clock.now += 1.0
 
     _engine._vmap_is_faster(run, run)
-    assert len(calls) == 2 * _engine.MIN_ROUNDS  # 6 s of timing after three rounds: past the budget
+    assert len(calls) == 4  # a third round would end at 6 s, past the 5 s budget: it never starts
+
+
+def test_warm_ups_slower_than_the_budget_decide_without_timed_rounds(monkeypatch):
+    clock = _FakeClock()
+    monkeypatch.setattr(_engine.time, "perf_counter", clock)
+    calls = []
+
+    def run():
+        calls.append(1)
+        clock.now += 1.0
+
+    assert _engine._vmap_is_faster(run, run, (0.4, 0.6)) is True  # warm-ups: vmap 0.4 s, loop 0.6 s
+    assert calls == []
+
+
+def test_a_noisy_clock_cannot_make_auto_time_past_its_cap(monkeypatch):
+    """Issue 16: under load, "time until decisive" spent 20-60 s re-timing small models.
+
+    A pathological clock: every reading advances by a random 0.05-0.3 s, so both
+    paths look equally slow and never decisive. One measurement must stay within
+    BUDGET_S plus one round, and all re-measurements within max(BUDGET_S,
+    TIMING_FRACTION * real work) plus one measurement.
+    """
+    import random
+
+    rng = random.Random(0)
+
+    class Noisy:
+        now = 0.0
+
+        def __call__(self):
+            self.now += rng.uniform(0.05, 0.3)
+            return self.now
+
+    clock = Noisy()
+    monkeypatch.setattr(_engine.time, "perf_counter", clock)
+    monkeypatch.setattr(_engine._LoadWindow, "others", lambda self: 1.0)  # "busy": every decision provisional
+    apply_fn, params, _ = functionalize(make_mlp())
+    samples = {k: v.expand(4, *v.shape).clone() for k, v in params.items()}
+    x = torch.randn(5, 4)
+    timed = []
+    real = _engine._decide
+
+    def counted(entry, *a, **k):
+        before = entry.timing_s
+        out = real(entry, *a, **k)
+        timed.append(entry.timing_s - before)
+        return out
+
+    monkeypatch.setattr(_engine, "_decide", counted)
+    for _ in range(20 * _engine.RECHECK_AFTER):
+        apply_samples(apply_fn, samples, x)
+    # each reading costs at most 0.3 s, a round reads the clock 7 times, the warm-ups 4 times
+    one_round, warm = 7 * 0.3, 4 * 0.3
+    assert timed and max(timed) <= _engine.BUDGET_S + one_round + warm
+    entry = next(iter(_engine._CACHE[apply_fn].values()))
+    cap = max(_engine.BUDGET_S, _engine.TIMING_FRACTION * entry.work_s)
+    assert sum(timed) <= cap + max(timed)  # a re-measurement starts only while under the cap
+    assert len(timed) < 1 + _engine.MAX_RECHECKS  # the cap, not the recheck count, stopped them

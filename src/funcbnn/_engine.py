@@ -117,13 +117,20 @@ live intermediates of the same size.
 """
 
 MIN_ROUNDS = 3
-"""Timed rounds (each path once per round, after one warm-up each) before ``"auto"`` may decide."""
+"""Timed rounds (each path once per round, after one warm-up each) before ``"auto"`` may decide,
+unless :data:`BUDGET_S` runs out first."""
 MAX_ROUNDS = 9
 """Most timed rounds when the two paths stay close."""
 DECISIVE = 1.10
 """A ratio of the two paths' best times at which ``"auto"`` stops measuring."""
-BUDGET_S = 2.0
-"""Past this many seconds of timing (after :data:`MIN_ROUNDS`), ``"auto"`` decides on what it has."""
+BUDGET_S = 0.5
+"""Seconds one measurement may spend in timed rounds: a round starts only if, at the pace of the
+last one (or of the warm-ups), it ends within this budget, so slow units get fewer rounds (none, if
+the warm-ups alone took longer: they then decide). Under load the rounds of a noisy pair used to
+go on for 20-60 s."""
+TIMING_FRACTION = 0.05
+"""Re-measurements (confirmations) happen only while the timing spent on a signature stays under
+``max(BUDGET_S, TIMING_FRACTION * seconds of real calls)``; past that the decision stands."""
 
 CONTENDED_CORES = 0.25
 """Other processes using this many cores on average while ``"auto"`` measured make its decision provisional."""
@@ -361,10 +368,14 @@ def _vmapped(
 class _Entry:
     """Per (function, signature): the probe's footprint and every decision taken."""
 
-    __slots__ = ("bytes_per_example", "vmap_failed", "stochastic", "vmap_faster", "recheck")
+    __slots__ = ("bytes_per_example", "writes_inputs", "vmap_failed", "stochastic", "vmap_faster", "recheck",
+                 "timing_s", "work_s")
 
-    def __init__(self, bytes_per_example: int) -> None:
+    def __init__(self, bytes_per_example: int, writes_inputs: bool = False) -> None:
         self.bytes_per_example = bytes_per_example  # largest intermediate of one sample's forward, per example
+        self.writes_inputs = writes_inputs  # the forward wrote into its inputs in the probe: it gets copies
+        self.timing_s = 0.0  # seconds spent measuring the two paths (all decisions)
+        self.work_s = 0.0  # seconds spent in the real calls of "auto" (what the timing is measured against)
         self.vmap_failed = False  # the forward failed under vmap once: "auto" loops (warned once)
         self.stochastic: bool | None = None  # the forward calls random ops (known after the first "auto" call)
         # (num_samples, chunk, timed with a backward?) -> True where the batched path measured faster
@@ -469,9 +480,13 @@ def _probe(apply_fn: Callable[..., Any], first: Any, x: Any, args: tuple) -> _En
     with torch.random.fork_rng(devices=_rng_devices(first, x)):
         for i, (inputs, seen) in enumerate(attempts):
             recorder = _LargestTensor()
+            # On copies (of two examples, mostly): a forward that writes into its inputs
+            # must not change the caller's, and is found here.
+            copied = _copy_tensors((inputs, args))
+            versions = [t._version for t in optree.tree_leaves(copied) if isinstance(t, Tensor)]
             try:
                 with torch.no_grad(), recorder:
-                    apply_fn(first, inputs, *args)
+                    apply_fn(first, copied[0], *copied[1])
             except Exception as err:
                 if i + 1 < len(attempts):
                     continue
@@ -481,8 +496,29 @@ def _probe(apply_fn: Callable[..., Any], first: Any, x: Any, args: tuple) -> _En
                     f"sample (dtype {', '.join(dtypes)}) failed with {type(err).__name__}: {err}. "
                     "Check x's trailing shape and dtype, and that the samples fit the model."
                 ) from err
-            return _Entry(max(recorder.max_bytes // seen, 1))
+            after = [t._version for t in optree.tree_leaves(copied) if isinstance(t, Tensor)]
+            return _Entry(max(recorder.max_bytes // seen, 1), writes_inputs=after != versions)
     raise AssertionError("unreachable")
+
+
+def _copy_tensors(tree: Any) -> Any:
+    return optree.tree_map(lambda t: t.clone() if isinstance(t, Tensor) else t, tree)
+
+
+def _on_copies(apply_fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``apply_fn`` given fresh copies of its shared inputs on every call (for a forward that writes into them)."""
+
+    def call(p: Any, x: Any, *args: Any) -> Any:
+        x, args = _copy_tensors((x, args))
+        return apply_fn(p, x, *args)
+
+    return call
+
+
+def _input_versions(x: Any, args: tuple) -> list[int]:
+    if isinstance(x, Tensor) and not args:
+        return [x._version]
+    return [t._version for t in optree.tree_leaves((x, args)) if isinstance(t, Tensor)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -545,27 +581,35 @@ def _with_backward(run: Callable[[], Any], backward_to: Sequence[Tensor] | None)
     return timed
 
 
-def _vmap_is_faster(run_vmap: Callable[[], None], run_loop: Callable[[], None]) -> bool:
-    """Whether the batched path measured no slower than the loop. Both have run once (warm-up).
+def _vmap_is_faster(
+    run_vmap: Callable[[], None], run_loop: Callable[[], None], warm: tuple[float, float] = (0.0, 0.0)
+) -> bool:
+    """Whether the batched path measured no slower than the loop. Both have run once (warm-up, ``warm`` seconds).
 
     Alternating rounds, each path's median; more rounds while the two stay within
-    :data:`DECISIVE` of each other (see the module docstring).
+    :data:`DECISIVE` of each other, as long as the next round fits in
+    :data:`BUDGET_S` (see the module docstring).
     """
     t_vmap: list[float] = []
     t_loop: list[float] = []
     start = time.perf_counter()
+    pace = warm[0] + warm[1]  # what a round is expected to cost
     for r in range(MAX_ROUNDS):
+        if time.perf_counter() - start + pace > BUDGET_S and (r > 0 or pace > BUDGET_S):
+            break
         order = ((run_vmap, t_vmap), (run_loop, t_loop))
+        round_start = time.perf_counter()
         for run, times in order if r % 2 == 0 else order[::-1]:
             t0 = time.perf_counter()
             run()
             times.append(time.perf_counter() - t0)
+        pace = time.perf_counter() - round_start
         if r + 1 >= MIN_ROUNDS:
             typical_v, typical_l = statistics.median(t_vmap), statistics.median(t_loop)
             if max(typical_v, typical_l) >= DECISIVE * min(typical_v, typical_l):
                 break
-            if time.perf_counter() - start > BUDGET_S:
-                break
+    if not t_vmap:  # the warm-ups alone outran the budget: they decide
+        return warm[0] <= warm[1]
     return statistics.median(t_vmap) <= statistics.median(t_loop)
 
 
@@ -600,12 +644,13 @@ def _decide(
     chunk: int,
     backward_to: Sequence[Tensor] | None,
     redraw: Callable[[], Any] | None = None,
-) -> tuple[bool | None, bool]:
+) -> tuple[bool | None, bool, Exception | None]:
     """Measure the first chunk both ways (with fresh samples from ``redraw`` each run, if given).
 
-    Returns ``(faster, contended)``: ``faster`` is True for vmap, False for the loop,
-    None if vmap failed (warned); ``contended`` says other processes kept at least
-    :data:`CONTENDED_CORES` busy meanwhile.
+    Returns ``(faster, contended, error)``: ``faster`` is True for vmap, False for
+    the loop, None if vmap failed with ``error`` (the caller tries the loop and
+    warns only if that works); ``contended`` says other processes kept at least
+    :data:`CONTENDED_CORES` busy meanwhile. The seconds spent go to ``entry.timing_s``.
     """
     size = min(chunk, num)
 
@@ -614,27 +659,33 @@ def _decide(
         return fresh if chunk >= num else [t[:chunk] for t in fresh]
 
     load = _LoadWindow()
-    with torch.random.fork_rng(devices=_rng_devices(leaves, x)):
-        # Warm-up of the batched path, and two tests: does the forward run under vmap at
-        # all, and does it call random ops ("error" mode raises on the first one)?
-        run_vmap = _with_backward(lambda: _vmapped(apply_fn, unit(), spec, x, args, size, size, "error"), backward_to)
-        try:
-            run_vmap()
-        except Exception as err:
-            if _is_randomness_error(err):
-                # Random ops: under "different" the two paths draw different masks, so a
-                # timed choice would make results depend on a stopwatch. The batched path
-                # is the documented one (the real run still falls back if it fails).
-                entry.stochastic = True
-                return True, False
-            entry.vmap_failed = True
-            _warn_fallback(err)
-            return None, False
-        entry.stochastic = False
-        run_loop = _with_backward(lambda: _loop(apply_fn, unit(), spec, x, args, size, "different"), backward_to)
-        run_loop()  # warm-up
-        faster = _vmap_is_faster(run_vmap, run_loop)
-    return faster, load.others() >= CONTENDED_CORES
+    start = time.perf_counter()
+    try:
+        with torch.random.fork_rng(devices=_rng_devices(leaves, x)):
+            # Warm-up of the batched path, and two tests: does the forward run under vmap at
+            # all, and does it call random ops ("error" mode raises on the first one)?
+            run_vmap = _with_backward(
+                lambda: _vmapped(apply_fn, unit(), spec, x, args, size, size, "error"), backward_to
+            )
+            try:
+                run_vmap()
+            except Exception as err:
+                if _is_randomness_error(err):
+                    # Random ops: under "different" the two paths draw different masks, so a
+                    # timed choice would make results depend on a stopwatch. The batched path
+                    # is the documented one (the real run still falls back if it fails).
+                    entry.stochastic = True
+                    return True, False, None
+                return None, False, err
+            warm_vmap = time.perf_counter() - start
+            entry.stochastic = False
+            run_loop = _with_backward(lambda: _loop(apply_fn, unit(), spec, x, args, size, "different"), backward_to)
+            t0 = time.perf_counter()
+            run_loop()  # warm-up
+            faster = _vmap_is_faster(run_vmap, run_loop, (warm_vmap, time.perf_counter() - t0))
+        return faster, load.others() >= CONTENDED_CORES, None
+    finally:
+        entry.timing_s += time.perf_counter() - start
 
 
 # ---------------------------------------------------------------------------------------------
@@ -740,14 +791,59 @@ def apply_samples(
             validate()
         entry = cache[key] = _probe(apply_fn, optree.tree_unflatten(spec, [t[0] for t in leaves]), x, args)
 
+    # A forward that wrote into its inputs in the probe gets copies on every call; any
+    # other is watched through the inputs' version counters (a data-dependent write).
+    fn = _on_copies(apply_fn) if entry.writes_inputs else apply_fn
+    versions = None if entry.writes_inputs else _input_versions(x, args)
+    out = _dispatch(entry, fn, leaves, spec, x, args, num, method, chunk_size, memory_budget, randomness,
+                    backward_to, redraw)
+    if versions is not None and _input_versions(x, args) != versions:
+        entry.writes_inputs = True
+        raise RuntimeError(
+            "the model's forward wrote into its input x in place on this call (not on the first call, which "
+            "ran on a copy), so the tensor you passed has changed; from now on it gets copies. Recompute x "
+            "and call again."
+        )
+    return out
+
+
+def _fallback(entry: _Entry, fn: Callable[..., Any], leaves: list[Tensor], spec: Any, x: Any, args: tuple,
+              num: int, randomness: str, err: Exception) -> Any:
+    """The loop after vmap failed with ``err``; warns (once per signature) only if the loop works.
+
+    A loop that fails too means the input is at fault, not vmap: its error is
+    raised, without a misleading fallback warning, and vmap stays the path for
+    inputs that work.
+    """
+    out = _loop(fn, leaves, spec, x, args, num, randomness)
+    entry.vmap_failed = True
+    _warn_fallback(err)
+    return out
+
+
+def _dispatch(
+    entry: _Entry,
+    fn: Callable[..., Any],
+    leaves: list[Tensor],
+    spec: Any,
+    x: Any,
+    args: tuple,
+    num: int,
+    method: str,
+    chunk_size: int | None,
+    memory_budget: int,
+    randomness: str,
+    backward_to: Sequence[Tensor] | None,
+    redraw: Callable[[], Any] | None,
+) -> Any:
     if method == "loop" or (method == "auto" and entry.vmap_failed):
-        return _loop(apply_fn, leaves, spec, x, args, num, randomness)
+        return _loop(fn, leaves, spec, x, args, num, randomness)
     if chunk_size is None:
         per_sample = entry.bytes_per_example * (_batch_size(x) or 1)
         chunk_size = max(1, memory_budget // per_sample)
     chunk = min(chunk_size, num)
     if method == "vmap" or randomness == "error":
-        return _vmapped(apply_fn, leaves, spec, x, args, num, chunk, randomness)
+        return _vmapped(fn, leaves, spec, x, args, num, chunk, randomness)
     if randomness == "different" and not entry.stochastic:
         decision = (num, chunk, bool(backward_to) and torch.is_grad_enabled())
         faster = entry.vmap_faster.get(decision)
@@ -755,28 +851,34 @@ def apply_samples(
             countdown = entry.recheck[decision]
             countdown[0] -= 1
             if countdown[0] <= 0:
-                faster = None  # not confirmed yet: measure again now
+                if entry.timing_s < max(BUDGET_S, TIMING_FRACTION * entry.work_s):
+                    faster = None  # not confirmed yet: measure again now
+                else:
+                    del entry.recheck[decision]  # timing has had its share of the run: the decision stands
         if faster is None:
-            faster, contended = _decide(
-                entry, apply_fn, leaves, spec, x, args, num, chunk, backward_to if decision[2] else None, redraw
+            faster, contended, err = _decide(
+                entry, fn, leaves, spec, x, args, num, chunk, backward_to if decision[2] else None, redraw
             )
-            if faster is None:  # vmap failed: warned, loop from now on
-                return _loop(apply_fn, leaves, spec, x, args, num, randomness)
+            if err is not None:
+                return _fallback(entry, fn, leaves, spec, x, args, num, randomness, err)
             if not entry.stochastic:
                 first = decision not in entry.vmap_faster
                 entry.vmap_faster[decision] = faster
                 left = entry.recheck.pop(decision, [0, MAX_RECHECKS])[1]
                 if (first or contended) and left > 0:
                     entry.recheck[decision] = [RECHECK_AFTER, left - 1]
-        if not faster:
-            return _loop(apply_fn, leaves, spec, x, args, num, randomness)
+        start = time.perf_counter()
+        try:
+            if not faster:
+                return _loop(fn, leaves, spec, x, args, num, randomness)
+            return _vmapped(fn, leaves, spec, x, args, num, chunk, randomness)
+        finally:
+            entry.work_s += time.perf_counter() - start
     try:
-        return _vmapped(apply_fn, leaves, spec, x, args, num, chunk, randomness)
+        return _vmapped(fn, leaves, spec, x, args, num, chunk, randomness)
     except Exception as err:
         # A stochastic or "same" forward, never timed: its first vmap run is here.
-        entry.vmap_failed = True
-        _warn_fallback(err)
-        return _loop(apply_fn, leaves, spec, x, args, num, randomness)
+        return _fallback(entry, fn, leaves, spec, x, args, num, randomness, err)
 
 
 def chosen_path(apply_fn: Callable[..., Any], owner: Any = None) -> dict[tuple, str]:
