@@ -390,8 +390,13 @@ def test_fit_accepts_an_iterable_of_batches():
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=5)
     result = vi.fit(apply_fn, post, priors.gaussian(1.0), state, loader, epochs=2, generator=_gen(0))
     assert result.history.loss.shape == (8,)
-    with pytest.raises(ValueError, match="num_data is required"):
-        vi.fit(apply_fn, post, priors.gaussian(1.0), state, [(x[:5], y[:5])])
+    # a list of batches is the whole data set: num_data counts its examples
+    listed = [(x[:5], y[:5]), (x[5:12], y[5:12])]
+    counted = vi.fit(apply_fn, post, priors.gaussian(1.0), state, listed, generator=_gen(0))
+    given = vi.fit(apply_fn, post, priors.gaussian(1.0), state, listed, num_data=12, generator=_gen(0))
+    assert torch.equal(counted.history.loss, given.history.loss)
+    with pytest.raises(ValueError, match="num_data is required"):  # nothing to count: a re-iterable without len
+        vi.fit(apply_fn, post, priors.gaussian(1.0), state, type("Batches", (), {"__iter__": lambda s: iter(listed)})())
     with pytest.raises(ValueError, match="batch_size only applies"):
         vi.fit(apply_fn, post, priors.gaussian(1.0), state, loader, batch_size=4)
 

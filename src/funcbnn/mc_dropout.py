@@ -35,6 +35,7 @@ import optree
 import torch
 from torch import Tensor, nn
 
+from .checks import check_generator
 from .model import Functional, FunctionalModel, TrainMode, functionalize as _functionalize
 
 __all__ = ["functionalize", "DropoutModel", "hash_uniform", "draw_seeds", "DROPOUT_LAYERS"]
@@ -80,7 +81,18 @@ def hash_uniform(seed: Tensor, stream: int, shape: torch.Size, dtype: torch.dtyp
 
 
 def draw_seeds(num_samples: int | None, generator: torch.Generator | None, device: torch.device | str = "cpu") -> Tensor:
-    """Mask seeds: ``(num_samples,)`` int64 (0-d for ``None``) from ``generator``, placed on ``device``."""
+    """Mask seeds: ``(num_samples,)`` int64 (0-d for ``None``) from ``generator``, placed on ``device``.
+
+    Examples
+    --------
+    >>> draw_seeds(3, torch.Generator().manual_seed(0)).shape
+    torch.Size([3])
+    >>> draw_seeds(3, 0)
+    Traceback (most recent call last):
+        ...
+    TypeError: generator must be a torch.Generator or None, got int 0 (use torch.Generator().manual_seed(0))
+    """
+    check_generator(generator)
     where = generator.device if generator is not None else torch.device("cpu")  # draw where the generator lives
     shape = () if num_samples is None else (num_samples,)
     return torch.randint(0, 2**31 - 1, shape, generator=generator, dtype=torch.int64, device=where).to(device)
@@ -159,6 +171,7 @@ class DropoutModel:
         model trained by variational inference draws its masks from the same
         generator as its weights: the loss history is reproducible.
         """
+        check_generator(generator)
         ref = optree.tree_leaves(params)[0]
         return {"params": params, "seed": draw_seeds(num_samples, generator, ref.device)}
 

@@ -56,7 +56,10 @@ from torch import Tensor
 
 from . import distributed, likelihoods
 from ._engine import apply_samples
-from .checks import DivergedError, check_finite, check_generator, describe, finite_checks_enabled, guarded_call
+from .checks import (
+    DivergedError, check_finite, check_generator, describe, finite_checks_enabled, guarded_call,
+    model_input_error,
+)
 from ._validation import positive_int
 from .families.base import capabilities, check_family, require
 from .likelihoods import Likelihood, get_likelihood
@@ -239,6 +242,12 @@ def _sampled_outputs(
             backward_to=backward_to,
             redraw=redraw,
         )
+    except ValueError as e:
+        # The engine's first-sample probe failed with a torch error: say it the way every fitter
+        # does (the batch inputs, their shape and dtype against the parameters').
+        if isinstance(e.__cause__, (RuntimeError, IndexError)) and "does not fit the model" in str(e):
+            raise model_input_error(e.__cause__, x, samples, "the batch inputs", "vi") from e.__cause__
+        raise
     except TypeError as e:
         # The engine stacks any tree of tensors, and stops at a non-tensor leaf (a tuple
         # (logits, aux_int)): say what the likelihood needs instead of what the engine needs.
@@ -729,7 +738,8 @@ def _step(
     # (after the all-reduce with a process group, so that every rank decides alike).
     if finite_checks_enabled() and not bool(torch.isfinite(info.loss.detach())):
         raise DivergedError(
-            f"the VI loss became {float(info.loss)} (nll {float(info.nll)}, kl {float(info.kl)}); the optimiser did "
+            f"the VI loss became {float(info.loss.detach())} (nll {float(info.nll.detach())}, kl "
+            f"{float(info.kl.detach())}); the optimiser did "
             "not step, error.state is the state this step started from. Lower the learning rate, or check the data "
             "and the initial state",
             0,
@@ -855,7 +865,7 @@ def _is_tensor_pair(data: Any) -> bool:
     return isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[1], Tensor)
 
 
-def _default_num_data(data: Any) -> int:
+def _default_num_data(data: Any, batches: Callable[[], Iterable[Any]]) -> int:
     if _is_tensor_pair(data):
         return data[1].shape[0]
     sampler = getattr(data, "sampler", None)
@@ -866,6 +876,10 @@ def _default_num_data(data: Any) -> int:
     dataset = getattr(data, "dataset", None)
     if dataset is not None and hasattr(dataset, "__len__"):
         return len(dataset)
+    held = batches()
+    if isinstance(held, (list, tuple)):
+        # A list of batches (or a one-shot iterator, materialised): every example is in it once.
+        return sum(_check_batch(b, f"data batch {i}")[1].shape[0] for i, b in enumerate(held))
     raise ValueError("num_data is required when data is an iterable of batches without a sized .dataset")
 
 
@@ -956,6 +970,19 @@ def _learned_noise(lik: Likelihood, noise: Any, ck: dict | None) -> Tensor | Non
     return start.detach().clone().reshape(()).requires_grad_(True)
 
 
+def _preflight(apply_fn: Callable, post: Any, state: Any, x: Any, y: Tensor, lik: Likelihood, buffers: Any) -> None:
+    """One forward at one draw from a private generator (the caller's stays untouched), before the engine
+    sees the model: inputs it cannot take, outputs that are not a tensor and targets that do not fit the
+    likelihood get fit's own errors, not the engine's vmap-fallback warning followed by a torch error."""
+    private = torch.Generator(device=optree.tree_leaves(state)[0].device).manual_seed(0)
+    with torch.no_grad():
+        draw = optree.tree_map(lambda t: t[0], post.sample(state, 1, generator=private))
+        out = _guarded(apply_fn, _with_seeds(apply_fn, draw, None, private), x, buffers)
+    if not isinstance(out, Tensor):
+        raise _not_a_tensor(out)
+    lik.check(out, y)
+
+
 def fit(
     apply_fn: Callable[..., Any],
     post: Any,
@@ -997,7 +1024,8 @@ def fit(
     epochs : int
         Passes over ``data`` (in this call; a resumed fit runs ``epochs`` more).
     num_data : int, optional
-        Training-set size; inferred from tensors or from ``data.dataset``.
+        Training-set size; inferred from tensors, from ``data.dataset``, or by
+        counting the examples of a list of batches (or of a one-shot iterator).
     optimizer : callable, optional
         ``optimizer(groups) -> torch.optim.Optimizer``, called with
         :func:`param_groups` of the state: one named group per state field
@@ -1107,7 +1135,7 @@ def fit(
     tensor_data = _is_tensor_pair(data)
     batches = _epoch_batches(data, batch_size, generator)
     if num_data is None:
-        num_data = _default_num_data(data)
+        num_data = _default_num_data(data, batches)
         if process_group is not None:
             num_data = int(distributed.all_reduce_tree(torch.tensor(float(num_data)), process_group))
     if process_group is not None:
@@ -1150,6 +1178,8 @@ def fit(
             if not tensor_data:  # tensors were checked once, as a whole
                 check_finite(x, "data inputs", context=where)
                 check_finite(y, "data targets", context=where)
+            if b == 0 and epoch == 0 and num_samples > 1 and not isinstance(apply_fn, LocalReparamModel):
+                _preflight(apply_fn, post, train_state, x, y, lik, buffers)
             try:
                 train_state, info = _step(
                     apply_fn, post, prior, train_state, opt, (x, y), num_data, generator=generator,
