@@ -257,3 +257,187 @@ def test_the_older_positional_buffers_still_work_and_bad_buffers_are_named():
         apply_fn(params, X, buffers={k: v for k, v in buffers.items() if k != "1.running_var"})
     with pytest.raises(TypeError, match="buffers must be a dict of tensors"):
         apply_fn(params, X, buffers=torch.zeros(3))
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. non-finite values
+
+
+def test_sample_outputs_names_a_non_finite_input_or_sample():
+    # before: NaN outputs, no error
+    apply_fn, params, _ = functionalize(_mlp())
+    samples = _draws(params)
+    bad_x = X.clone()
+    bad_x[3, 1] = float("nan")
+    with pytest.raises(checks.NonFiniteError, match=r"x contains non-finite values \(1 NaN, 0 inf\)"):
+        sample_outputs(apply_fn, samples, bad_x)
+    bad = dict(samples)
+    bad["2.bias"] = samples["2.bias"].clone()
+    bad["2.bias"][1, 0] = float("inf")
+    with pytest.raises(checks.NonFiniteError, match=r"samples contains non-finite.*leaf '2.bias'"):
+        sample_outputs(apply_fn, bad, X)
+    with checks.set_finite_checks(False):
+        assert sample_outputs(apply_fn, bad, X).isinf().any()
+
+
+def test_sample_outputs_names_a_forward_that_overflows_on_finite_input():
+    class Overflow(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 3)
+
+        def forward(self, x):
+            return torch.exp(1e3 * self.lin(x))
+
+    apply_fn, params, _ = functionalize(Overflow())
+    with pytest.raises(checks.NonFiniteError, match="non-finite.*first at sample 0 of 4.*although x and the samples"):
+        sample_outputs(apply_fn, _draws(params), X)
+
+
+def test_summarize_rejects_non_finite_outputs():
+    out = torch.randn(8, 5, 3)
+    out[2, 1, 0] = float("nan")
+    with pytest.raises(checks.NonFiniteError, match="outputs contains non-finite values"):
+        funcbnn.summarize(out, "classification")
+    with pytest.raises(checks.NonFiniteError, match="outputs"):
+        funcbnn.summarize(out, "regression")
+
+
+@pytest.mark.parametrize("name", ["diag_gaussian", "dense_gaussian", "kron_gaussian", "lowrank_gaussian", "empirical", "dropout"])
+def test_every_family_init_rejects_non_finite_params(name):
+    params = {"w": torch.tensor([[1.0, float("nan")], [0.0, 1.0]]), "b": torch.zeros(2)}
+    post = funcbnn.families.FAMILIES.build(name)
+    with pytest.raises(checks.NonFiniteError, match=r"params contains non-finite values \(1 NaN, 0 inf\) in leaf 'w'"):
+        post.init(params)
+
+
+def test_mixture_init_rejects_non_finite_params():
+    post = funcbnn.families.mixture(diag_gaussian())
+    with pytest.raises(checks.NonFiniteError, match="params"):
+        post.init({"w": torch.tensor([float("inf")])})
+
+
+# ---------------------------------------------------------------------------------------------
+# 7. probabilities
+
+
+def test_binary_probabilities_outside_the_unit_interval_are_refused():
+    # before: clamped silently
+    probs = torch.rand(6, 10)
+    funcbnn.summarize(probs, "binary", outputs_are="probs")
+    with pytest.raises(ValueError, match=r"probabilities in \[0, 1\], got values in \[.*1\.4"):
+        funcbnn.summarize(probs + 0.5, "binary", outputs_are="probs")
+    with pytest.raises(ValueError, match="probabilities"):
+        funcbnn.summarize(probs - 0.5, "bernoulli", outputs_are="probs")
+
+
+def test_class_probabilities_of_shape_s_n_c_are_summarized_and_bad_rows_refused():
+    logits = torch.randn(6, 10, 4)
+    probs = logits.softmax(-1)
+    a = funcbnn.summarize(probs, "classification", outputs_are="probs")
+    b = funcbnn.summarize(logits, "classification")
+    torch.testing.assert_close(a.probs, b.probs)
+    torch.testing.assert_close(a.probs, probs.mean(0))  # independent truth: the plain average
+    with pytest.raises(ValueError, match="sum to 1"):
+        funcbnn.summarize(probs * 1.1, "classification", outputs_are="probs")
+
+
+# ---------------------------------------------------------------------------------------------
+# 8. a state where samples belong
+
+
+def test_a_posterior_state_passed_as_samples_says_to_draw_samples():
+    # before: "every leaf needs the same leading sample axis; '0.0.bias' has 8 samples but ..."
+    apply_fn, params, _ = functionalize(_mlp())
+    post = diag_gaussian(init_std=0.1)
+    with pytest.raises(TypeError, match=r"DiagGaussianState.*post.sample\(state, S\)"):
+        sample_outputs(apply_fn, post.init(params), X)
+
+
+# ---------------------------------------------------------------------------------------------
+# 9. an int where a generator belongs
+
+
+@pytest.mark.parametrize("name", ["diag_gaussian", "dense_gaussian", "kron_gaussian", "lowrank_gaussian", "empirical", "dropout", "mixture"])
+def test_an_int_generator_is_refused_with_the_fix(name):
+    # before: TypeError from inside torch ("normal_(): argument 'generator' must be torch.Generator, not int")
+    params = {"w": torch.randn(3, 2), "b": torch.zeros(3)}
+    if name == "mixture":
+        post = funcbnn.families.mixture(diag_gaussian(init_std=0.1), 2)
+    else:
+        post = funcbnn.families.FAMILIES.build(name)
+    state = post.init(params)
+    with pytest.raises(TypeError, match=r"generator must be a torch.Generator or None, got int 0 \(use torch.Generator\(\).manual_seed\(0\)\)"):
+        post.sample(state, 3, generator=0)
+    if hasattr(post, "rsample") and post.rsample is not None:
+        with pytest.raises(TypeError, match="generator must be a torch.Generator"):
+            post.rsample(state, 3, generator=0)
+
+
+def test_tree_noise_functions_refuse_an_int_generator():
+    tree = {"w": torch.zeros(2)}
+    with pytest.raises(TypeError, match="generator must be a torch.Generator"):
+        funcbnn.tree.randn_like(tree, generator=1)
+    with pytest.raises(TypeError, match="generator must be a torch.Generator"):
+        funcbnn.tree.diag_normal(tree, {"w": torch.ones(2)}, 3, generator=1)
+
+
+# ---------------------------------------------------------------------------------------------
+# 10. an input the model cannot take, found on a later call
+
+
+class Tokens(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(10, 4)
+        self.out = nn.Linear(4, 2)
+
+    def forward(self, idx):
+        return self.out(self.embed(idx)).mean(1)
+
+
+def test_token_ids_out_of_range_on_a_later_call_name_the_input_without_a_fallback_warning():
+    # before: a VmapFallbackWarning, then torch's "IndexError: index out of range in self"
+    import warnings
+
+    torch.manual_seed(0)
+    apply_fn, params, _ = functionalize(Tokens())
+    samples = _draws(params)
+    good = torch.randint(0, 10, (8, 5))
+    sample_outputs(apply_fn, samples, good)
+    bad = good.clone()
+    bad[4, 2] = 12
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no VmapFallbackWarning
+        with pytest.raises(ValueError, match=r"sample_outputs: the model could not run on x .*values in \[0, 12\]") as info:
+            sample_outputs(apply_fn, samples, bad)
+    assert isinstance(info.value.__cause__, (IndexError, RuntimeError))
+    # vmap was not given up for good: the good input still takes the batched path without a warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        torch.testing.assert_close(sample_outputs(apply_fn, samples, good), sample_outputs(apply_fn, samples, good, method="loop"))
+
+
+def test_the_engine_warns_about_the_fallback_only_when_the_loop_works():
+    import warnings
+
+    from funcbnn._engine import VmapFallbackWarning, apply_samples
+
+    def f(p, x):
+        if float(p.sum()) > 1e9:  # .item() of a batched tensor: vmap fails, the loop works
+            return x
+        return x @ p
+
+    with pytest.warns(VmapFallbackWarning):
+        apply_samples(f, torch.randn(3, 4, 2), torch.randn(5, 4))
+
+    def g(p, x):
+        float(p.sum())
+        if x.shape[0] > 2:  # the probe (two examples) passes; the real call fails both ways
+            raise IndexError("bad token")
+        return x @ p
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(IndexError, match="bad token"):
+            apply_samples(g, torch.randn(3, 4, 2), torch.randn(5, 4))

@@ -13,9 +13,11 @@ from __future__ import annotations
 from typing import Any, Callable, Literal
 
 import optree
+import torch
 from torch import Tensor
 
 from . import distributed
+from .checks import NonFiniteError, check_finite, finite_checks_enabled, model_input_error
 from ._engine import CHUNK_BUDGET_BYTES, VmapFallbackWarning, apply_samples
 from ._validation import positive_int
 from .likelihoods import Likelihood, get_likelihood
@@ -33,6 +35,17 @@ __all__ = [
 
 _METHODS = ("auto", "vmap", "loop")
 _RANDOMNESS = ("different", "same", "error")
+
+
+def _reject_state(samples: Any) -> None:
+    """A posterior state (a family's NamedTuple) where weight samples belong gets its own message."""
+    if isinstance(samples, tuple) and hasattr(samples, "_fields") and type(samples).__module__.startswith(
+        "funcbnn.families"
+    ):
+        raise TypeError(
+            f"samples is a posterior state ({type(samples).__name__}), not weight samples; "
+            "draw samples with post.sample(state, S) and pass those"
+        )
 
 
 def _check_samples(samples: Tree, apply_fn: Callable) -> int:
@@ -141,6 +154,7 @@ def sample_outputs(
     if chunk_size is not None:
         positive_int(chunk_size, "chunk_size")
     positive_int(memory_budget, "memory_budget")
+    _reject_state(samples)
     # Every call: the cheap part (one common, non-zero leading size). The full check (leaf
     # names, trailing shapes against the model) runs once per signature, inside the engine.
     leads = {t.shape[0] if isinstance(t, Tensor) and t.dim() else None for t in optree.tree_leaves(samples)}
@@ -165,9 +179,50 @@ def sample_outputs(
             validate=lambda: _check_samples(part, apply_fn),
         )
 
-    if process_group is None:
-        return run(samples, x)
-    return _sharded(run, samples, x, shard, process_group)
+    # Outside the engine's vmap-or-loop choice, so its fallback still sees torch's own error:
+    # what reaches here failed both ways, and is the input's fault (an index out of range),
+    # unless it is vmap's own complaint on a path the caller forced.
+    try:
+        if process_group is None:
+            out = run(samples, x)
+        else:
+            out = _sharded(run, samples, x, shard, process_group)
+    except (RuntimeError, IndexError) as e:
+        if _is_vmap_limitation(e) or type(e).__module__.startswith("funcbnn"):
+            raise
+        raise model_input_error(e, x, samples, "x", "sample_outputs") from e
+    _check_outputs(out, samples, x)
+    return out
+
+
+def _is_vmap_limitation(error: BaseException) -> bool:
+    """torch.func's errors about what vmap cannot do (``.item()``, random ops in "error" mode, in-place)."""
+    first = str(error).strip().split("\n", 1)[0]
+    return first.startswith("vmap") or "Batching rule" in first or "randomness" in first
+
+
+def _check_outputs(out: Any, samples: Tree, x: Any) -> None:
+    """One ``isfinite`` pass over the outputs; only when it fails, the culprit is looked for and named."""
+    if not finite_checks_enabled():
+        return
+    leaves = [o for o in optree.tree_leaves(out) if isinstance(o, Tensor) and (o.is_floating_point() or o.is_complex())]
+    if not leaves:
+        return
+    flags = [torch.isfinite(o).all() for o in leaves]
+    if bool(flags[0] if len(flags) == 1 else torch.stack(flags).all()):
+        return
+    hint = "or turn the check off with funcbnn.checks.set_finite_checks(False)"
+    check_finite(x, "x", context=f"sample_outputs got non-finite inputs; clean them, {hint}")
+    check_finite(samples, "samples", context=f"a weight sample is non-finite (a diverged posterior?); {hint}")
+    bad = next(o for o, f in zip(leaves, flags) if not bool(f))
+    per_sample = (~torch.isfinite(bad)).flatten(1).any(1) if bad.dim() else torch.ones(1, dtype=torch.bool)
+    first = int(per_sample.nonzero()[0, 0])
+    raise NonFiniteError(
+        f"the model's outputs are non-finite ({int(torch.isnan(bad).sum())} NaN, {int(torch.isinf(bad).sum())} "
+        f"inf; first at sample {first} of {bad.shape[0] if bad.dim() else 1}) although x and the samples are "
+        f"finite: the forward overflows or divides by zero there. Use a smaller posterior spread, a wider "
+        f"dtype, {hint}"
+    )
 
 
 def _sharded(run: Callable[[Tree, Any], Any], samples: Tree, x: Any, shard: str, process_group: Any) -> Any:
@@ -202,6 +257,20 @@ def _sharded(run: Callable[[Tree, Any], Any], samples: Tree, x: Any, shard: str,
     # gather along the example axis (axis 1): move it first, gather, move it back
     moved = optree.tree_map(lambda o: o.transpose(0, 1).contiguous(), local)
     return optree.tree_map(lambda o: o.transpose(0, 1), distributed.all_gather_blocks(moved, counts, process_group))
+
+
+def _check_probabilities(outputs: Any) -> None:
+    """Binary probabilities must lie in [0, 1] (up to float rounding); they used to be clamped silently."""
+    first = outputs[0] if isinstance(outputs, (tuple, list)) else outputs
+    if not isinstance(first, Tensor) or not first.is_floating_point() or not first.numel():
+        return  # the likelihood's own check names the type
+    low, high = float(first.min()), float(first.max())
+    tol = 1e-6
+    if low < -tol or high > 1 + tol:
+        raise ValueError(
+            f"outputs_are='probs' needs probabilities in [0, 1], got values in [{low:.4g}, {high:.4g}]; "
+            "pass outputs_are='logits' if these are logits"
+        )
 
 
 def summarize(
@@ -246,6 +315,9 @@ def summarize(
     (torch.Size([10, 3]), torch.Size([10]))
     """
     lik = get_likelihood(likelihood)
+    check_finite(outputs, "outputs", context="summarize needs finite model outputs")
+    if outputs_are == "probs" and lik.name == "bernoulli":
+        _check_probabilities(outputs)
     if noise_std is None and isinstance(likelihood, Likelihood) and lik.sigma is not None:
         noise_std = lik.sigma
     options = {"noise_std": noise_std, "outputs_are": outputs_are, "log_variance": log_variance}

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from ._validation import positive_int
+from .checks import check_generator
 
 Tree = Any
 """A pytree with tensor leaves."""
@@ -194,6 +195,7 @@ def randn_like(
         Source of randomness; the same generator state gives the same noise.
     """
     lead = () if num_samples is None else (positive_int(num_samples, "num_samples"),)
+    check_generator(generator)
 
     def draw(leaf: Tensor) -> Tensor:
         out = torch.empty(lead + tuple(leaf.shape), dtype=leaf.dtype, device=leaf.device)
@@ -237,6 +239,7 @@ def diag_normal(
     torch.Size([4, 2, 3])
     """
     lead = () if num_samples is None else (positive_int(num_samples, "num_samples"),)
+    check_generator(generator)
 
     def draw(m: Tensor, s: Tensor) -> Tensor:
         eps = torch.empty(lead + tuple(m.shape), dtype=m.dtype, device=m.device).normal_(generator=generator)

@@ -25,6 +25,7 @@ from torch import Tensor
 
 from .._validation import check_positive_tree, positive_float, positive_int
 from ..tree import Tree, check_same_structure, ravel, tree_size
+from ..checks import check_finite, check_generator
 from ._kl import check_reduction, monte_carlo_kl
 
 __all__ = ["DenseGaussianState", "DenseGaussian", "dense_gaussian", "from_precision"]
@@ -86,6 +87,7 @@ def rsample(state: DenseGaussianState, num_samples: int, *, generator: torch.Gen
     """
     size = _check_state(state)
     num_samples = positive_int(num_samples, "num_samples")
+    check_generator(generator)
     L = state.precision_tril
     eps = torch.empty((size, num_samples), dtype=L.dtype, device=L.device).normal_(generator=generator)
     delta = torch.linalg.solve_triangular(L.T, eps, upper=True).T  # (S, P)
@@ -284,6 +286,8 @@ def dense_gaussian(init_std: float = 1e-3) -> DenseGaussian:
 
     def init(params: Tree, *, generator: torch.Generator | None = None) -> DenseGaussianState:
         """State ``N(params, init_std^2 I)`` (``generator`` is accepted for the protocol and unused)."""
+        check_generator(generator)
+        check_finite(params, "params", context="post.init needs finite parameters to centre the posterior on")
         return from_moments(params, init_std)
 
     return DenseGaussian(init=init, sample=sample, kl=kl)

@@ -19,6 +19,7 @@ from torch import Tensor
 from .._validation import check_positive_tree, positive_float, positive_int
 from ..priors import GaussianPrior
 from ..tree import Tree, check_same_structure, diag_normal, tree_size
+from ..checks import check_finite, check_generator
 from ._kl import check_reduction, monte_carlo_kl
 
 __all__ = ["DiagGaussianState", "DiagGaussian", "diag_gaussian", "inverse_softplus", "moments_and_kl", "sample_and_kl"]
@@ -385,6 +386,8 @@ def diag_gaussian(
         for leaf in leaves:
             if not isinstance(leaf, Tensor) or not leaf.is_floating_point():
                 raise TypeError(f"params leaves must be floating-point tensors, got {leaf!r:.60}")
+        check_generator(generator)
+        check_finite(params, "params", context="post.init needs finite parameters to centre the posterior on")
         if mean_init == "fresh":
 
             def fresh(t: Tensor) -> Tensor:

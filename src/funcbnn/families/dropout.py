@@ -20,6 +20,7 @@ from torch import Tensor
 
 from .._validation import positive_int
 from ..mc_dropout import draw_seeds
+from ..checks import check_finite, check_generator
 from ..tree import Tree
 
 __all__ = ["DropoutState", "Dropout", "dropout"]
@@ -40,6 +41,7 @@ def sample(state: DropoutState, num_samples: int, *, generator: torch.Generator 
     """``{"params": params with a leading axis (a broadcast view), "seed": (num_samples,) int64}``."""
     _check(state)
     num_samples = positive_int(num_samples, "num_samples")
+    check_generator(generator)
     ref = optree.tree_leaves(state.params)[0]
     return {
         "params": optree.tree_map(lambda t: t.expand(num_samples, *t.shape), state.params),
@@ -79,6 +81,7 @@ def dropout() -> Dropout:
         leaves = optree.tree_leaves(params)
         if not leaves or not all(isinstance(t, Tensor) and t.is_floating_point() for t in leaves):
             raise TypeError("params must be a non-empty tree of floating-point tensors")
+        check_finite(params, "params", context="post.init needs finite parameters to centre the posterior on")
         return DropoutState(optree.tree_map(lambda t: t.detach().clone(), params))
 
     return Dropout(init=init)

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from .._validation import positive_int
+from ..checks import check_finite, check_generator
 from ..tree import Tree
 
 __all__ = ["EmpiricalState", "Empirical", "empirical"]
@@ -47,6 +48,7 @@ def sample(state: EmpiricalState, num_samples: int, *, generator: torch.Generato
     """The members (``num_samples == K``, in order) or ``num_samples`` uniform draws with replacement."""
     k = _num_members(state)
     num_samples = positive_int(num_samples, "num_samples")
+    check_generator(generator)
     if num_samples == k:
         return optree.tree_map(torch.clone, state.members)
     ref = optree.tree_leaves(state.members)[0]
@@ -117,6 +119,8 @@ def empirical(num_members: int = 5, init_std: float = 0.0) -> Empirical:
         leaves = optree.tree_leaves(params)
         if not leaves or not all(isinstance(t, Tensor) and t.is_floating_point() for t in leaves):
             raise TypeError("params must be a non-empty tree of floating-point tensors")
+        check_generator(generator)
+        check_finite(params, "params", context="post.init needs finite parameters to centre the posterior on")
 
         def stack(t: Tensor) -> Tensor:
             out = t.detach().expand(num_members, *t.shape).clone()

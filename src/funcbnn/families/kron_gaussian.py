@@ -42,6 +42,7 @@ from torch import Tensor
 
 from .._validation import check_positive_tree, positive_float, positive_int
 from ..tree import Tree, check_same_structure, tree_size
+from ..checks import check_finite, check_generator
 from ._kl import check_reduction, monte_carlo_kl
 
 __all__ = [
@@ -489,6 +490,7 @@ def sample(state: KronGaussianState, num_samples: int, *, generator: torch.Gener
 def rsample(state: KronGaussianState, num_samples: int, *, generator: torch.Generator | None = None) -> Tree:
     """Reparameterised draws, differentiable in the state; for the same generator state, :func:`sample`'s values."""
     _check_state(state)
+    check_generator(generator)
     return kron_sample(state.curvature, state.mean, num_samples, state.prior_precision, state.scale, generator=generator)
 
 
@@ -668,6 +670,8 @@ def kron_gaussian(init_std: float = 1e-3) -> KronGaussian:
 
     def init(params: Mapping[str, Tensor], *, generator: torch.Generator | None = None) -> KronGaussianState:
         """State ``N(params, init_std^2 I)`` (``generator`` is accepted for the protocol and unused)."""
+        check_generator(generator)
+        check_finite(params, "params", context="post.init needs finite parameters to centre the posterior on")
         return from_moments(params, init_std)
 
     return KronGaussian(init=init, sample=sample, kl=kl)

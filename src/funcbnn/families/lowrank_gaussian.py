@@ -26,6 +26,7 @@ from torch import Tensor
 
 from .._validation import check_positive_tree, positive_float, positive_int
 from ..tree import Tree, check_same_structure, diag_normal, leaf_names, tree_size
+from ..checks import check_finite, check_generator
 from ._kl import check_reduction, monte_carlo_kl
 
 __all__ = ["LowRankGaussianState", "LowRankGaussian", "lowrank_gaussian"]
@@ -80,6 +81,7 @@ def _project(factor: Tree, tree: Tree, lead: int) -> Tensor:
 def _draw(state: LowRankGaussianState, num_samples: int, generator: torch.Generator | None, differentiable: bool) -> Tree:
     rank = _check_state(state)
     positive_int(num_samples, "num_samples")
+    check_generator(generator)
     for name, d in zip(leaf_names(state.diag), optree.tree_leaves(state.diag)):
         if d.numel() and not bool((d.detach() >= 0).all() and torch.isfinite(d.detach()).all()):
             raise ValueError(f"state.diag must be finite and >= 0 (variances), got min {d.min().item()} in leaf '{name}'")
@@ -262,6 +264,8 @@ def lowrank_gaussian(init_std: float = 1e-3, rank: int = 0) -> LowRankGaussian:
         leaves = optree.tree_leaves(params)
         if not leaves or not all(isinstance(t, Tensor) and t.is_floating_point() for t in leaves):
             raise TypeError("params must be a non-empty tree of floating-point tensors")
+        check_generator(generator)
+        check_finite(params, "params", context="post.init needs finite parameters to centre the posterior on")
         return LowRankGaussianState(
             mean=optree.tree_map(lambda t: t.detach().clone(), params),
             diag=optree.tree_map(lambda t: torch.full_like(t, std * std), params),

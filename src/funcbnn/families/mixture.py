@@ -19,6 +19,7 @@ from torch import Tensor
 
 from .._validation import positive_int
 from ..tree import Tree, tree_size
+from ..checks import check_generator
 from ._kl import check_reduction, monte_carlo_kl
 from .base import check_family, require
 
@@ -86,6 +87,7 @@ def mixture(component: Any, num_components: int = 1) -> Mixture:
         """Stratified draws: ``n // M`` per component (one more for the first ``n % M``), in order."""
         comps = _check(state)
         num_samples = positive_int(num_samples, "num_samples")
+        check_generator(generator)
         parts = [
             component.sample(s, k, generator=generator) for s, k in zip(comps, _counts(num_samples, len(comps))) if k
         ]
