@@ -48,7 +48,7 @@ class PerExample:
                     # below gives the same numbers without it.
                     warnings.filterwarnings("error", message=_FALLBACK_WARNING, category=UserWarning)
                     return torch.func.vmap(fn, in_dims=in_dims)(*args)
-            except (RuntimeError, UserWarning):
+            except (RuntimeError, ValueError, UserWarning):
                 # If the loop fails too, the input is at fault, not vmap: its error (raised from here)
                 # names no vmap internals.
                 out = _loop(fn, in_dims, args)
@@ -59,9 +59,15 @@ class PerExample:
 
 def _loop(fn: Callable[..., Any], in_dims: tuple, args: tuple) -> Any:
     """``fn`` on each example in turn, results stacked on a new leading axis."""
-    n = next(optree.tree_leaves(a)[0].shape[0] for a, d in zip(args, in_dims) if d == 0)
+    n = next(
+        t.shape[0] for a, d in zip(args, in_dims) if d == 0 for t in optree.tree_leaves(a) if isinstance(t, torch.Tensor)
+    )
     results = []
     for i in range(n):
-        one = [a if d is None else optree.tree_map(lambda t: t[i], a) for a, d in zip(args, in_dims)]
+        # Non-tensor leaves (an Inputs' flags and scales) are the same for every example.
+        one = [
+            a if d is None else optree.tree_map(lambda t: t[i] if isinstance(t, torch.Tensor) else t, a)
+            for a, d in zip(args, in_dims)
+        ]
         results.append(fn(*one))
     return optree.tree_map(lambda *parts: torch.stack(parts), *results)

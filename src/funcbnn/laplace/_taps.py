@@ -82,7 +82,26 @@ def structured_layers(apply_fn: FunctionalModel, names: set[str]) -> list[Layer]
     hooks (which may change the output the tap sees), and weights tied to
     another leaf slot are left to the generic engine. Layers whose weights are
     read outside their forward are found later, by :func:`tapped_forward`.
+
+    Runs under the shell's lock, like :func:`tapped_forward`, whose temporary
+    hooks another thread's call would otherwise take for the user's own (and
+    route the layer to the generic engine: other numbers, other cost).
     """
+    with shell_lock(apply_fn):
+        return _structured_layers(apply_fn, names)
+
+
+def shell_lock(apply_fn: Any) -> Any:
+    """The lock of a :class:`~funcbnn.model.FunctionalModel`'s shared module shell (a no-op context otherwise).
+
+    Hooks registered on the shell are seen by every thread's call: whoever adds
+    them holds this lock until they are removed.
+    """
+    lock = getattr(apply_fn, "_lock", None)
+    return contextlib.nullcontext() if lock is None else lock
+
+
+def _structured_layers(apply_fn: FunctionalModel, names: set[str]) -> list[Layer]:
     layers = []
     for mod_name, mod in apply_fn.module.named_modules():
         prefix = f"{mod_name}." if mod_name else ""
@@ -174,16 +193,19 @@ def tapped_forward(
         return fn
 
     handles = []
-    for i, layer in enumerate(layers):
-        handles.append(layer.module.register_forward_pre_hook(pre_hook(i)))
-        handles.append(layer.module.register_forward_hook(hook(i)))
-    try:
-        with torch.inference_mode(False), torch.enable_grad():
-            x = optree.tree_map(lambda t: t.clone() if isinstance(t, Tensor) and t.is_inference() else t, x)
-            f = apply_fn({**detached, **guard}, x)
-    finally:
-        for h in handles:
-            h.remove()
+    # The hooks live on the shell every thread shares: no other call may run (or look for user hooks)
+    # until they are gone.
+    with shell_lock(apply_fn):
+        for i, layer in enumerate(layers):
+            handles.append(layer.module.register_forward_pre_hook(pre_hook(i)))
+            handles.append(layer.module.register_forward_hook(hook(i)))
+        try:
+            with torch.inference_mode(False), torch.enable_grad():
+                x = optree.tree_map(lambda t: t.clone() if isinstance(t, Tensor) and t.is_inference() else t, x)
+                f = apply_fn({**detached, **guard}, x)
+        finally:
+            for h in handles:
+                h.remove()
     if watched and isinstance(f, Tensor):
         outside = _graph_leaves(f, watched)
         if outside:

@@ -136,8 +136,8 @@ def check_data(data: Any) -> list[tuple[Any, Tensor]]:
     """
     if isinstance(data, _Batches):
         return data
-    if isinstance(data, tuple) and len(data) == 2 and isinstance(data[0], Tensor):
-        data = [data]
+    if isinstance(data, tuple) and len(data) == 2 and isinstance(data[1], Tensor) and not isinstance(data[0], (tuple, list)):
+        data = [data]  # one (x, y) batch; x a tensor or several inputs (funcbnn.model.Inputs)
     try:
         batches = list(data)
     except TypeError:
@@ -363,7 +363,7 @@ def _generic_batch(
     def nll_one(p, xi, yi):
         return likelihood.nll(apply_fn(subset.merge(p), xi[None]), yi[None]).sum()
 
-    n = x.shape[0]
+    n = len(x)  # a tensor's or an Inputs' batch size
     for start in range(0, n, chunk_size):
         xs, ys = x[start : start + chunk_size], y[start : start + chunk_size]
         if kind == "ef":
@@ -598,7 +598,7 @@ def dense_curvature(
         loss = batch_loss if loss is None else loss + batch_loss
         num_data += y.shape[0]
         num_outputs += lik.num_outputs(y)
-        for start in range(0, x.shape[0], chunk_size):
+        for start in range(0, len(x), chunk_size):
             xs, ys, fs = x[start : start + chunk_size], y[start : start + chunk_size], f_all[start : start + chunk_size]
             if kind == "ggn":
                 with math_attention():

@@ -24,7 +24,8 @@ from .._validation import positive_int
 from ..likelihoods import Likelihood, get_likelihood
 from ..model import FunctionalModel
 from ..priors import gaussian
-from ..checks import check_finite
+from ..checks import check_finite, guarded_call
+from ._taps import shell_lock
 from ._guards import check_curvature, check_eval_normalisation, check_state_fits, refuse_low_precision
 from ._subset import Subset, split
 from .curvature import Kind, check_data, dense_curvature, diag_curvature
@@ -120,13 +121,14 @@ def last_layer_names(apply_fn: FunctionalModel, params: dict[str, Tensor], x: An
     if x is None:
         return list(candidates.values())[-1]
     called: list[nn.Module] = []
-    handles = [m.register_forward_hook(lambda m, i, o: called.append(m)) for m in candidates]
-    try:
-        with torch.no_grad():
-            apply_fn({k: v.detach() for k, v in params.items()}, x)
-    finally:
-        for h in handles:
-            h.remove()
+    with shell_lock(apply_fn):  # the hooks sit on the shell other threads share until removed
+        handles = [m.register_forward_hook(lambda m, i, o: called.append(m)) for m in candidates]
+        try:
+            with guarded_call(x, params, "x of data batch 0"), torch.no_grad():
+                apply_fn({k: v.detach() for k, v in params.items()}, x)
+        finally:
+            for h in handles:
+                h.remove()
     if not called:
         raise ValueError("subset='last_layer': no nn.Linear with trainable weights runs in the forward pass")
     return candidates[called[-1]]
@@ -145,8 +147,10 @@ def check_apply_fn(apply_fn: Any) -> None:
 
 def _subset_names(apply_fn: Any, params: dict[str, Tensor], subset: Any, data: list) -> list[str]:
     if isinstance(subset, str) and subset not in ("all", "last_layer"):
+        hint = f"; a single leaf goes in a list: subset=[{subset!r}]" if subset in params else ""
         raise ValueError(
-            f"subset must be 'all', 'last_layer', an iterable of leaf names, a predicate or a Subnetwork, got {subset!r}"
+            f"subset must be 'all', 'last_layer', an iterable of leaf names, a predicate or a Subnetwork, "
+            f"got {subset!r}{hint}"
         )
     if subset == "all":
         names = list(params)
@@ -158,11 +162,22 @@ def _subset_names(apply_fn: Any, params: dict[str, Tensor], subset: Any, data: l
         wanted = set(subset)
         unknown = wanted - set(params)
         if unknown:
-            raise ValueError(f"subset names {sorted(unknown)} are not leaves of params")
+            raise ValueError(f"subset names {sorted(unknown)} are not leaves of params; {_leaf_hint(unknown, params)}")
         names = [k for k in params if k in wanted]
     if not names:
         raise ValueError("subset selects no leaves")
     return names
+
+
+def _leaf_hint(unknown: set, params: dict[str, Tensor]) -> str:
+    """What to write instead of names that are not leaves: a module's leaves, or the leaves there are."""
+    for name in sorted(map(str, unknown)):
+        inside = [k for k in params if k.startswith(name + ".")]
+        if inside:
+            return f"{name!r} is a module: name its leaves, e.g. {inside}"
+    listed = list(params)
+    more = f", ... ({len(listed)} leaves)" if len(listed) > 8 else ""
+    return f"the leaves are {listed[:8]}{more}"
 
 
 def subnetwork_model(apply_fn: Any, params: dict[str, Tensor], indices: dict[str, Tensor]) -> tuple[Callable, dict[str, Tensor]]:

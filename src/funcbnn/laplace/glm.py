@@ -32,6 +32,7 @@ from torch import Tensor, nn
 
 from .._validation import positive_int
 from ..checks import check_finite, guarded_call
+from ..model import Inputs
 from ._guards import tensor_output
 from ._per_example import PerExample
 from ._subset import split
@@ -232,8 +233,8 @@ def diag_output_covariance(
     torch.Size([5, 2, 2])
     """
     chunk_size = positive_int(chunk_size, "chunk_size")
-    if not isinstance(x, Tensor) or x.dim() == 0:
-        raise ValueError("x must be a tensor with a leading batch axis")
+    if not isinstance(x, (Tensor, Inputs)) or (isinstance(x, Tensor) and x.dim() == 0):
+        raise ValueError("x must be a tensor with a leading batch axis (or funcbnn.model.Inputs)")
     check_finite(x, "x")
     unknown = set(variances) - set(params)
     if unknown:
@@ -244,7 +245,7 @@ def diag_output_covariance(
     names = [k for k in params if k in variances]
     fs, covs = [], []
     per_example = PerExample()
-    for start in range(0, x.shape[0], chunk_size):
+    for start in range(0, len(x), chunk_size):
         pieces = jacobian_pieces(apply_fn, params, names, x[start : start + chunk_size], per_example)
         fs.append(pieces.outputs)
         covs.append(pieces_covariance(pieces, variances))

@@ -42,6 +42,7 @@ from .._validation import positive_int
 from ..families.kron_gaussian import KronJacobian, kron_project_jacobian
 from ..likelihoods import Likelihood
 from ..checks import check_finite
+from ..model import Inputs
 from ._guards import LOW_PRECISION
 from ._per_example import PerExample
 from ._subset import Subset
@@ -95,9 +96,13 @@ class DenseJacobian(NamedTuple):
 
 
 def _check_inputs(x: Any) -> None:
-    if not isinstance(x, Tensor) or x.dim() == 0:
+    if isinstance(x, Inputs):
+        len(x)  # TypeError unless a tensor in it has a batch axis
+    elif not isinstance(x, Tensor) or x.dim() == 0:
         what = "a 0-d tensor" if isinstance(x, Tensor) else type(x).__name__
-        raise ValueError(f"x must be a tensor with a leading batch axis (or a Linearization), got {what}")
+        raise ValueError(
+            f"x must be a tensor with a leading batch axis (several inputs: funcbnn.model.Inputs; or a Linearization), got {what}"
+        )
     check_finite(x, "x")
 
 
@@ -158,7 +163,7 @@ def linearize(
             evals, evecs = torch.linalg.eigh(state.curvature.detach())
     chunks = []
     per_example = PerExample()
-    for start in range(0, x.shape[0], chunk_size):
+    for start in range(0, len(x), chunk_size):
         pieces = jacobian_pieces(apply_fn, params, names, x[start : start + chunk_size], per_example)
         with torch.no_grad():
             if state.structure == "kron":  # rotate chunk by chunk: the unrotated Jacobian never exists whole
@@ -227,7 +232,7 @@ def output_covariance(
         return x.outputs, _covariance(state, hyper, x)
     _check_inputs(x)
     fs, covs = [], []
-    for start in range(0, x.shape[0], chunk_size):
+    for start in range(0, len(x), chunk_size):
         lin = linearize(apply_fn, subset, state, x[start : start + chunk_size], chunk_size=chunk_size)
         fs.append(lin.outputs)
         covs.append(_covariance(state, hyper, lin))
