@@ -480,3 +480,195 @@ def test_marglik_training_reads_an_iterator_once_and_refuses_an_empty_loader(dat
     with pytest.raises(ValueError, match="empty"):
         laplace.marglik_training(apply_fn, params, _ReshufflingLoader(data[0][:0], data[1][:0], 4), "classification",
                                  structure="diag", epochs=1)
+
+
+# --- item 9: attention, embeddings, convolutions, regression shapes, subsets, foreign states, threads --
+
+
+class _Attention(nn.Module):
+    def __init__(self, encoder: bool) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Linear(4, 8)
+        self.encoder = encoder
+        self.body = (
+            nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
+            if encoder
+            else nn.MultiheadAttention(8, 2, batch_first=True)
+        )
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = self.embed(x)
+        h = self.body(h) if self.encoder else self.body(h, h, h)[0]
+        return self.head(h.mean(1))
+
+
+@pytest.mark.parametrize("encoder", [False, True])
+@pytest.mark.parametrize("structure", STRUCTURES)
+def test_attention_models_fit_and_predict(encoder, structure):
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(10, 5, 4, generator=g), torch.randint(0, 3, (10,), generator=g)
+    apply_fn, params, _ = funcbnn.functionalize(_Attention(encoder).eval())
+    subset = "last_layer" if structure == "full" else "all"
+    la, state = laplace.fit(apply_fn, params, (x, y), "classification", structure=structure, subset=subset)
+    probs = la.predict(state, x)
+    assert probs.isfinite().all()
+    torch.testing.assert_close(probs.sum(-1), torch.ones(10))
+    with pytest.raises(ValueError, match=r"could not run on x \(a tensor of shape \(2, 5, 6\)"):
+        la.predict(state, torch.randn(2, 5, 6))
+
+
+class _Bag(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Embedding(10, 6)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, ids):
+        return self.head(self.embed(ids).mean(1))
+
+
+@pytest.mark.parametrize("structure", STRUCTURES)
+@pytest.mark.parametrize("ids", [12, -1])
+def test_token_ids_out_of_the_embeddings_range_are_named_on_fit_and_predict(structure, ids):
+    apply_fn, params, _ = funcbnn.functionalize(_Bag())
+    good = torch.randint(0, 10, (8, 5), generator=torch.Generator().manual_seed(0))
+    y = torch.randint(0, 3, (8,))
+    la, state = laplace.fit(apply_fn, params, (good, y), "classification", structure=structure)
+    bad = torch.full((3, 5), ids)
+    with pytest.raises(ValueError, match=rf"could not run on x \(.*dtype torch.int64, values in \[{ids}, {ids}\]\)"):
+        la.predict(state, bad)
+    with pytest.raises(ValueError, match=rf"x of data batch 1 \(.*values in \[{ids}, {ids}\]\)"):
+        laplace.fit(apply_fn, params, [(good, y), (bad, y[:3])], "classification", structure=structure)
+
+
+@pytest.mark.parametrize("structure", ["diag", "kron"])
+def test_convolutions_name_inputs_of_the_wrong_channels_or_rank(structure):
+    cnn = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 36, 3))
+    apply_fn, params, _ = funcbnn.functionalize(cnn)
+    x, y = torch.randn(8, 1, 6, 6), torch.randint(0, 3, (8,))
+    la, state = laplace.fit(apply_fn, params, (x, y), "classification", structure=structure)
+    for bad in (torch.randn(8, 3, 6, 6), torch.randn(8, 6, 6)):
+        with pytest.raises(ValueError, match=r"x of data batch 0 \(a tensor of shape"):
+            laplace.fit(apply_fn, params, (bad, y), "classification", structure=structure)
+    with pytest.raises(ValueError, match=r"could not run on x \(a tensor of shape \(2, 1, 7, 7\)"):
+        la.predict(state, torch.randn(2, 1, 7, 7))
+
+
+@pytest.mark.parametrize("structure", STRUCTURES)
+def test_regression_with_one_output_takes_n_by_1_targets_and_names_n_targets(structure):
+    torch.manual_seed(0)
+    apply_fn, params, _ = funcbnn.functionalize(nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1)))
+    x, y = torch.randn(16, 4), torch.randn(16, 1)
+    la, state = laplace.fit(apply_fn, params, (x, y), "regression", structure=structure)
+    mean, var = la.predict(state, x)
+    assert mean.shape == var.shape == (16, 1) and bool((var >= 1.0).all())  # the noise sigma^2 = 1 is included
+    with pytest.raises(ValueError, match=r"targets must have the shape of the outputs \(16, 1\), got \(16,\)"):
+        laplace.fit(apply_fn, params, (x, y[:, 0]), "regression", structure=structure)
+
+
+@pytest.mark.parametrize("structure", STRUCTURES)
+def test_heteroscedastic_models_fit_give_an_output_covariance_and_predict_says_what_to_use(structure):
+    torch.manual_seed(0)
+    apply_fn, params, _ = funcbnn.functionalize(nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2)))
+    x, y = torch.randn(16, 4), torch.randn(16, 1)
+    la, state = laplace.fit(apply_fn, params, (x, y), "heteroscedastic_gaussian", structure=structure)
+    f, cov = la.output_covariance(state, x)
+    assert f.shape == (16, 2) and cov.shape == (16, 2, 2)
+    assert bool((torch.linalg.eigvalsh(cov) > -1e-6).all())
+    with pytest.raises(ValueError, match="use output_covariance or sample"):
+        la.predict(state, x)
+    with pytest.raises(ValueError, match=r"the mean half of the outputs \(16, 1\), got \(16, 2\)"):
+        laplace.fit(apply_fn, params, (x, torch.randn(16, 2)), "heteroscedastic_gaussian", structure=structure)
+
+
+def test_subset_errors_say_what_to_write(data):
+    apply_fn, params, _ = funcbnn.functionalize(_mlp())
+    with pytest.raises(ValueError, match=r"\['3.weight'\] are not leaves of params; the leaves are \['0.weight'"):
+        laplace.fit(apply_fn, params, data, "classification", subset=["3.weight"])
+    with pytest.raises(ValueError, match=r"'2' is a module: name its leaves, e.g. \['2.weight', '2.bias'\]"):
+        laplace.fit(apply_fn, params, data, "classification", subset=["2"])
+    with pytest.raises(ValueError, match=r"a single leaf goes in a list: subset=\['2.weight'\]"):
+        laplace.fit(apply_fn, params, data, "classification", subset="2.weight")
+
+
+def test_a_state_of_another_model_or_structure_is_refused_by_every_function(data):
+    torch.manual_seed(0)
+    small = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
+    apply_fn, params, _ = funcbnn.functionalize(_mlp())
+    la, state = laplace.fit(apply_fn, params, data, "classification")
+    other_fn, other_params, _ = funcbnn.functionalize(small)
+    _, other = laplace.fit(other_fn, other_params, data, "classification")
+    _, kron_state = laplace.fit(apply_fn, params, data, "classification", structure="kron")
+    _, last = laplace.fit(apply_fn, params, data, "classification", subset="last_layer")
+    calls = {
+        "predict": lambda s: la.predict(s, data[0]),
+        "sample": lambda s: la.sample(s, 2),
+        "log_marglik": lambda s: la.log_marglik(s),
+        "posterior": lambda s: la.posterior(s),
+        "linearize": lambda s: la.linearize(s, data[0]),
+        "tune": lambda s: la.tune(s, steps=1),
+        "kl": lambda s: la.kl(s),
+    }
+    for name, call in calls.items():
+        with pytest.raises(ValueError, match=r"leaf '0.weight' has shape \(6, 4\), the fitted model's \(8, 4\)"):
+            call(other)
+        with pytest.raises(ValueError, match="state has structure 'kron', this Laplace was built for 'diag'"):
+            call(kron_state)
+        with pytest.raises(ValueError, match=r"its posterior covers leaves \['2.weight', '2.bias'\]"):
+            call(last)
+    with pytest.raises(TypeError, match="state must be a LaplaceState"):
+        la.predict({"mean": 1}, data[0])
+
+
+@pytest.mark.parametrize("structure", STRUCTURES)
+def test_concurrent_predictions_equal_serial_ones(structure, data):
+    apply_fn, params, _ = funcbnn.functionalize(_mlp())
+    la, state = laplace.fit(apply_fn, params, data, "classification", structure=structure)
+    x = data[0]
+    reference = la.predict(state, x)
+    results, errors = [], []
+
+    def work():
+        try:
+            for _ in range(6):
+                results.append(torch.equal(la.predict(state, x), reference))
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and len(results) == 24 and all(results)
+
+
+def test_several_inputs_fit_like_one_concatenated_input():
+    from funcbnn.model import Inputs
+
+    class Two(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.lin = nn.Linear(3, 3)
+            self.scale = nn.Parameter(torch.rand(3) + 0.5)  # a bare leaf: the generic (per-example) engine
+
+        def forward(self, x, z, shift=0.0):
+            return self.lin(x) * self.scale + z + shift
+
+    class One(Two):
+        def forward(self, xz):
+            return super().forward(xz[:, :3], xz[:, 3:], 0.5)
+
+    g = torch.Generator().manual_seed(1)
+    x, z, y = torch.randn(8, 3, generator=g), torch.randn(8, 3, generator=g), torch.randint(0, 3, (8,), generator=g)
+    two_fn, two_params, _ = funcbnn.functionalize(Two())
+    one_fn, one_params, _ = funcbnn.functionalize(One())
+    for structure in STRUCTURES:
+        la2, s2 = laplace.fit(two_fn, two_params, (Inputs(x, z, shift=0.5), y), "classification", structure=structure)
+        la1, s1 = laplace.fit(one_fn, one_params, (torch.cat([x, z], 1), y), "classification", structure=structure)
+        torch.testing.assert_close(optree.tree_leaves(s2.curvature), optree.tree_leaves(s1.curvature))
+        torch.testing.assert_close(la2.predict(s2, Inputs(x, z, shift=0.5)), la1.predict(s1, torch.cat([x, z], 1)))
