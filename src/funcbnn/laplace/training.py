@@ -180,7 +180,8 @@ def marglik_training(
 
     Examples
     --------
-    >>> import funcbnn
+    >>> import funcbnn, torch
+    >>> from torch import nn
     >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
     <torch._C.Generator object at ...>
     >>> x = torch.randn(64, 2); y = (x[:, 0] > 0).long()

@@ -163,7 +163,8 @@ def tune_validation(
 
     Examples
     --------
-    >>> import funcbnn
+    >>> import funcbnn, torch
+    >>> from torch import nn
     >>> apply_fn, params, _ = funcbnn.functionalize(nn.Sequential(nn.Linear(2, 8), nn.Tanh(), nn.Linear(8, 3)))
     >>> x, y = torch.randn(40, 2), torch.randint(0, 3, (40,))
     >>> la, state = funcbnn.laplace.fit(apply_fn, params, [(x[:30], y[:30])], "classification")
