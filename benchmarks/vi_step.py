@@ -10,6 +10,9 @@ step. Rows:
   ``w = mu + softplus(rho) * eps``, ``torch.func.functional_call``, cross-entropy
   mean + analytic KL / N, ``backward()``, ``Adam.step()``;
 * ``funcbnn vi.build_step`` -- ``step(state, opt, (x, y), generator=g)``;
+* ``funcbnn vi.build_step, no checks`` -- the same under
+  ``funcbnn.checks.set_finite_checks(False)``: the difference is what the non-finite
+  checks of the inputs, targets and loss cost;
 * ``funcbnn BayesianModule`` -- ``out = model(x)``; ``CE + model.kl_divergence() / N``;
   backward; Adam;
 * peers, where installed: torchbayesian ``BayesianModule`` (same loop as above),
@@ -143,6 +146,19 @@ def build_funcbnn_step(module: nn.Module, x: Tensor, y: Tensor) -> Callable[[], 
     return step
 
 
+def build_funcbnn_step_unchecked(module: nn.Module, x: Tensor, y: Tensor) -> Callable[[], Any]:
+    """The same step with the non-finite checks off (``funcbnn.checks.set_finite_checks(False)``):
+    the difference to ``vi.build_step`` is what the checks cost (finite inputs and targets, finite loss:
+    three host syncs per step)."""
+    step = build_funcbnn_step(module, x, y)
+
+    def unchecked() -> Tensor:
+        with funcbnn.checks.set_finite_checks(False):
+            return step()
+
+    return unchecked
+
+
 def _module_step(model: nn.Module, kl: Callable[[], Tensor], x: Tensor, y: Tensor) -> Callable[[], Any]:
     opt = torch.optim.Adam(model.parameters(), lr=LR)
 
@@ -224,6 +240,7 @@ def build_posteriors(module: nn.Module, x: Tensor, y: Tensor) -> Callable[[], An
 STEP_ROWS: tuple[tuple[str, Callable[..., Callable[[], Any]]], ...] = (
     ("baseline (hand-written)", build_baseline),
     ("funcbnn vi.build_step", build_funcbnn_step),
+    ("funcbnn vi.build_step, no checks", build_funcbnn_step_unchecked),
     ("funcbnn BayesianModule", build_funcbnn_module),
     ("torchbayesian BayesianModule", build_torchbayesian),
     ("bayesian-torch dnn_to_bnn", build_bayesian_torch),
@@ -416,6 +433,9 @@ def print_targets(results: dict) -> None:
                     f"[{'PASS' if r <= TARGET_STEP else 'MISS'}] {model}: {row} {r:.2f}x the hand-written step (target <= {TARGET_STEP})"
                 )
         own = steps.get("funcbnn vi.build_step")
+        unchecked = steps.get("funcbnn vi.build_step, no checks")
+        if own is not None and unchecked is not None:
+            print(f"[INFO] {model}: the non-finite checks cost {100 * (own / unchecked - 1):+.1f}% of a step")
         for peer in PEERS:
             if peer not in steps:
                 print(f"[SKIP] {model}: {peer}: {status.get(peer, 'not run')}")

