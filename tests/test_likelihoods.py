@@ -80,3 +80,36 @@ def test_hessian_square_roots_rebuild_the_nll_hessian():
             v = V[:, n].reshape(V.shape[0], -1)
             want = torch.autograd.functional.hessian(lambda o: lik.nll(o[None], y[n : n + 1]).sum(), out[n])
             torch.testing.assert_close(v.T @ v, want.reshape(v.shape[1], v.shape[1]))
+
+
+def test_gaussian_keeps_a_sigma_tensor_that_requires_grad_and_its_gradient_is_torchs():
+    sigma = torch.tensor(0.7, requires_grad=True)
+    lik = L.gaussian(sigma=sigma)
+    assert isinstance(lik.sigma, torch.Tensor) and lik.sigma.requires_grad
+    g = torch.Generator().manual_seed(0)
+    mean, y = torch.randn(5, 2, generator=g), torch.randn(5, 2, generator=g)
+    (grad,) = torch.autograd.grad(lik.nll(mean, y).sum(), sigma)
+    ref = torch.tensor(0.7, requires_grad=True)
+    (want,) = torch.autograd.grad(-torch.distributions.Normal(mean, ref).log_prob(y).sum(), ref)
+    torch.testing.assert_close(grad, want)
+
+
+def test_learnable_gaussian_reads_its_log_sigma_live_and_matches_torch_distributions():
+    log_sigma = torch.tensor(-0.3, requires_grad=True)
+    lik = L.learnable_gaussian(log_sigma)
+    g = torch.Generator().manual_seed(1)
+    mean, y = torch.randn(6, 3, generator=g), torch.randn(6, 3, generator=g)
+    for value in (-0.3, 0.4):  # an optimiser updates the tensor in place: the likelihood follows
+        with torch.no_grad():
+            log_sigma.fill_(value)
+        got = lik.nll(mean, y)
+        want = -torch.distributions.Normal(mean, torch.tensor(value).exp()).log_prob(y).sum(-1)
+        torch.testing.assert_close(got, want)
+    (grad,) = torch.autograd.grad(lik.nll(mean, y).sum(), log_sigma)
+    ref = torch.tensor(0.4, requires_grad=True)
+    (want,) = torch.autograd.grad(-torch.distributions.Normal(mean, ref.exp()).log_prob(y).sum(), ref)
+    torch.testing.assert_close(grad, want)
+    with pytest.raises(ValueError, match="must require grad"):
+        L.learnable_gaussian(torch.tensor(0.0))
+    with pytest.raises(TypeError, match="one-element floating-point tensor"):
+        L.learnable_gaussian(0.0)
