@@ -672,3 +672,30 @@ def test_several_inputs_fit_like_one_concatenated_input():
         la1, s1 = laplace.fit(one_fn, one_params, (torch.cat([x, z], 1), y), "classification", structure=structure)
         torch.testing.assert_close(optree.tree_leaves(s2.curvature), optree.tree_leaves(s1.curvature))
         torch.testing.assert_close(la2.predict(s2, Inputs(x, z, shift=0.5)), la1.predict(s1, torch.cat([x, z], 1)))
+
+
+def test_marglik_training_names_bad_inputs_outputs_params_and_batch_statistics(data):
+    x, y = data
+    apply_fn, params, _ = funcbnn.functionalize(_mlp())
+    kw = dict(structure="diag", epochs=1, hyper_steps=1)
+    with pytest.raises(ValueError, match=r"could not run on x of data batch 0 \(a tensor of shape \(24, 5\)"):
+        laplace.marglik_training(apply_fn, params, [(torch.randn(24, 5), y)], "classification", **kw)
+    with pytest.raises(ValueError, match=r"targets must lie in \[0, 2\]"):
+        laplace.marglik_training(apply_fn, params, [(x, y + 3)], "classification", **kw)
+    bad = {k: v.clone() for k, v in params.items()}
+    bad["0.bias"][0] = float("inf")
+    with pytest.raises(NonFiniteError, match="params contains non-finite values .* in leaf '0.bias'"):
+        laplace.marglik_training(apply_fn, bad, [(x, y)], "classification", **kw)
+    tuple_fn, tuple_params, _ = funcbnn.functionalize(_TupleOut("tuple"))
+    with pytest.raises(TypeError, match="output is one tensor"):
+        laplace.marglik_training(tuple_fn, tuple_params, [(x, y)], "classification", **kw)
+    bn = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 3))
+    bn_fn, bn_params, _ = funcbnn.functionalize(bn, train=True)
+    with pytest.raises(ValueError, match=r"marglik_training needs eval-mode normalisation.*\['1'\]"):
+        laplace.marglik_training(bn_fn, bn_params, [(x, y)], "classification", **kw)
+
+
+def test_laplace_approximation_deep_copies(data):
+    la = LaplaceApproximation(_mlp(), "classification", structure="kron").fit([data])
+    twin = copy.deepcopy(la)
+    assert torch.equal(twin(data[0]), la(data[0]))

@@ -35,6 +35,8 @@ from .. import distributed
 from .._validation import positive_float, positive_int
 from ..likelihoods import Likelihood, get_likelihood
 from .curvature import Kind, check_batch, check_data
+from ..checks import check_finite, guarded_call
+from ._guards import check_eval_normalisation, tensor_output
 from .fit import Laplace, check_apply_fn, fit
 from .marglik import PRIOR_STRUCTURES, initial_prior_precision, log_marglik
 from .state import LaplaceState, as_prior_mean, as_prior_precision, as_sigma, as_temperature, leafwise
@@ -191,6 +193,7 @@ def marglik_training(
     (torch.Size([4]), torch.Size([20]))
     """
     check_apply_fn(apply_fn)
+    check_eval_normalisation(apply_fn, "marglik_training")
     lik = get_likelihood(likelihood)
     positive_int(epochs, "epochs")
     positive_float(lr, "lr")
@@ -205,6 +208,7 @@ def marglik_training(
         raise ValueError("prior_structure='diag' (one precision per parameter) does not work with structure='kron'")
     if not isinstance(params, dict) or not params:
         raise TypeError("params must be a non-empty dict of tensors")
+    check_finite(params, "params")
     tune_sigma = (lik.sigma is not None) if tune_sigma is None else tune_sigma
     if tune_sigma and lik.sigma is None:
         raise ValueError(f"tune_sigma applies to the 'gaussian' likelihood only, not {lik.name!r}")
@@ -258,7 +262,10 @@ def marglik_training(
 
             def closure() -> Tensor:
                 opt.zero_grad()
-                f = apply_fn(theta, x)
+                with guarded_call(x, theta, f"x of data batch {i}"):
+                    f = tensor_output(apply_fn(theta, x), "marglik_training")
+                if epoch == 1:  # the targets' range check syncs with the device: once per batch is enough
+                    lik.check(f, y)
                 nll = nll_fn.nll(f, y).mean() / temp
                 prior = sum((delta[k] * (theta[k] - pm[k]).square()).sum() for k in theta)
                 loss = nll + 0.5 * prior / n
