@@ -614,3 +614,24 @@ def test_deep_copies_and_whole_module_saves_are_independent_equal_models(local):
         with torch.no_grad():
             for p in twin.parameters():
                 p.sub_(1.0)
+
+
+def test_bayesian_module_names_bad_inputs_and_refuses_non_finite_batches():
+    from funcbnn.checks import NonFiniteError
+
+    model = BayesianModule(nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3)))
+    x, y = torch.randn(6, 4), torch.randint(0, 3, (6,))
+    for call in (lambda xx: model(xx), lambda xx: model(xx, sample=False), lambda xx: model.sample_outputs(xx, 3),
+                 lambda xx: model.elbo(xx, y, num_data=6)):
+        with pytest.raises(ValueError, match=r"could not run on (x|the batch inputs) \(a tensor of shape \(6, 5\)"):
+            call(torch.randn(6, 5))
+        with pytest.raises(ValueError, match="its dtype torch.float64 differs from the parameters' torch.float32"):
+            call(x.double())
+    bad = x.clone()
+    bad[2, 1] = float("inf")
+    with pytest.raises(NonFiniteError, match=r"x contains non-finite values \(0 NaN, 1 inf\)"):
+        model.elbo(bad, y, num_data=6)
+    with pytest.raises(NonFiniteError, match="y contains non-finite values"):
+        model.elbo(x, torch.full((6, 3), float("nan")), num_data=6, likelihood="regression")
+    with pytest.raises(TypeError, match="generator must be a torch.Generator"):
+        model.elbo(x, y, num_data=6, generator=3)

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any, Callable, Literal
 
 import optree
@@ -11,6 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import vi as _vi
+from ..checks import guarded_call
 from .._validation import positive_int
 from ..families._kl import check_reduction, prior_log_prob_batched
 from ..families.diag_gaussian import DiagGaussianState, diag_gaussian
@@ -304,18 +306,33 @@ class BayesianModule(nn.Module):
         (see :func:`funcbnn.vi.elbo`); with ``local_reparam`` the pre-activations are sampled.
         """
         num = positive_int(num_samples, "num_samples")
-        if self.local_reparam:
-            return self.apply_fn.sample_outputs_local(self.state(), x, num, generator=generator)
-        samples = self.sample_parameters(num, generator=generator)
-        return _vi._sampled_outputs(self.apply_fn, samples, x, None, num, method)
+        with self._guarded(x, "BayesianModule.sample_outputs"):
+            if self.local_reparam:
+                return self.apply_fn.sample_outputs_local(self.state(), x, num, generator=generator)
+            samples = self.sample_parameters(num, generator=generator)
+            return _vi._sampled_outputs(self.apply_fn, samples, x, None, num, method)
+
+    @contextlib.contextmanager
+    def _guarded(self, x: Any, where: str) -> Iterator[None]:
+        """:func:`funcbnn.checks.guarded_call`, building the parameter tree for its message only on an error."""
+        try:
+            yield
+        except (RuntimeError, IndexError) as e:
+            with guarded_call(x, self.mean_parameters(), "x", where):
+                raise e
 
     def forward(self, x: Any, sample: bool = True, *, generator: torch.Generator | None = None) -> Any:
-        """The module's output at a fresh weight draw (at the posterior mean if ``sample=False``)."""
-        if not sample:
-            return self.apply_fn(self.mean_parameters(), x)
-        if self.local_reparam:
-            return self.apply_fn.sample_outputs_local(self.state(), x, 1, generator=generator)[0]
-        return self.apply_fn(self.sample_parameters(generator=generator), x)
+        """The module's output at a fresh weight draw (at the posterior mean if ``sample=False``).
+
+        Inputs the wrapped module cannot take raise a ``ValueError`` naming ``x``
+        (its shape and dtype against the parameters'), with torch's error chained.
+        """
+        with self._guarded(x, "BayesianModule"):
+            if not sample:
+                return self.apply_fn(self.mean_parameters(), x)
+            if self.local_reparam:
+                return self.apply_fn.sample_outputs_local(self.state(), x, 1, generator=generator)[0]
+            return self.apply_fn(self.sample_parameters(generator=generator), x)
 
     # -- KL and ELBO ----------------------------------------------------------------------------
 
@@ -424,8 +441,13 @@ class BayesianModule(nn.Module):
 
         For Gaussian posteriors this *is* ``vi.elbo(model.apply_fn, diag_gaussian(),
         model.state(), model.prior, (x, y), num_data, ...)``: the same loss for the
-        same generator state.
+        same generator state. NaN or inf in ``x`` or ``y`` raise
+        :class:`~funcbnn.checks.NonFiniteError` (off with
+        :func:`funcbnn.checks.set_finite_checks`), inputs the module cannot take a
+        ``ValueError`` naming them.
         """
+        _vi._check_finite(x, "x")
+        _vi._check_finite(y, "y")
         if self._gaussian:
             return _vi.elbo(
                 self.apply_fn,
