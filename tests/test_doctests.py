@@ -30,12 +30,7 @@ def public_modules() -> list[str]:
 
 # Examples known to fail, with the fix; each entry fails the suite (strict xfail) once the fix lands,
 # so the entry goes with it.
-NEEDS_FIX = {
-    "funcbnn.laplace.training.marglik_training": "add '>>> from torch import nn' (nn is not a module global)",
-    "funcbnn.laplace.validation.tune_validation": "add '>>> from torch import nn' (nn is not a module global)",
-    "funcbnn.predict.sample_outputs": "add '>>> import torch' (predict.py imports only Tensor from torch)",
-    "funcbnn.predict.summarize": "add '>>> import torch' (predict.py imports only Tensor from torch)",
-}
+NEEDS_FIX: dict[str, str] = {}
 
 
 def _examples() -> list:

@@ -55,7 +55,7 @@ def main(out: Path, fast: bool) -> Path:
 
     # Post hoc: MAP first, then a last-layer KFAC Laplace tuned by the marginal likelihood.
     torch.manual_seed(0)
-    apply_fn, params, _ = funcbnn.functionalize(train_map(mlp(), x, y, 300 if fast else 2000))
+    apply_fn, params, _ = funcbnn.functionalize(train_map(mlp(), x, y, 100 if fast else 2000))
     la, state = funcbnn.laplace.fit(apply_fn, params, [(x, y)], "regression",
                                     subset="last_layer", structure="kron")
     state = la.tune(state)                                   # prior precision and sigma
@@ -67,7 +67,8 @@ def main(out: Path, fast: bool) -> Path:
     apply_fn, params, _ = funcbnn.functionalize(mlp())
     params, la, state, info = funcbnn.laplace.marglik_training(
         apply_fn, params, [(x, y)], "regression", structure="kron",
-        epochs=300 if fast else 2000, lr=1e-2, marglik_frequency=50 if fast else 100, burnin=50)
+        epochs=40 if fast else 2000, lr=1e-2, marglik_frequency=20 if fast else 100,
+        burnin=10 if fast else 50)
     mean, var = la.predict(state, grid)
     panels.append(("marglik_training, all-layer KFAC", mean, var, state))
 

@@ -42,7 +42,7 @@ def main(out: Path, fast: bool) -> Path:
     prior = funcbnn.priors.gaussian(std=1.0)
     lik = funcbnn.likelihoods.gaussian(sigma=0.1)          # known observation noise
     result = vi.fit(apply_fn, post, prior, post.init(params), (x, y), likelihood=lik,
-                    epochs=150 if fast else 1500, num_samples=4, lr=1e-2, generator=g)
+                    epochs=40 if fast else 1500, num_samples=4, lr=1e-2, generator=g)
 
     grid = torch.linspace(-1.5, 1.5, 200)[:, None]
     samples = post.sample(result.state, 200, generator=g)
