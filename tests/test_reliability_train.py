@@ -255,6 +255,13 @@ def test_batches_must_be_pairs_and_a_dict_batch_says_what_to_yield():
         _vi([(x, y, y)], num_data=24)
     with pytest.raises(TypeError, match="got a dict with keys"):
         _swag([{"x": x, "y": y}])
+    with pytest.raises(TypeError, match="data must be an iterable of \\(x, y\\) batches, got a tuple of 2 tensors; pass \\[\\(x, y\\)\\]"):
+        _swag((x, y))
+    with pytest.raises(TypeError, match="got a tuple of 3 tensors"):
+        _vi((x, y, y))
+    apply_fn, params = _model()
+    with pytest.raises(TypeError, match="the model must return one Tensor"):
+        swag.fit(lambda p, xx: {"logits": apply_fn(p, xx)}, params, [(x, y)], epochs=1)
     # lists are pairs too (what a default DataLoader collate yields)
     assert _vi([[x, y]]).history.loss.shape == (1,)
 

@@ -573,6 +573,12 @@ def fit(
     lr_min = lr * 0.01 if lr_min is None else positive_float(lr_min, "lr_min")
     if isinstance(data, (Tensor, dict, str, bytes)) or not hasattr(data, "__iter__"):
         raise TypeError(f"data must be an iterable of (x, y) batches, got {describe(data)}")
+    if isinstance(data, (tuple, list)) and data and all(isinstance(t, Tensor) for t in data):
+        # (x, y) tensors would iterate as single tensors (x, then y): say what swag.fit takes
+        raise TypeError(
+            f"data must be an iterable of (x, y) batches, got a {type(data).__name__} of {len(data)} tensors; "
+            "pass [(x, y)] for one full batch, or a DataLoader"
+        )
     batches = list(data) if not hasattr(data, "__len__") else data
     steps_per_epoch = len(batches)
     if steps_per_epoch == 0:
@@ -619,7 +625,12 @@ def fit(
             if process_group is None:
                 with guarded_call(x, theta, "the data inputs", f"swag.fit ({where})"):
                     out = apply_fn(theta, x) if buffers is None else apply_fn(theta, x, buffers)
-                if first_epoch:  # the targets' shape, dtype and range, once per batch of the data
+                if first_epoch:  # the outputs' type, the targets' shape, dtype and range, once per batch of the data
+                    if not isinstance(out, Tensor):
+                        raise TypeError(
+                            f"the model must return one Tensor (what the likelihood scores), got {describe(out)}; "
+                            "wrap it to return that tensor, e.g. apply_fn=lambda params, x: model_fn(params, x)[0]"
+                        )
                     try:
                         lik.check(out, y)
                     except ValueError as e:

@@ -862,6 +862,11 @@ def _epoch_batches(
                 yield optree.tree_map(lambda t: t[idx], x), y[idx]
 
         return batches
+    if isinstance(data, (tuple, list)) and data and all(isinstance(t, Tensor) for t in data):
+        raise TypeError(
+            f"data must be an (inputs, targets) pair of tensors or an iterable of such batches, got a "
+            f"{type(data).__name__} of {len(data)} tensors"
+        )
     if batch_size is not None:
         raise ValueError("batch_size only applies when data is an (inputs, targets) pair of tensors")
     if isinstance(data, (Tensor, dict, str, bytes)) or not hasattr(data, "__iter__"):
