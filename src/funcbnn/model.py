@@ -328,18 +328,26 @@ class FunctionalModel:
         if not isinstance(params, dict) or params.keys() != self._param_keys:
             self._raise_bad_keys(params)
         inputs, buffers = self._read_buffers(inputs, buffers)
-        if len(inputs) == 1 and isinstance(inputs[0], Inputs):
-            kwargs = {**inputs[0].kwargs, **kwargs}
-            inputs = inputs[0].args
         if buffers:
             # Fresh copies every call (~1 us per buffer): an in-place write by the forward
             # (running statistics, counters, power iterations) never reaches the caller's
             # tree or the defaults, and no call sees what an earlier one wrote.
             buffers = {k: v.clone() for k, v in buffers.items()}
-        if len(inputs) == 1 and not kwargs and isinstance(inputs[0], Tensor):
-            watched = [inputs[0]]  # the common case, without a tree walk
-        else:
-            watched = [t for t in optree.tree_leaves((inputs, kwargs)) if isinstance(t, Tensor)]
+        if len(inputs) == 1 and not kwargs:
+            x = inputs[0]
+            if type(x) is Tensor and self._writes_inputs is False:
+                # The common case, kept to a version-counter read on each side.
+                version = x._version
+                out = self._run(params, buffers, inputs, kwargs)
+                if x._version != version:
+                    self._raise_late_write()
+                return out
+            if isinstance(x, Inputs):
+                inputs, kwargs = x.args, x.kwargs
+        elif len(inputs) == 1 and isinstance(inputs[0], Inputs):
+            kwargs = {**inputs[0].kwargs, **kwargs}
+            inputs = inputs[0].args
+        watched = [t for t in optree.tree_leaves((inputs, kwargs)) if isinstance(t, Tensor)]
         if watched and self._writes_inputs is not False:
             # First call (or a forward known to write its inputs): run it on copies.
             copies = {id(t): t.clone() for t in watched}
@@ -353,13 +361,16 @@ class FunctionalModel:
         versions = [t._version for t in watched]
         out = self._run(params, buffers, inputs, kwargs)
         if any(t._version != v for t, v in zip(watched, versions)):
-            self._writes_inputs = True
-            raise RuntimeError(
-                "the model's forward wrote into its input in place on this call (but not on the first call, "
-                "whose inputs were copies), so the tensor you passed has changed. From now on apply_fn hands "
-                "it copies; recompute the input and call again."
-            )
+            self._raise_late_write()
         return out
+
+    def _raise_late_write(self) -> None:
+        self._writes_inputs = True
+        raise RuntimeError(
+            "the model's forward wrote into its input in place on this call (but not on the first call, "
+            "whose inputs were copies), so the tensor you passed has changed. From now on apply_fn hands "
+            "it copies; recompute the input and call again."
+        )
 
     def _run(self, params: dict[str, Tensor], buffers: dict[str, Tensor], inputs: tuple,
              kwargs: dict[str, Any]) -> Any:
