@@ -5,8 +5,10 @@ Packages re-export names from their submodules (``funcbnn.families`` exports
 render every export again on the package's page; this extension hides an
 imported name whose source is itself a public module (rendered on its own
 page), and keeps those imported from private modules (``funcbnn._engine``),
-whose only documented home is the re-export. It also turns Sphinx roles
-(``:func:`x```), which Markdown would print verbatim, into code spans.
+whose only documented home is the re-export. It also rewrites two pieces of
+reStructuredText that Markdown would print verbatim: Sphinx roles
+(``:func:`x```) become code spans, and the ``::`` that introduces an indented
+literal block becomes ``:`` (the indented block is a code block in Markdown too).
 """
 
 from __future__ import annotations
@@ -17,6 +19,12 @@ from typing import Any
 import griffe
 
 _ROLE = re.compile(r":(?:py:)?(?:func|class|mod|meth|attr|data|exc|obj|const):`~?([^`]+)`")
+_LITERAL = re.compile(r"(?m)(\S)::$|^[ \t]*::$")
+
+
+def _markdown(text: str) -> str:
+    text = _ROLE.sub(r"``\1``", text)
+    return _LITERAL.sub(lambda m: f"{m.group(1)}:" if m.group(1) else "", text)
 
 
 def _public_module(path: str) -> bool:
@@ -35,8 +43,8 @@ class HideReexports(griffe.Extension):
                     member.public = False
                 continue
             if member.docstring is not None:
-                member.docstring.value = _ROLE.sub(r"``\1``", member.docstring.value)
+                member.docstring.value = _markdown(member.docstring.value)
             if member.is_module or member.is_class:
                 self._visit(member)
         if obj.docstring is not None:
-            obj.docstring.value = _ROLE.sub(r"``\1``", obj.docstring.value)
+            obj.docstring.value = _markdown(obj.docstring.value)
