@@ -7,7 +7,9 @@ Rows, all measured in this process (minimum over ``--repeats`` after a warm-up):
   and backward per step), ``loop`` (``method="loop"``: the members one after another inside the
   same step) and ``torch`` (``K`` ordinary ``nn.Module`` copies, each with its own Adam, trained
   one after another: what a user writes without funcbnn). Target: vmap >= 3x the torch loop on
-  the small MLP and never slower than the faster loop on the big one.
+  the small MLP and never slower than the faster loop on the big one. ``finite checks``: the
+  vmap epoch's time with the non-finite checks (data once, the losses every step) over its time
+  under ``funcbnn.checks.set_finite_checks(False)``.
 * **MC dropout** -- ``S`` seeded-mask predictions (``funcbnn.mc_dropout``) on a batch of 128,
   ``sample_outputs(method="vmap")`` vs ``method="loop"``, and the global-RNG baseline (the
   module in train mode called ``S`` times).
@@ -81,6 +83,12 @@ def ensemble_rows(repeats: int) -> list[str]:
                                          generator=torch.Generator().manual_seed(1)),
                     repeats,
                 )
+            with funcbnn.checks.set_finite_checks(False):  # what the non-finite checks cost an epoch
+                times["unchecked"] = best_of(
+                    lambda: ensemble.fit(apply_fn, members, (x, y), epochs=1, batch_size=batch, method="vmap",
+                                         generator=torch.Generator().manual_seed(1)),
+                    repeats,
+                )
             nets = [copy.deepcopy(net) for _ in range(k)]
             opts = [torch.optim.Adam(m.parameters(), lr=1e-3) for m in nets]
             orders = torch.stack([torch.randperm(n) for _ in range(k)])
@@ -89,7 +97,8 @@ def ensemble_rows(repeats: int) -> list[str]:
             rows.append(
                 f"ensemble epoch {name:>16} K={k:<3} vmap {times['vmap'] * 1e3:8.1f} ms  loop {times['loop'] * 1e3:8.1f} ms  "
                 f"torch {times['torch'] * 1e3:8.1f} ms  torch/vmap {times['torch'] / times['vmap']:5.2f}x  "
-                f"loop/vmap {times['loop'] / times['vmap']:5.2f}x"
+                f"loop/vmap {times['loop'] / times['vmap']:5.2f}x  "
+                f"finite checks {100 * (times['vmap'] / times['unchecked'] - 1):+5.1f}%"
             )
     return rows
 
