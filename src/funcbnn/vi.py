@@ -117,7 +117,9 @@ class FitResult(NamedTuple):
         (``fit(..., resume=result)``): the state, the optimiser's
         ``state_dict``, the generator's state, the epochs done, the history and
         a learned noise scale. Plain tensors, dicts and lists, so
-        ``torch.load`` with ``weights_only=True`` reads it.
+        ``torch.load`` with ``weights_only=True`` reads it. It holds the
+        optimiser's moments (Adam: twice the state's size); save
+        ``result._replace(checkpoint=None)`` to keep only the posterior.
     sigma : Tensor or None
         The learned observation-noise std of ``fit(..., noise="learn")`` (0-d,
         detached); ``None`` when the noise was not learned.
