@@ -7,7 +7,11 @@ not run under ``vmap``: Python control flow on a tensor's value
 (``nn.LSTM`` makes torch warn that it falls back to a slow loop, ``nn.GRU``
 fails with a broadcast error from an in-place update). For those the same
 function runs once per example in a Python loop: the same numbers (each example
-is differentiated on its own either way), without the warning.
+is differentiated on its own either way), without the warning. The loop runs
+with cuDNN off: its recurrent kernels read raw data pointers, which the
+``torch.func`` transforms' wrapped tensors do not have ("Cannot access data
+pointer of Tensor that doesn't have storage" for an ``nn.GRU`` on CUDA), while
+PyTorch's own recurrent implementation works under them.
 
 :class:`PerExample` remembers the choice, so one fit or prediction tries
 ``vmap`` once and loops for every later chunk when it did not work.
@@ -63,11 +67,17 @@ def _loop(fn: Callable[..., Any], in_dims: tuple, args: tuple) -> Any:
         t.shape[0] for a, d in zip(args, in_dims) if d == 0 for t in optree.tree_leaves(a) if isinstance(t, torch.Tensor)
     )
     results = []
-    for i in range(n):
-        # Non-tensor leaves (an Inputs' flags and scales) are the same for every example.
-        one = [
-            a if d is None else optree.tree_map(lambda t: t[i] if isinstance(t, torch.Tensor) else t, a)
-            for a, d in zip(args, in_dims)
-        ]
-        results.append(fn(*one))
+    # cuDNN off (module docstring); the flag is process-wide, so other threads' CUDA calls meanwhile skip it too.
+    # jacrev vmaps over output directions inside, where the recurrent cells' backward (CUDA's
+    # _thnn_differentiable_*_cell_backward) has no batching rule either: torch loops there, correctly,
+    # and its warning is noise on a path that is already the loop.
+    with torch.backends.cudnn.flags(enabled=False), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=_FALLBACK_WARNING, category=UserWarning)
+        for i in range(n):
+            # Non-tensor leaves (an Inputs' flags and scales) are the same for every example.
+            one = [
+                a if d is None else optree.tree_map(lambda t: t[i] if isinstance(t, torch.Tensor) else t, a)
+                for a, d in zip(args, in_dims)
+            ]
+            results.append(fn(*one))
     return optree.tree_map(lambda *parts: torch.stack(parts), *results)

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._validation import positive_int
-from ..checks import check_finite, guarded_call
+from ..checks import NonFiniteError, check_finite, guarded_call
 from ..likelihoods import Likelihood, get_likelihood
 from ..model import FunctionalModel
 from ._guards import LOW_PRECISION, accumulator_dtype, check_eval_normalisation, tensor_output
@@ -145,20 +145,27 @@ def check_data(data: Any) -> list[tuple[Any, Tensor]]:
     if not batches:
         raise ValueError("data is empty: the loader yielded no batches")
     for i, batch in enumerate(batches):
-        check_batch(batch, i)
+        check_batch(batch, i, finite=False)
+    try:
+        check_finite(batches, "data")  # one device sync for every batch
+    except NonFiniteError:
+        for i, (x, y) in enumerate(batches):  # name the batch and the tensor
+            check_finite(x, f"data batch {i} inputs x")
+            check_finite(y, f"data batch {i} targets y")
     return _Batches(tuple(b) for b in batches)
 
 
-def check_batch(batch: Any, i: int) -> None:
-    """Raise unless ``batch`` is an ``(x, y)`` pair with tensor targets and finite values (batch ``i`` in messages)."""
+def check_batch(batch: Any, i: int, *, finite: bool = True) -> None:
+    """Raise unless ``batch`` is an ``(x, y)`` pair with tensor targets (and, with ``finite``, finite values)."""
     if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
         raise ValueError(f"data batch {i} must be an (x, y) pair, got {type(batch).__name__}")
     x, y = batch
     if not isinstance(y, Tensor) or y.dim() == 0:
         what = "a 0-d tensor" if isinstance(y, Tensor) else type(y).__name__
         raise ValueError(f"data batch {i}: targets y must be a tensor with a leading batch axis, got {what}")
-    check_finite(x, f"data batch {i} inputs x")
-    check_finite(y, f"data batch {i} targets y")
+    if finite:
+        check_finite(x, f"data batch {i} inputs x")
+        check_finite(y, f"data batch {i} targets y")
 
 
 def first_forward(apply_fn: Any, params: Any, x: Any, i: int) -> Tensor:
