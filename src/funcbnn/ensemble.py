@@ -269,8 +269,8 @@ def fit(
     k_all, k = k, len(mine)
     members = optree.tree_map(lambda t: t[mine.start : mine.stop].detach().clone().requires_grad_(True), state.members)
     leaves = optree.tree_leaves(members)
-    if k:
-        _check_model_and_targets(apply_fn, lik, optree.tree_map(lambda t: t[0].detach(), members), x, y)
+    # on the first member of the whole ensemble, so every rank (with members or not) decides alike
+    _check_model_and_targets(apply_fn, lik, optree.tree_map(lambda t: t[0].detach(), state.members), x, y)
     opt = optimizer(leaves) if optimizer is not None else torch.optim.Adam(leaves, lr=1e-3)
     if not isinstance(opt, torch.optim.Optimizer):
         raise TypeError(f"optimizer must return a torch.optim.Optimizer, got {type(opt).__name__}")

@@ -661,7 +661,7 @@ def step(
     inf in the batch raise :class:`~funcbnn.checks.NonFiniteError`, and a
     non-finite loss raises :class:`~funcbnn.checks.DivergedError` *before* the
     optimiser steps, with ``error.state`` a copy of the state this step started
-    from.
+    from (``error.step`` is 0, this call; :func:`fit` counts over the run).
 
     Returns
     -------
