@@ -699,3 +699,20 @@ def test_laplace_approximation_deep_copies(data):
     la = LaplaceApproximation(_mlp(), "classification", structure="kron").fit([data])
     twin = copy.deepcopy(la)
     assert torch.equal(twin(data[0]), la(data[0]))
+
+
+def test_inputs_of_the_wrong_type_integer_generators_and_empty_batches_are_named(fitted, data):
+    apply_fn, params, la, state = fitted
+    x, y = data
+    with pytest.raises(ValueError, match=r"could not run on x of data batch 0 \(list"):
+        laplace.fit(apply_fn, params, [(x.tolist(), y)], "classification")
+    with pytest.raises(ValueError, match="x must be a tensor with a leading batch axis .* got list"):
+        la.predict(state, x.tolist())
+    with pytest.raises(TypeError, match=r"generator must be a torch.Generator or None, got int 0"):
+        laplace.fit(apply_fn, params, data, "classification", curvature="mc_ggn", generator=0)
+    with pytest.raises(TypeError, match=r"generator must be a torch.Generator or None, got int 3"):
+        la.predict(state, x, link_approx="mc", generator=3)
+    with pytest.raises(ValueError, match=r"data batch 1 has no examples"):
+        laplace.fit(apply_fn, params, [(x, y), (x[:0], y[:0])], "classification")
+    with pytest.raises(ValueError, match="x has no examples"):
+        la.predict(state, x[:0])

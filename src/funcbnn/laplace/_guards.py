@@ -8,16 +8,17 @@ an error that names the argument and says what to do.
 
 from __future__ import annotations
 
-from typing import Any
+import contextlib
+from typing import Any, Iterator
 
 import torch
 from torch import Tensor, nn
 
-from ..checks import check_finite
+from ..checks import check_finite, guarded_call, model_input_error
 
 __all__ = [
     "check_eval_normalisation", "tensor_output", "check_curvature", "check_state_fits", "LOW_PRECISION",
-    "accumulator_dtype", "refuse_low_precision",
+    "accumulator_dtype", "refuse_low_precision", "model_call",
 ]
 
 # Dtypes torch's linear algebra (eigh, cholesky) does not take on the CPU, and whose sums over a
@@ -45,6 +46,19 @@ def refuse_low_precision(params: dict[str, Tensor], structure: str) -> None:
             "triangular solve for the dense posterior); use structure='diag' or 'kron', which decompose in float32, "
             "or fit a float32 copy of the model (model.float())"
         )
+
+
+@contextlib.contextmanager
+def model_call(x: Any, params: Any, name: str) -> Iterator[None]:
+    """:func:`funcbnn.checks.guarded_call`, and a ``TypeError`` from inside the call (``x`` a list where the
+    model takes a tensor) named the same way: a ``ValueError`` about ``name``, torch's error chained."""
+    try:
+        with guarded_call(x, params, name):
+            yield
+    except TypeError as e:
+        if type(e).__module__.startswith("funcbnn") or "could not run on" in str(e):
+            raise
+        raise model_input_error(e, x, params, name) from e
 
 
 def check_eval_normalisation(apply_fn: Any, where: str = "laplace.fit") -> None:

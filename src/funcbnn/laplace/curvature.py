@@ -42,10 +42,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._validation import positive_int
-from ..checks import NonFiniteError, check_finite, guarded_call
+from ..checks import NonFiniteError, check_finite, check_generator
 from ..likelihoods import Likelihood, get_likelihood
 from ..model import FunctionalModel
-from ._guards import LOW_PRECISION, accumulator_dtype, check_eval_normalisation, tensor_output
+from ._guards import LOW_PRECISION, accumulator_dtype, check_eval_normalisation, model_call, tensor_output
 from ._per_example import PerExample
 from ._subset import Subset, split
 from ._taps import Layer, OutsideForward, math_attention, structured_layers, tapped_forward
@@ -163,14 +163,16 @@ def check_batch(batch: Any, i: int, *, finite: bool = True) -> None:
     if not isinstance(y, Tensor) or y.dim() == 0:
         what = "a 0-d tensor" if isinstance(y, Tensor) else type(y).__name__
         raise ValueError(f"data batch {i}: targets y must be a tensor with a leading batch axis, got {what}")
+    if y.shape[0] == 0:
+        raise ValueError(f"data batch {i} has no examples (targets of shape {tuple(y.shape)}); leave empty batches out")
     if finite:
         check_finite(x, f"data batch {i} inputs x")
         check_finite(y, f"data batch {i} targets y")
 
 
 def first_forward(apply_fn: Any, params: Any, x: Any, i: int) -> Tensor:
-    """One forward of batch ``i`` without gradients, its errors named by the input (:func:`funcbnn.checks.guarded_call`)."""
-    with guarded_call(x, params, f"x of data batch {i}"), torch.no_grad():
+    """One forward of batch ``i`` without gradients, its errors naming the input (``_guards.model_call``)."""
+    with model_call(x, params, f"x of data batch {i}"), torch.no_grad():
         return tensor_output(apply_fn(optree.tree_map(lambda t: t.detach(), params), x))
 
 
@@ -327,7 +329,7 @@ def _structured_batch(
     out: dict[str, Tensor],
     i: int = 0,
 ) -> Tensor:
-    with guarded_call(x, params, f"x of data batch {i}"):
+    with model_call(x, params, f"x of data batch {i}"):
         f, calls = tapped_forward(apply_fn, params, layers, x)
     likelihood.check(tensor_output(f), y)
     loss = likelihood.nll(f.detach(), y).sum()
@@ -472,6 +474,7 @@ def diag_curvature(
         raise ValueError(f"method must be 'auto', 'structured' or 'generic', got {method!r}")
     positive_int(num_mc, "num_mc")
     positive_int(chunk_size, "chunk_size")
+    check_generator(generator)
     if not isinstance(params, dict):
         raise TypeError(f"params must be a dict of tensors, got {type(params).__name__}")
     check_eval_normalisation(apply_fn, "diag_curvature")
@@ -569,6 +572,7 @@ def dense_curvature(
         raise ValueError(f"kind must be 'ggn', 'ef' or 'mc_ggn', got {kind!r}")
     positive_int(chunk_size, "chunk_size")
     positive_int(num_mc, "num_mc")
+    check_generator(generator)
     wanted = set(params) if subset is None else set(subset)
     if not wanted <= set(params):
         raise ValueError(f"subset names {sorted(wanted - set(params))} are not leaves of params")

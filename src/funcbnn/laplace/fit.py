@@ -24,9 +24,9 @@ from .._validation import positive_int
 from ..likelihoods import Likelihood, get_likelihood
 from ..model import FunctionalModel
 from ..priors import gaussian
-from ..checks import check_finite, guarded_call
+from ..checks import check_finite, check_generator
 from ._taps import shell_lock
-from ._guards import check_curvature, check_eval_normalisation, check_state_fits, refuse_low_precision
+from ._guards import check_curvature, check_eval_normalisation, check_state_fits, model_call, refuse_low_precision
 from ._subset import Subset, split
 from .curvature import Kind, check_data, dense_curvature, diag_curvature
 from .kron import kron_curvature, kron_decompose
@@ -124,7 +124,7 @@ def last_layer_names(apply_fn: FunctionalModel, params: dict[str, Tensor], x: An
     with shell_lock(apply_fn):  # the hooks sit on the shell other threads share until removed
         handles = [m.register_forward_hook(lambda m, i, o: called.append(m)) for m in candidates]
         try:
-            with guarded_call(x, params, "x of data batch 0"), torch.no_grad():
+            with model_call(x, params, "x of data batch 0"), torch.no_grad():
                 apply_fn({k: v.detach() for k, v in params.items()}, x)
         finally:
             for h in handles:
@@ -315,6 +315,7 @@ def fit(
         )
     temp = as_temperature(temperature, ref)
     positive_int(num_mc, "num_mc")
+    check_generator(generator)
     indices = None
     if isinstance(subset, Subnetwork):
         if structure == "kron":

@@ -31,9 +31,9 @@ import torch
 from torch import Tensor, nn
 
 from .._validation import positive_int
-from ..checks import check_finite, guarded_call
+from ..checks import check_finite
 from ..model import Inputs
-from ._guards import tensor_output
+from ._guards import model_call, tensor_output
 from ._per_example import PerExample
 from ._subset import split
 from ._taps import Layer, OutsideForward, math_attention, structured_layers, tapped_forward
@@ -79,7 +79,7 @@ class _Unstructured(Exception):
 def _structured(apply_fn: Any, params: dict[str, Tensor], layers: list[Layer], x: Tensor) -> tuple[Tensor, list[LayerPiece]]:
     """Outputs ``(N, *out)`` and one piece per structured layer (each must be called exactly once)."""
     try:
-        with guarded_call(x, params, "x"):
+        with model_call(x, params, "x"):
             f, calls = tapped_forward(apply_fn, params, layers, x)
         f = tensor_output(f, "the Laplace predictive")
     except OutsideForward as err:  # weights read outside their layer's forward: the generic path takes them

@@ -44,8 +44,8 @@ from .._validation import positive_int
 from ..families.kron_gaussian import BlockKey, KronDecomposed, KronEigen
 from ..likelihoods import Likelihood
 from ..model import FunctionalModel
-from ..checks import guarded_call
-from ._guards import accumulator_dtype, check_eval_normalisation, tensor_output
+from ..checks import check_generator
+from ._guards import accumulator_dtype, check_eval_normalisation, model_call, tensor_output
 from ._taps import Layer, OutsideForward, structured_layers, tapped_forward
 from .curvature import (
     _patches,
@@ -175,7 +175,7 @@ def _kron_batch(
 ) -> Tensor:
     # A layer called twice in one forward shares its weight across calls, which
     # KFAC-expand treats as extra positions.
-    with guarded_call(x, params, f"x of data batch {batch}"):
+    with model_call(x, params, f"x of data batch {batch}"):
         f, calls = tapped_forward(apply_fn, params, layers, x)
     likelihood.check(tensor_output(f), y)
     loss = likelihood.nll(f.detach(), y).sum()
@@ -298,6 +298,7 @@ def kron_curvature(
         raise ValueError(f"kind must be 'ggn', 'ef' or 'mc_ggn', got {kind!r}")
     positive_int(num_mc, "num_mc")
     positive_int(chunk_size, "chunk_size")
+    check_generator(generator)
     if not isinstance(apply_fn, FunctionalModel):
         raise TypeError(
             f"apply_fn must be a FunctionalModel from funcbnn.functionalize, got {type(apply_fn).__name__}"

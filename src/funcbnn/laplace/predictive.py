@@ -41,7 +41,7 @@ from torch import Tensor
 from .._validation import positive_int
 from ..families.kron_gaussian import KronJacobian, kron_project_jacobian
 from ..likelihoods import Likelihood
-from ..checks import check_finite
+from ..checks import check_finite, check_generator
 from ..model import Inputs
 from ._guards import LOW_PRECISION
 from ._per_example import PerExample
@@ -103,6 +103,8 @@ def _check_inputs(x: Any) -> None:
         raise ValueError(
             f"x must be a tensor with a leading batch axis (several inputs: funcbnn.model.Inputs; or a Linearization), got {what}"
         )
+    if len(x) == 0:
+        raise ValueError("x has no examples (a leading batch axis of size 0)")
     check_finite(x, "x")
 
 
@@ -337,6 +339,7 @@ def predict(
         )
     if link_approx == "mc" or pred_type == "nn":
         positive_int(num_samples, "num_samples")
+        check_generator(generator)
     pp, sd, temp = hyperparameters(state, prior_precision, sigma, temperature)
     regression = not lik.is_classification
     if pred_type == "nn":

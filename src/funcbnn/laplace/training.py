@@ -35,8 +35,8 @@ from .. import distributed
 from .._validation import positive_float, positive_int
 from ..likelihoods import Likelihood, get_likelihood
 from .curvature import Kind, check_batch, check_data
-from ..checks import check_finite, guarded_call
-from ._guards import check_eval_normalisation, tensor_output
+from ..checks import check_finite
+from ._guards import check_eval_normalisation, model_call, tensor_output
 from .fit import Laplace, check_apply_fn, fit
 from .marglik import PRIOR_STRUCTURES, initial_prior_precision, log_marglik
 from .state import LaplaceState, as_prior_mean, as_prior_precision, as_sigma, as_temperature, leafwise
@@ -262,7 +262,7 @@ def marglik_training(
 
             def closure() -> Tensor:
                 opt.zero_grad()
-                with guarded_call(x, theta, f"x of data batch {i}"):
+                with model_call(x, theta, f"x of data batch {i}"):
                     f = tensor_output(apply_fn(theta, x), "marglik_training")
                 if epoch == 1:  # the targets' range check syncs with the device: once per batch is enough
                     lik.check(f, y)
