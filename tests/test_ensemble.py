@@ -122,3 +122,18 @@ def test_members_that_do_not_fit_the_model_and_tree_inputs_for_fgsm_are_named():
     members = ensemble.init_members(net, 2, generator=gen(0))
     with pytest.raises(TypeError, match="floating-point"):
         ensemble.fit(apply_fn, members, (x.long(), y), adversarial_eps=0.1)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_fit_draws_data_orders_from_a_cuda_generator_and_resumes_bit_identically():
+    """A CUDA generator used to fail in randperm (drawn on the CPU); found on an H200."""
+    dev = torch.device("cuda")
+    net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3)).to(dev)
+    apply_fn, _, _ = funcbnn.functionalize(net)
+    members = ensemble.init_members(net, 2, generator=torch.Generator().manual_seed(0))
+    x, y = torch.randn(24, 4, device=dev), torch.randint(0, 3, (24,), device=dev)
+    cuda_gen = lambda: torch.Generator(device=dev).manual_seed(1)  # noqa: E731
+    whole = ensemble.fit(apply_fn, members, (x, y), epochs=2, batch_size=8, generator=cuda_gen(), method="vmap")
+    half = ensemble.fit(apply_fn, members, (x, y), epochs=1, batch_size=8, generator=cuda_gen(), method="vmap")
+    rest = ensemble.fit(apply_fn, members, (x, y), epochs=1, batch_size=8, resume=half, method="vmap")
+    assert all(torch.equal(a, b) for a, b in zip(rest.state.members.values(), whole.state.members.values()))

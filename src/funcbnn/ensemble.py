@@ -300,7 +300,9 @@ def fit(
     done = 0 if ck is None else int(ck["epochs"])
     for epoch in range(epochs):
         # every rank draws all K orders (the one-process stream) and keeps its members' rows
-        orders = torch.stack([torch.randperm(n, generator=generator) for _ in range(k_all)])[mine.start : mine.stop]
+        where = generator.device if generator is not None else "cpu"  # draw where the generator lives (a CUDA one too)
+        orders = torch.stack([torch.randperm(n, generator=generator, device=where) for _ in range(k_all)])
+        orders = orders[mine.start : mine.stop]
         orders = orders.to(device)  # (K, N)
         for start in range(0, n, batch_size):
             if k == 0:  # a rank without members still walks the steps, to return the same history shape
