@@ -129,7 +129,7 @@ def test_fit_draws_data_orders_from_a_cuda_generator_and_resumes_bit_identically
     """A CUDA generator used to fail in randperm (drawn on the CPU); found on an H200."""
     dev = torch.device("cuda")
     net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3)).to(dev)
-    apply_fn, _, _ = funcbnn.functionalize(net)
+    apply_fn, _, _ = functionalize(net)
     members = ensemble.init_members(net, 2, generator=torch.Generator().manual_seed(0))
     x, y = torch.randn(24, 4, device=dev), torch.randint(0, 3, (24,), device=dev)
     cuda_gen = lambda: torch.Generator(device=dev).manual_seed(1)  # noqa: E731
