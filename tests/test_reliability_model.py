@@ -485,3 +485,23 @@ def test_peak_memory_of_sample_outputs_is_the_outputs_plus_a_constant(method):
     assert done.returncode == 0, done.stderr[-2000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["growth_mib"] < result["out_mib"] + 64, result
+
+
+def test_a_functional_model_of_a_parametrized_module_pickles():
+    # before: pickling apply_fn raised torch's "Serialization of parametrized modules is only supported ..."
+    import io
+    import pickle
+
+    net = _mlp()
+    torch.nn.utils.parametrizations.weight_norm(net[0])
+    torch.nn.utils.parametrizations.spectral_norm(net[2])
+    net.eval()
+    apply_fn, params, _ = functionalize(net)
+    twin = pickle.loads(pickle.dumps(apply_fn))
+    torch.testing.assert_close(twin(params, X), net(X), rtol=0, atol=0)
+    buf = io.BytesIO()
+    torch.save(apply_fn, buf)
+    buf.seek(0)
+    torch.testing.assert_close(torch.load(buf, weights_only=False)(params, X), net(X), rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="Serialization of parametrized modules"):
+        pickle.dumps(net)  # the user's module is as torch made it

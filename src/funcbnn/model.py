@@ -152,6 +152,51 @@ def _positional_capacity(module: nn.Module) -> float:
     return sum(k in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD) for k in kinds)
 
 
+_PICKLABLE: dict[type, type] = {}
+_STATE_DICT_HOOKS = ("_state_dict_hooks", "_state_dict_pre_hooks", "_load_state_dict_pre_hooks",
+                     "_load_state_dict_post_hooks")
+
+
+def _picklable_parametrized(cls: type) -> type:
+    """A subclass of torch's per-module ``Parametrized<Base>`` class that pickles.
+
+    torch's class is made on the fly (no importable name) and its
+    ``__getstate__`` raises, so a shell holding one could not be saved with the
+    ``apply_fn`` (``LaplaceApproximation`` pickles it). This subclass reduces
+    to the base class and the attribute table, and :func:`_rebuild_parametrized`
+    lets torch set the parametrization up again on load.
+    """
+    if cls in _PICKLABLE.values():
+        return cls
+    if cls not in _PICKLABLE:
+        def reduce(self: nn.Module, protocol: Any = None) -> tuple:
+            state = dict(vars(self))
+            # weight_norm's state-dict hooks are local closures that cannot be pickled; the
+            # shell never saves or loads a state dict, so they are left behind.
+            for attr in _STATE_DICT_HOOKS:
+                if attr in state:
+                    state[attr] = type(state[attr])()
+            return _rebuild_parametrized, (cls.__bases__[0], state)
+
+        _PICKLABLE[cls] = type(cls.__name__, (cls,), {"__reduce_ex__": reduce, "__module__": cls.__module__})
+    return _PICKLABLE[cls]
+
+
+def _rebuild_parametrized(base: type, state: dict[str, Any]) -> nn.Module:
+    """Unpickle a parametrized shell module: the base module, then torch's parametrized class and properties."""
+    parametrize = torch.nn.utils.parametrize
+    if not (hasattr(parametrize, "_inject_new_class") and hasattr(parametrize, "_inject_property")):
+        raise RuntimeError("this torch version cannot restore a pickled parametrized module (torch.nn.utils."
+                           "parametrize._inject_new_class is missing); functionalize the module again instead")
+    mod = base.__new__(base)
+    mod.__dict__.update(state)
+    parametrize._inject_new_class(mod)
+    for name in mod.parametrizations:
+        parametrize._inject_property(mod, name)
+    mod.__class__ = _picklable_parametrized(type(mod))
+    return mod
+
+
 def _structural_copy(module: nn.Module) -> nn.Module:
     """New module objects with their own parameter/buffer/submodule tables; all else shared.
 
@@ -166,9 +211,11 @@ def _structural_copy(module: nn.Module) -> nn.Module:
             return copies[id(mod)]
         if torch.nn.utils.parametrize.is_parametrized(mod):
             # torch refuses copy.copy of a parametrized module (its __getstate__ raises, to
-            # stop pickling); a shell only needs the attribute table, so build it directly.
+            # stop pickling); a shell only needs the attribute table, so build it directly,
+            # in a class that pickles (see _picklable_parametrized).
             new = type(mod).__new__(type(mod))
             new.__dict__.update(vars(mod))
+            new.__class__ = _picklable_parametrized(type(mod))
         else:
             new = copy.copy(mod)
         copies[id(mod)] = new

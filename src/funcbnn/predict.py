@@ -93,8 +93,11 @@ def sample_outputs(
     samples : Tree
         Parameter tree whose leaves carry a leading sample axis of size ``S``
         (what ``posterior.sample(state, S)`` returns).
-    x : Tensor or tree of tensors
-        Model input, shared by all samples.
+    x : Tensor, tree of tensors, or Inputs
+        Model input, shared by all samples. For a forward with several
+        (positional or keyword) inputs, pass :class:`funcbnn.model.Inputs`
+        (``Inputs(x, z, mask=m)``). It is never modified: a forward that
+        writes into its input gets copies.
     chunk_size : int, optional
         Samples per vmapped call. By default it is chosen so that the largest
         batched intermediate stays under ``memory_budget`` bytes (measured once
@@ -134,8 +137,17 @@ def sample_outputs(
     Raises
     ------
     ValueError
-        On malformed samples, an ``x`` the model cannot take, or a train-mode
-        BatchNorm (which would update running statistics in place) under vmap.
+        On malformed samples, an ``x`` the model cannot take (also when it is
+        found on a later call, e.g. token ids out of an embedding's range: the
+        message names ``x``, its shape, dtype and value range), or a
+        train-mode BatchNorm (which would update running statistics in place)
+        under vmap.
+    TypeError
+        If ``samples`` is a posterior state rather than draws from it.
+    funcbnn.checks.NonFiniteError
+        If the outputs hold NaN or inf; the message names the culprit: ``x``,
+        a leaf of ``samples``, or the forward itself. One reduction over the
+        outputs per call; :func:`funcbnn.checks.set_finite_checks` turns it off.
 
     Examples
     --------
@@ -323,6 +335,14 @@ def summarize(
     log_variance : bool, optional
         For the heteroscedastic likelihood: whether the second output is a
         log-variance (the default) or a variance.
+
+    Raises
+    ------
+    funcbnn.checks.NonFiniteError
+        If ``outputs`` hold NaN or inf (unless the checks are turned off).
+    ValueError
+        For ``outputs_are="probs"``: binary probabilities outside [0, 1], or
+        class probabilities that are negative or do not sum to 1.
 
     Examples
     --------
