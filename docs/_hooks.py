@@ -56,7 +56,8 @@ def _home(name: str, obj: object, modules: list) -> str:
     if inspect.ismodule(obj):
         return obj.__name__
     module = getattr(obj, "__module__", None) or ""
-    if (inspect.isclass(obj) or inspect.isfunction(obj)) and not any(p.startswith("_") for p in module.split(".")):
+    public = not any(part.startswith("_") for part in module.split("."))
+    if (inspect.isclass(obj) or inspect.isfunction(obj)) and public:
         return f"{module}.{obj.__qualname__}"
     # Data, and objects defined in private modules: the deepest public module that exports this very object.
     for mod in sorted(modules, key=lambda m: -m.__name__.count(".")):

@@ -39,7 +39,7 @@ def _examples() -> list:
     for name in public_modules():
         module = importlib.import_module(name)
         for test in finder.find(module, name):
-            # The finder skips objects a module imported from elsewhere: each example runs once, where defined.
+            # The finder skips what a module imported from elsewhere: each example runs once, where defined.
             if not test.examples:
                 continue
             marks = []
@@ -55,14 +55,15 @@ EXAMPLES = _examples()
 def test_the_finder_sees_the_examples_of_every_area():
     names = {p.id for p in EXAMPLES}
     assert len(names) == len(EXAMPLES) > 60
-    for area in ("funcbnn.vi.", "funcbnn.laplace.", "funcbnn.swag.", "funcbnn.ensemble.", "funcbnn.families."):
+    areas = ("funcbnn.vi.", "funcbnn.laplace.", "funcbnn.swag.", "funcbnn.ensemble.", "funcbnn.families.")
+    for area in areas:
         assert any(n.startswith(area) for n in names), area
 
 
 @pytest.mark.parametrize("test", EXAMPLES)
 def test_docstring_example_runs(test):
     torch.manual_seed(0)
-    runner = doctest.DocTestRunner(optionflags=0)  # what --doctest-modules uses without a doctest_optionflags ini
+    runner = doctest.DocTestRunner(optionflags=0)  # as --doctest-modules (no doctest_optionflags set here)
     out: list[str] = []
     result = runner.run(test, out=out.append, clear_globs=True)
     assert result.failed == 0, "".join(out)
