@@ -505,3 +505,45 @@ def test_a_functional_model_of_a_parametrized_module_pickles():
     torch.testing.assert_close(torch.load(buf, weights_only=False)(params, X), net(X), rtol=0, atol=0)
     with pytest.raises(RuntimeError, match="Serialization of parametrized modules"):
         pickle.dumps(net)  # the user's module is as torch made it
+
+
+def test_inputs_followed_by_positional_buffers_or_none_reads_them_as_buffers():
+    # the library's own call sites pass apply_fn(params, x, buffers) and apply_fn(params, x, None)
+    torch.manual_seed(0)
+    net = TwoInputs().eval()
+    apply_fn, params, buffers = functionalize(net)
+    z = torch.randn(32, 3)
+    want = net(X, z)
+    torch.testing.assert_close(apply_fn(params, Inputs(X, z), None), want)
+    torch.testing.assert_close(apply_fn(params, Inputs(X, z), buffers), want)
+    other = {k: (v + 1 if v.is_floating_point() else v) for k, v in buffers.items()}
+    torch.testing.assert_close(apply_fn(params, Inputs(X, z), other), apply_fn(params, X, z, buffers=other))
+
+
+def test_sample_outputs_from_many_threads_at_once_gives_the_loop_answers():
+    import threading
+
+    apply_fn, params, _ = functionalize(_mlp())
+    samples = _draws(params, 8)
+    xs = [torch.randn(6 + i % 2, 4) for i in range(4)]
+    want = [sample_outputs(apply_fn, samples, x, method="loop") for x in xs]
+    fresh, _, _ = functionalize(_mlp())  # no decision taken yet: the threads race to the first one
+    barrier = threading.Barrier(6)
+    errors = []
+
+    def worker(i):
+        barrier.wait()
+        try:
+            for _ in range(20):
+                out = sample_outputs(fresh, samples, xs[i % 4])
+                if not torch.allclose(out, want[i % 4], atol=1e-6):
+                    errors.append("mismatch")
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(repr(e))
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []

@@ -847,14 +847,15 @@ def _dispatch(
     if randomness == "different" and not entry.stochastic:
         decision = (num, chunk, bool(backward_to) and torch.is_grad_enabled())
         faster = entry.vmap_faster.get(decision)
-        if faster is not None and entry.recheck and decision in entry.recheck:
-            countdown = entry.recheck[decision]
+        # .get/.pop, not [] and del: threads sharing one apply_fn may reach this at once.
+        countdown = entry.recheck.get(decision) if faster is not None and entry.recheck else None
+        if countdown is not None:
             countdown[0] -= 1
             if countdown[0] <= 0:
                 if entry.timing_s < max(BUDGET_S, TIMING_FRACTION * entry.work_s):
                     faster = None  # not confirmed yet: measure again now
                 else:
-                    del entry.recheck[decision]  # timing has had its share of the run: the decision stands
+                    entry.recheck.pop(decision, None)  # timing has had its share of the run: the decision stands
         if faster is None:
             faster, contended, err = _decide(
                 entry, fn, leaves, spec, x, args, num, chunk, backward_to if decision[2] else None, redraw

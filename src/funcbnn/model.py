@@ -265,8 +265,9 @@ class FunctionalModel:
     the form the single-``x`` APIs carry. ``buffers`` replaces the default
     buffers; it is keyword-only, except that a third positional argument that
     is a dict with exactly the buffer keys is read as the buffers when the
-    forward takes one input (the older ``apply_fn(params, x, buffers)``; a
-    third positional ``None`` then means the default buffers).
+    forward takes one input or ``x`` is an :class:`Inputs` (the older
+    ``apply_fn(params, x, buffers)``, which ``vi`` and ``swag`` use; a third
+    positional ``None`` then means the default buffers).
 
     Calling it never mutates anything passed in, nor its own defaults:
 
@@ -350,8 +351,10 @@ class FunctionalModel:
         """Split the call's positional arguments into inputs and buffers, and check the buffers."""
         if buffers is None and len(inputs) == 2:
             third = inputs[1]
-            if (third is None and self._capacity < 2) or (
-                isinstance(third, dict) and third.keys() == self.buffers.keys() and (self.buffers or self._capacity < 2)
+            # After an Inputs (which carries every model input) only buffers can follow.
+            only_one = self._capacity < 2 or isinstance(inputs[0], Inputs)
+            if (third is None and only_one) or (
+                isinstance(third, dict) and third.keys() == self.buffers.keys() and (self.buffers or only_one)
             ):
                 inputs, buffers = inputs[:1], third  # the older apply_fn(params, x, buffers)
         if buffers is None:
