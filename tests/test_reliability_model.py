@@ -547,3 +547,79 @@ def test_sample_outputs_from_many_threads_at_once_gives_the_loop_answers():
     for t in threads:
         t.join()
     assert errors == []
+
+
+# ---------------------------------------------------------------------------------------------
+# 13. awkward architectures through functionalize + sample_outputs, against a per-sample loop
+
+
+def _against_loop(module, x, num=3):
+    import optree
+
+    module.eval()
+    apply_fn, params, buffers = functionalize(module)
+    samples = _draws(params, num, std=0.02)
+    out = sample_outputs(apply_fn, samples, x)
+    args, kwargs = (x.args, x.kwargs) if isinstance(x, Inputs) else ((x,), {})
+    ref = [torch.func.functional_call(module, {**{k: v[s] for k, v in samples.items()}, **buffers}, args, kwargs)
+           for s in range(num)]
+    want = optree.tree_map(lambda *o: torch.stack(o), *ref)
+    assert optree.tree_structure(out) == optree.tree_structure(want)
+    for a, b in zip(optree.tree_leaves(out), optree.tree_leaves(want)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    return out
+
+
+class Attention(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+
+    def forward(self, x, key_padding_mask=None):
+        return self.attn(x, x, x, key_padding_mask=key_padding_mask)  # (output, weights): a tuple
+
+
+@pytest.mark.filterwarnings("ignore:There is a performance drop")  # torch: ops without a batching rule
+def test_attention_with_a_mask_and_tuple_outputs():
+    torch.manual_seed(0)
+    mask = torch.zeros(3, 5, dtype=torch.bool)
+    mask[:, -1] = True
+    out, weights = _against_loop(Attention(), Inputs(torch.randn(3, 5, 8), key_padding_mask=mask))
+    assert out.shape == (3, 3, 5, 8) and weights.shape == (3, 3, 5, 5)
+    assert torch.all(weights[..., -1] == 0)  # the padded key gets no weight
+
+
+@pytest.mark.filterwarnings("ignore:There is a performance drop")
+def test_a_transformer_encoder():
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
+    _against_loop(nn.TransformerEncoder(layer, 2, enable_nested_tensor=False), torch.randn(3, 5, 8))
+
+
+@pytest.mark.filterwarnings("ignore::funcbnn._engine.VmapFallbackWarning")  # no batching rule for the fused RNN ops
+@pytest.mark.parametrize("rnn", [nn.LSTM, nn.GRU])
+def test_recurrent_layers_with_their_tuple_outputs(rnn):
+    torch.manual_seed(0)
+    out = _against_loop(rnn(4, 6, batch_first=True), torch.randn(3, 5, 4))
+    assert out[0].shape == (3, 3, 5, 6)
+
+
+def test_a_batchnorm_cnn_and_dict_inputs_and_outputs():
+    torch.manual_seed(0)
+    cnn = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 3, groups=2),
+                        nn.Flatten(), nn.Linear(64, 2))
+    cnn.train()
+    for _ in range(2):
+        cnn(torch.randn(8, 3, 8, 8))  # non-trivial running statistics
+    _against_loop(cnn, torch.randn(2, 3, 8, 8))
+
+    class DictModel(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 2), nn.Linear(3, 2)
+
+        def forward(self, d):
+            return {"sum": self.a(d["x"]) + self.b(d["z"]), "x": self.a(d["x"])}
+
+    out = _against_loop(DictModel(), {"x": torch.randn(5, 4), "z": torch.randn(5, 3)})
+    assert set(out) == {"sum", "x"}
