@@ -22,7 +22,9 @@ writes its own ``vmap``-or-loop code. It holds four things:
 3. **The fallback.** A forward that fails under ``vmap`` (``.item()``,
    data-dependent control flow, in-place updates of inputs) makes ``"auto"``
    warn exactly once with :class:`VmapFallbackWarning` per function and input
-   signature, and loop from then on.
+   signature, and loop from then on. If the loop fails too, the input is at
+   fault, not vmap: the loop's error is raised, with no warning, and vmap
+   stays the path for inputs that work.
 4. **The path choice** for ``method="auto"``. Neither path wins everywhere
    (the batched path loses to a loop for some convolutions, and under autograd
    for wide layers), so the first call for a function, input signature, sample
@@ -44,14 +46,19 @@ writes its own ``vmap``-or-loop code. It holds four things:
      and slow otherwise; its minimum is one lucky run, which picked vmap for an
      ELBO that was 8% slower that way);
    - while the two are within :data:`DECISIVE` of each other it measures
-     again, up to :data:`MAX_ROUNDS` rounds or :data:`BUDGET_S` seconds;
+     again, up to :data:`MAX_ROUNDS` rounds, each started only if it fits in
+     :data:`BUDGET_S` seconds at the pace measured so far (a slow unit gets
+     fewer rounds, and warm-ups that alone outrun the budget decide);
    - the first decision is confirmed by a second measurement after
      :data:`RECHECK_AFTER` calls, when the process is warm (a first call also
      pays lazy initialisation, cold caches and whatever else the program was
      starting); a measurement taken while other processes kept the machine
      busy (at least :data:`CONTENDED_CORES` cores, read from ``/proc/stat`` on
      Linux) does not count as a confirmation, so it is repeated, up to
-     :data:`MAX_RECHECKS` times, instead of a busy moment deciding for good.
+     :data:`MAX_RECHECKS` times, instead of a busy moment deciding for good,
+     but only while the timing spent on that signature stays under
+     ``max(BUDGET_S, TIMING_FRACTION * time in real calls)``: under load the
+     re-measurements used to take 20-60 s on small models.
 
    **The choice never changes results beyond float rounding**: both paths
    compute the same function of the same samples. Timing runs consume no
@@ -59,6 +66,13 @@ writes its own ``vmap``-or-loop code. It holds four things:
    ``torch.Generator``; a forward with random ops (MC dropout, detected with
    ``vmap(randomness="error")``) is not timed at all and always takes the
    batched path, so its masks do not depend on a stopwatch.
+
+**Inputs are never modified.** The probe runs on copies of the inputs; a
+forward that writes into them there gets fresh copies on every later call
+(per sample in the loop, per chunk under vmap), and any other forward is
+watched through the inputs' version counters. **Outputs** are written into one
+preallocated tree as the samples or chunks come (unless autograd needs the
+parts), so peak memory is the outputs plus one chunk's intermediates.
 
 Decisions are cached per ``apply_fn`` (weakly: they go when the function
 goes) and per signature of the inputs and the samples' trailing shapes.
