@@ -443,3 +443,20 @@ def test_concurrent_vi_fits_in_threads_equal_sequential_ones():
     assert not errors, errors
     for a, b in zip(got, expected):
         assert torch.equal(a.history.loss, b.history.loss)
+
+
+def test_ensemble_of_a_train_mode_batchnorm_model_loops_under_auto_and_says_what_to_do_under_vmap():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    apply_fn, _, _ = funcbnn.functionalize(net, train=True)
+    members = ensemble.init_members(net, 2, generator=_gen(0))
+    x, y = _data()
+    # (the input probe used to run one example, which a train-mode BatchNorm refuses)
+    auto = ensemble.fit(apply_fn, members, (x, y), epochs=1, batch_size=8, generator=_gen(1))
+    loop = ensemble.fit(apply_fn, members, (x, y), epochs=1, batch_size=8, generator=_gen(1), method="loop")
+    assert auto.checkpoint["method"] == "loop"
+    assert torch.equal(auto.history, loop.history)
+    with pytest.raises(ValueError, match="method='vmap': the members' forward cannot run under torch.func.vmap.*method='loop'"):
+        ensemble.fit(apply_fn, members, (x, y), epochs=1, batch_size=8, method="vmap")
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())  # the module's statistics untouched

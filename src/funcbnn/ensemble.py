@@ -314,7 +314,10 @@ def fit(
             if method == "auto":
                 method = _pick_path(batched, looped, members, xb, yb)
             opt.zero_grad()
-            losses = (batched if method == "vmap" else looped)(members, xb, yb)
+            if method == "vmap" and not history:
+                losses = _first_vmapped(batched, members, xb, yb)
+            else:
+                losses = (batched if method == "vmap" else looped)(members, xb, yb)
             # one host sync per step, before the optimiser can write a non-finite update
             # (a finite sum means every loss is finite; only an overflowing sum pays the exact test)
             if (
@@ -390,9 +393,11 @@ def _resumed_generator(ck: dict, generator: torch.Generator | None) -> torch.Gen
 
 
 def _check_model_and_targets(apply_fn: Callable, lik: Likelihood, member: Tree, x: Any, y: Tensor) -> None:
-    """One member on one example: inputs the model cannot take and targets that do not fit the
-    likelihood fail here, named, instead of inside the vmapped step (one small forward, no data pass)."""
-    first = optree.tree_map(lambda t: t[:1], x)
+    """One member on two examples (one would fail a train-mode BatchNorm): inputs the model cannot take
+    and targets that do not fit the likelihood fail here, named, instead of inside the vmapped step
+    (one small forward, no data pass)."""
+    head = min(2, y.shape[0])
+    first = optree.tree_map(lambda t: t[:head], x)
     with torch.no_grad(), guarded_call(x, member, "the data inputs", "ensemble.fit"):
         out = apply_fn(member, first)
     if not isinstance(out, Tensor):
@@ -400,12 +405,26 @@ def _check_model_and_targets(apply_fn: Callable, lik: Likelihood, member: Tree, 
             f"the model must return one Tensor (what the likelihood scores), got {describe(out)}; wrap it to "
             "return that tensor, e.g. apply_fn=lambda params, x: model_fn(params, x)[0]"
         )
-    if out.dim() == 0 or out.shape[0] != 1:
+    if out.dim() == 0 or out.shape[0] != head:
         return  # not a batch-first output: the likelihood's own errors will speak
     try:
-        lik.check(out.expand(y.shape[0], *out.shape[1:]), y)  # the targets' shape, dtype and range
+        lik.check(out[:1].expand(y.shape[0], *out.shape[1:]), y)  # the targets' shape, dtype and range
     except ValueError as e:
         raise ValueError(f"data targets do not fit the likelihood '{lik.name}': {e}") from None
+
+
+def _first_vmapped(batched: Callable, members: Tree, xb: Any, yb: Tensor) -> Tensor:
+    """The first vmapped step; a forward that cannot run under vmap (a train-mode BatchNorm's shared
+    running statistics, ``.item()``, data-dependent control flow) gets an error that says what to do."""
+    try:
+        return batched(members, xb, yb)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(
+            f"method='vmap': the members' forward cannot run under torch.func.vmap ({first}); pass method='loop' "
+            "(or 'auto', which falls back to the loop), or make the forward vmap-compatible (BatchNorm in eval "
+            "mode: funcbnn.functionalize(module) without train=True)"
+        ) from e
 
 
 def _pick_path(batched: Callable, looped: Callable, members: Tree, xb: Any, yb: Tensor) -> str:
