@@ -154,6 +154,8 @@ def test_swag_fit_resumed_from_a_saved_checkpoint_equals_the_uninterrupted_run(s
     _assert_trees_equal(rest.params, whole.params)
     assert torch.equal(rest.history, whole.history)
     _assert_trees_equal(rest.checkpoint["optimizer"]["state"], whole.checkpoint["optimizer"]["state"])
+    again = swag.fit(apply_fn, params, batches, "classification", epochs=2, resume=loaded, **kw)
+    _assert_trees_equal(tuple(again.state), tuple(whole.state))  # the checkpoint's momentum was not updated in place
 
 
 @pytest.mark.parametrize("method", ["vmap", "loop"])
@@ -163,10 +165,13 @@ def test_ensemble_fit_resumed_from_a_saved_checkpoint_equals_the_uninterrupted_r
     kw = dict(epochs=2, batch_size=10, method=method)  # 24 examples: a short last batch of 4 each epoch
     whole = ensemble.fit(apply_fn, members, (x, y), **{**kw, "epochs": 4}, generator=_gen(2))
     half = ensemble.fit(apply_fn, members, (x, y), **kw, generator=_gen(2))
-    rest = ensemble.fit(apply_fn, members, (x, y), **kw, resume=_roundtrip(half, tmp_path))
+    loaded = _roundtrip(half, tmp_path)
+    rest = ensemble.fit(apply_fn, members, (x, y), **kw, resume=loaded)
     _assert_trees_equal(rest.state.members, whole.state.members)
     assert torch.equal(rest.history, whole.history) and rest.history.shape == (12, 3)
     _assert_trees_equal(rest.checkpoint["optimizer"]["state"], whole.checkpoint["optimizer"]["state"])
+    again = ensemble.fit(apply_fn, members, (x, y), **kw, resume=loaded, generator=_gen(50))
+    _assert_trees_equal(again.state.members, whole.state.members)  # resume changed nothing in the checkpoint
 
 
 def test_ensemble_fit_resumed_under_auto_keeps_the_path_of_the_run_it_continues():
