@@ -716,3 +716,12 @@ def test_inputs_of_the_wrong_type_integer_generators_and_empty_batches_are_named
         laplace.fit(apply_fn, params, [(x, y), (x[:0], y[:0])], "classification")
     with pytest.raises(ValueError, match="x has no examples"):
         la.predict(state, x[:0])
+
+
+@pytest.mark.parametrize("structure", STRUCTURES)
+def test_targets_on_another_device_than_the_outputs_are_named(structure, data):
+    """On a GPU, targets left on the CPU; here the "meta" device plays the other device."""
+    apply_fn, params, _ = funcbnn.functionalize(_mlp())
+    x, y = data
+    with pytest.raises(ValueError, match="data batch 0: targets y are on meta, the model's outputs on cpu"):
+        laplace.fit(apply_fn, params, (x, y.to("meta")), "classification", structure=structure)

@@ -170,10 +170,22 @@ def check_batch(batch: Any, i: int, *, finite: bool = True) -> None:
         check_finite(y, f"data batch {i} targets y")
 
 
+def check_targets(likelihood: Likelihood, f: Any, y: Tensor, i: int) -> Tensor:
+    """The outputs ``f`` of batch ``i`` if they are a tensor on the targets' device that the likelihood accepts with ``y``."""
+    f = tensor_output(f)
+    if y.device != f.device:
+        raise ValueError(
+            f"data batch {i}: targets y are on {y.device}, the model's outputs on {f.device}; move y there too"
+        )
+    likelihood.check(f, y)
+    return f
+
+
 def first_forward(apply_fn: Any, params: Any, x: Any, i: int) -> Tensor:
     """One forward of batch ``i`` without gradients, its errors naming the input (``_guards.model_call``)."""
     with model_call(x, params, f"x of data batch {i}"), torch.no_grad():
-        return tensor_output(apply_fn(optree.tree_map(lambda t: t.detach(), params), x))
+        f = apply_fn(optree.tree_map(lambda t: t.detach(), params), x)
+    return tensor_output(f)
 
 
 # --- the structured engine -------------------------------------------------------------------
@@ -331,7 +343,7 @@ def _structured_batch(
 ) -> Tensor:
     with model_call(x, params, f"x of data batch {i}"):
         f, calls = tapped_forward(apply_fn, params, layers, x)
-    likelihood.check(tensor_output(f), y)
+    f = check_targets(likelihood, f, y, i)
     loss = likelihood.nll(f.detach(), y).sum()
     grads = tap_gradients(f, y, [c.tap for c in calls], likelihood, kind, num_mc, generator)
     for i, layer in enumerate(layers):
@@ -538,7 +550,7 @@ def _diag_pass(
             batch_loss = _structured_batch(apply_fn, params, layers, x, y, lik, kind, num_mc, generator, out, i)
         else:
             f = first_forward(apply_fn, params, x, i)
-            lik.check(f, y)
+            check_targets(lik, f, y, i)
             batch_loss = lik.nll(f, y).sum()
         if generic_names:
             _generic_batch(apply_fn, sub, subset, x, y, lik, kind, num_mc, generator, chunk_size, generic_out, per_example)
@@ -604,7 +616,7 @@ def dense_curvature(
     per_example = PerExample()
     for i, (x, y) in enumerate(check_data(data)):
         f_all = first_forward(apply_fn, subset.merge(sub), x, i)
-        lik.check(f_all, y)
+        check_targets(lik, f_all, y, i)
         batch_loss = lik.nll(f_all, y).sum()
         loss = batch_loss if loss is None else loss + batch_loss
         num_data += y.shape[0]

@@ -45,13 +45,14 @@ from ..families.kron_gaussian import BlockKey, KronDecomposed, KronEigen
 from ..likelihoods import Likelihood
 from ..model import FunctionalModel
 from ..checks import check_generator
-from ._guards import accumulator_dtype, check_eval_normalisation, model_call, tensor_output
+from ._guards import accumulator_dtype, check_eval_normalisation, model_call
 from ._taps import Layer, OutsideForward, structured_layers, tapped_forward
 from .curvature import (
     _patches,
     CurvatureStats,
     Kind,
     check_data,
+    check_targets,
     diag_curvature,
     tap_gradients,
     unit_likelihood,
@@ -177,7 +178,7 @@ def _kron_batch(
     # KFAC-expand treats as extra positions.
     with model_call(x, params, f"x of data batch {batch}"):
         f, calls = tapped_forward(apply_fn, params, layers, x)
-    likelihood.check(tensor_output(f), y)
+    f = check_targets(likelihood, f, y, batch)
     loss = likelihood.nll(f.detach(), y).sum()
     if not calls:  # no structured layer ran: nothing to accumulate
         return loss

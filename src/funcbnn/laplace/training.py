@@ -34,7 +34,7 @@ from torch import Tensor
 from .. import distributed
 from .._validation import positive_float, positive_int
 from ..likelihoods import Likelihood, get_likelihood
-from .curvature import Kind, check_batch, check_data
+from .curvature import Kind, check_batch, check_data, check_targets
 from ..checks import check_finite
 from ._guards import check_eval_normalisation, model_call, tensor_output
 from .fit import Laplace, check_apply_fn, fit
@@ -263,9 +263,10 @@ def marglik_training(
             def closure() -> Tensor:
                 opt.zero_grad()
                 with model_call(x, theta, f"x of data batch {i}"):
-                    f = tensor_output(apply_fn(theta, x), "marglik_training")
+                    f = apply_fn(theta, x)
+                f = tensor_output(f, "marglik_training")
                 if epoch == 1:  # the targets' range check syncs with the device: once per batch is enough
-                    lik.check(f, y)
+                    check_targets(lik, f, y, i)
                 nll = nll_fn.nll(f, y).mean() / temp
                 prior = sum((delta[k] * (theta[k] - pm[k]).square()).sum() for k in theta)
                 loss = nll + 0.5 * prior / n
