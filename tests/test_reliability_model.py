@@ -479,7 +479,7 @@ def test_peak_memory_of_sample_outputs_is_the_outputs_plus_a_constant(method):
 
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss > 0  # Linux: ru_maxrss in KiB
     src = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src")
-    env = dict(os.environ, PYTHONPATH=os.path.abspath(src))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.abspath(src), os.environ.get("PYTHONPATH", "")]))
     done = subprocess.run([sys.executable, "-c", _MEMORY_CHILD, "3000", method], capture_output=True, text=True,
                           env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
