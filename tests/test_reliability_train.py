@@ -460,3 +460,11 @@ def test_ensemble_of_a_train_mode_batchnorm_model_loops_under_auto_and_says_what
     with pytest.raises(ValueError, match="method='vmap': the members' forward cannot run under torch.func.vmap.*method='loop'"):
         ensemble.fit(apply_fn, members, (x, y), epochs=1, batch_size=8, method="vmap")
     assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())  # the module's statistics untouched
+
+
+def test_fit_leaves_the_gradients_of_the_callers_tensors_alone():
+    """A kl_weight tensor that requires grad is used detached: fit's optimiser does not hold it."""
+    x, y = _data()
+    weight = torch.tensor(0.5, requires_grad=True)
+    _vi((x, y), kl_weight=weight, epochs=2)
+    assert weight.grad is None

@@ -1081,7 +1081,9 @@ def fit(
         Draw a one-line progress bar with the last loss terms on
         ``progress_file`` (default ``sys.stderr``) after every epoch.
     likelihood, num_samples, kl_weight, generator, method, kl_samples, buffers
-        As in :func:`elbo`.
+        As in :func:`elbo` (a tensor ``kl_weight`` is used detached: fit trains
+        the state, and would otherwise accumulate its gradient in the caller's
+        tensor).
     process_group : torch.distributed group, optional
         Data-parallel VI (see :func:`step`): ``data`` is this rank's shard, as an
         iterable of batches or as tensors without ``batch_size`` (one batch);
@@ -1168,6 +1170,9 @@ def fit(
         )
     num_data = positive_int(num_data, "num_data")
     _check_kl_weight(kl_weight)
+    if isinstance(kl_weight, Tensor):
+        # fit's optimiser does not hold it: its gradient would only pile up in the caller's .grad
+        kl_weight = kl_weight.detach()
     num_samples = positive_int(num_samples, "num_samples")
     if kl_samples is not None:
         positive_int(kl_samples, "kl_samples")
