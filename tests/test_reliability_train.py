@@ -468,3 +468,10 @@ def test_fit_leaves_the_gradients_of_the_callers_tensors_alone():
     weight = torch.tensor(0.5, requires_grad=True)
     _vi((x, y), kl_weight=weight, epochs=2)
     assert weight.grad is None
+    # data that requires grad: no fit writes the steps' input gradients into it
+    xg = x.clone().requires_grad_(True)
+    _vi((xg, y), epochs=2, batch_size=8)
+    _vi([(xg, y)], epochs=2)
+    _swag([(xg, y)], epochs=2)
+    _ens((xg, y), epochs=2)
+    assert xg.grad is None

@@ -101,7 +101,8 @@ def init_members(module: nn.Module, num_members: int, *, generator: torch.Genera
 def _check_data(data: Any) -> tuple[Any, Tensor]:
     if not (isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[1], Tensor)):
         raise TypeError("data must be a pair (x, y) of tensors holding the whole training set")
-    x, y = data
+    # detached: data that requires grad would collect every step's gradient in the caller's .grad
+    x, y = optree.tree_map(lambda t: t.detach() if isinstance(t, Tensor) else t, tuple(data))
     n = y.shape[0] if y.dim() else 0
     for t in optree.tree_leaves(x):
         if not isinstance(t, Tensor) or t.dim() == 0 or t.shape[0] != n:

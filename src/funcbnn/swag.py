@@ -616,6 +616,8 @@ def fit(
         for b, batch in enumerate(batches):
             where = f"batch {b} of epoch {done + epoch}"
             x, y = _batch_pair(batch, where)
+            # detached: data that requires grad would collect every step's gradient in the caller's .grad
+            x, y = optree.tree_map(lambda t: t.detach() if isinstance(t, Tensor) else t, (x, y))
             _check_finite(x, "data inputs", where)
             _check_finite(y, "data targets", where)
             if collecting:

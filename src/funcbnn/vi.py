@@ -838,7 +838,8 @@ def _epoch_batches(
     data: Any, batch_size: int | None, generator: torch.Generator | None
 ) -> Callable[[], Iterable[tuple[Any, Tensor]]]:
     if _is_tensor_pair(data):
-        x, y = data
+        # detached: a data tensor that requires grad would collect every step's gradient in its .grad
+        x, y = optree.tree_map(lambda t: t.detach() if isinstance(t, Tensor) else t, tuple(data))
         n = y.shape[0] if y.dim() else 0
         x_leaves = optree.tree_leaves(x)
         if not x_leaves or any(not isinstance(t, Tensor) or t.dim() == 0 or t.shape[0] != n for t in x_leaves):
@@ -1202,6 +1203,8 @@ def fit(
         for b, batch in enumerate(batches()):
             where = f"batch {b} of epoch {done + epoch}"
             x, y = _check_batch(batch, f"data {where}")
+            if not tensor_data:  # (tensors were detached once; see _epoch_batches)
+                x, y = optree.tree_map(lambda t: t.detach() if isinstance(t, Tensor) else t, (x, y))
             if not tensor_data:  # tensors were checked once, as a whole
                 _check_finite(x, "data inputs", context=where)
                 _check_finite(y, "data targets", context=where)
