@@ -97,6 +97,8 @@ def test_vi_fit_resume_refuses_a_checkpoint_of_another_shape_or_kind():
         vi.fit(other_fn, post, prior, post.init(other_params), (x, y), resume=res)
     with pytest.raises(TypeError, match="resume must be a FitResult"):
         vi.fit(apply_fn, post, prior, post.init(params), (x, y), resume={"state": res.state})
+    with pytest.raises(ValueError, match="resume: this FitResult carries no checkpoint"):
+        vi.fit(apply_fn, post, prior, post.init(params), (x, y), resume=res._replace(checkpoint=None))
     with pytest.raises(ValueError, match="noise='learn'"):
         learned = vi.fit(apply_fn, post, prior, post.init(params), (x, x[:, :3]), likelihood="regression", noise="learn")
         vi.fit(apply_fn, post, prior, post.init(params), (x, x[:, :3]), likelihood="regression", resume=learned)

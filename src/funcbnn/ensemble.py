@@ -366,6 +366,8 @@ def fit(
 def _checkpoint_of(resume: Any) -> dict | None:
     if resume is None:
         return None
+    if isinstance(resume, EnsembleResult) and resume.checkpoint is None:
+        raise ValueError("resume: this EnsembleResult carries no checkpoint (saved with checkpoint=None?); resume from one that has it")
     ck = resume.checkpoint if isinstance(resume, EnsembleResult) else resume
     if not (isinstance(ck, dict) and ck.get("format") == _CHECKPOINT_FORMAT):
         raise TypeError(

@@ -444,6 +444,8 @@ def _lr_at(step_in_cycle: int, cycle: int, lr: float, lr_min: float, schedule: s
 def _checkpoint_of(resume: Any) -> dict | None:
     if resume is None:
         return None
+    if isinstance(resume, SWAGResult) and resume.checkpoint is None:
+        raise ValueError("resume: this SWAGResult carries no checkpoint (saved with checkpoint=None?); resume from one that has it")
     ck = resume.checkpoint if isinstance(resume, SWAGResult) else resume
     if not (isinstance(ck, dict) and ck.get("format") == _CHECKPOINT_FORMAT):
         raise TypeError(

@@ -916,6 +916,8 @@ def _checkpoint_of(resume: Any) -> dict | None:
     """The checkpoint dict of ``resume`` (a :class:`FitResult` or its ``checkpoint``), checked."""
     if resume is None:
         return None
+    if isinstance(resume, FitResult) and resume.checkpoint is None:
+        raise ValueError("resume: this FitResult carries no checkpoint (saved with checkpoint=None?); resume from one that has it")
     ck = resume.checkpoint if isinstance(resume, FitResult) else resume
     if not (isinstance(ck, dict) and ck.get("format") == _CHECKPOINT_FORMAT):
         raise TypeError(
