@@ -34,7 +34,14 @@ from torch import Tensor, nn
 
 from . import distributed
 from ._validation import positive_int
-from .checks import DivergedError, check_finite, check_generator, describe, finite_checks_enabled, guarded_call
+from .checks import (
+    DivergedError,
+    check_finite,
+    check_generator,
+    describe,
+    finite_checks_enabled,
+    guarded_call,
+)
 from .families.empirical import EmpiricalState
 from .likelihoods import Likelihood, get_likelihood
 from .model import functionalize
@@ -227,7 +234,10 @@ def fit(
     ck = _checkpoint_of(resume)
     if ck is not None:
         if process_group is not None:
-            raise ValueError("resume is not supported with process_group (each rank holds only its members' optimiser state)")
+            raise ValueError(
+                "resume is not supported with process_group "
+                "(each rank holds only its members' optimiser state)"
+            )
         if not _same_layout(ck["members"], state.members):
             raise ValueError(
                 "resume: the checkpoint's members are not shaped like state.members: "
@@ -254,7 +264,8 @@ def fit(
         apply_fn.check_params(state.members, "state.members", leading=1)  # trailing shapes fit the model
     if eps and not (isinstance(x, Tensor) and x.is_floating_point()):
         raise TypeError(
-            "adversarial_eps > 0 perturbs the inputs along their gradient: x must be one floating-point tensor, "
+            "adversarial_eps > 0 perturbs the inputs along their gradient: x must be one floating-point "
+            "tensor, "
             f"got {type(x).__name__ if not isinstance(x, Tensor) else x.dtype}"
         )
     rank, size = distributed.world(process_group)
@@ -279,7 +290,9 @@ def fit(
         try:  # a deep copy: load_state_dict shares the saved tensors and the optimiser updates them in place
             opt.load_state_dict(copy.deepcopy(ck["optimizer"]))
         except (ValueError, KeyError, RuntimeError) as e:
-            raise ValueError(f"resume: the checkpoint's optimiser state does not fit the optimiser: {e}") from e
+            raise ValueError(
+                f"resume: the checkpoint's optimiser state does not fit the optimiser: {e}"
+            ) from e
 
     n = y.shape[0]
     device = y.device
@@ -301,7 +314,7 @@ def fit(
     done = 0 if ck is None else int(ck["epochs"])
     for epoch in range(epochs):
         # every rank draws all K orders (the one-process stream) and keeps its members' rows
-        where = generator.device if generator is not None else "cpu"  # draw where the generator lives (a CUDA one too)
+        where = generator.device if generator is not None else "cpu"  # the generator's device (CUDA too)
         orders = torch.stack([torch.randperm(n, generator=generator, device=where) for _ in range(k_all)])
         orders = orders[mine.start : mine.stop]
         orders = orders.to(device)  # (K, N)
@@ -330,7 +343,8 @@ def fit(
                 bad = [j for j, v in enumerate(losses.tolist()) if not math.isfinite(v)]
                 raise DivergedError(
                     f"step {index} (epoch {done + epoch}): the loss of member(s) {bad} became non-finite "
-                    f"({losses.tolist()}); the optimiser did not step, error.state holds the members this step "
+                    f"({losses.tolist()}); the optimiser did not step, error.state holds the members this "
+                    "step "
                     "started from. Lower the learning rate or check the data",
                     index,
                     EmpiricalState(optree.tree_map(lambda t: t.detach().clone(), members)),
@@ -346,7 +360,8 @@ def fit(
         counts = [len(distributed.shard_range(k_all, r, size)) for r in range(size)]
         trained = distributed.all_gather_blocks(trained, counts, process_group)
         hist = distributed.all_gather_blocks(hist.T.contiguous().to(leaves0[0].dtype), counts, process_group).T
-        return EnsembleResult(EmpiricalState(trained), hist)  # no checkpoint: each rank's optimiser holds a shard
+        # no checkpoint: each rank's optimiser holds only its members' share
+        return EnsembleResult(EmpiricalState(trained), hist)
     if ck is not None:
         hist = torch.cat([ck["history"], hist])
     checkpoint = {
@@ -367,7 +382,10 @@ def _checkpoint_of(resume: Any) -> dict | None:
     if resume is None:
         return None
     if isinstance(resume, EnsembleResult) and resume.checkpoint is None:
-        raise ValueError("resume: this EnsembleResult carries no checkpoint (saved with checkpoint=None?); resume from one that has it")
+        raise ValueError(
+            "resume: this EnsembleResult carries no checkpoint (saved with checkpoint=None?); "
+            "resume from one that has it"
+        )
     ck = resume.checkpoint if isinstance(resume, EnsembleResult) else resume
     if not (isinstance(ck, dict) and ck.get("format") == _CHECKPOINT_FORMAT):
         raise TypeError(
@@ -424,8 +442,10 @@ def _first_vmapped(batched: Callable, members: Tree, xb: Any, yb: Tensor) -> Ten
     except RuntimeError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ValueError(
-            f"method='vmap': the members' forward cannot run under torch.func.vmap ({first}); pass method='loop' "
-            "(or 'auto', which falls back to the loop), or make the forward vmap-compatible (BatchNorm in eval "
+            f"method='vmap': the members' forward cannot run under torch.func.vmap ({first}); pass "
+            "method='loop' "
+            "(or 'auto', which falls back to the loop), or make the forward vmap-compatible (BatchNorm in "
+            "eval "
             "mode: funcbnn.functionalize(module) without train=True)"
         ) from e
 

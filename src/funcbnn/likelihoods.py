@@ -259,7 +259,9 @@ def learnable_gaussian(log_sigma: Tensor) -> Likelihood:
     if not (isinstance(log_sigma, Tensor) and log_sigma.is_floating_point() and log_sigma.numel() == 1):
         raise TypeError(f"log_sigma must be a one-element floating-point tensor, got {log_sigma!r}"[:200])
     if not log_sigma.requires_grad:
-        raise ValueError("log_sigma must require grad (it is what gets learned); use gaussian(sigma=...) for a fixed noise")
+        raise ValueError(
+            "log_sigma must require grad (it is what gets learned); use gaussian(sigma=...) for a fixed noise"
+        )
     if not math.isfinite(float(log_sigma.detach())):
         raise ValueError(f"log_sigma must be finite, got {float(log_sigma.detach())}")
     base = gaussian(1.0)

@@ -291,7 +291,8 @@ def bn_update(
         num_batches += 1
         if isinstance(x, Tensor) and x.dim() > 0 and x.shape[0] < 2:
             raise ValueError(
-                f"data batch {num_batches - 1} has {x.shape[0]} example; BatchNorm statistics need batches of "
+                f"data batch {num_batches - 1} has {x.shape[0]} example; BatchNorm statistics need batches "
+                "of "
                 "at least 2 (drop_last=True in the DataLoader)"
             )
     if not num_batches:
@@ -445,7 +446,10 @@ def _checkpoint_of(resume: Any) -> dict | None:
     if resume is None:
         return None
     if isinstance(resume, SWAGResult) and resume.checkpoint is None:
-        raise ValueError("resume: this SWAGResult carries no checkpoint (saved with checkpoint=None?); resume from one that has it")
+        raise ValueError(
+            "resume: this SWAGResult carries no checkpoint (saved with checkpoint=None?); "
+            "resume from one that has it"
+        )
     ck = resume.checkpoint if isinstance(resume, SWAGResult) else resume
     if not (isinstance(ck, dict) and ck.get("format") == _CHECKPOINT_FORMAT):
         raise TypeError(
@@ -478,7 +482,9 @@ def _batch_pair(batch: Any, where: str) -> tuple[Any, Tensor]:
         raise TypeError(f"data {where} must be an (x, y) pair, got {describe(batch)}")
     x, y = batch
     if not isinstance(y, Tensor) or y.dim() == 0:
-        raise TypeError(f"data {where}: targets must be a tensor with a leading batch axis, got {describe(y)}")
+        raise TypeError(
+            f"data {where}: targets must be a tensor with a leading batch axis, got {describe(y)}"
+        )
     return x, y
 
 
@@ -578,13 +584,16 @@ def fit(
     if isinstance(data, (tuple, list)) and data and all(isinstance(t, Tensor) for t in data):
         # (x, y) tensors would iterate as single tensors (x, then y): say what swag.fit takes
         raise TypeError(
-            f"data must be an iterable of (x, y) batches, got a {type(data).__name__} of {len(data)} tensors; "
+            f"data must be an iterable of (x, y) batches, got a {type(data).__name__} of {len(data)} "
+            "tensors; "
             "pass [(x, y)] for one full batch, or a DataLoader"
         )
     batches = list(data) if not hasattr(data, "__len__") else data
     steps_per_epoch = len(batches)
     if steps_per_epoch == 0:
-        raise ValueError("data yielded no batches (the loader is empty): swag.fit needs at least one (x, y) batch")
+        raise ValueError(
+            "data yielded no batches (the loader is empty): swag.fit needs at least one (x, y) batch"
+        )
     cycle = steps_per_epoch if collect_every is None else positive_int(collect_every, "collect_every")
     _check_params(params, "params")
     ck = _checkpoint_of(resume)
@@ -607,7 +616,11 @@ def fit(
             raise ValueError(f"resume: the checkpoint's optimiser state does not fit params: {e}") from e
         state, step, done, burn = ck["state"], int(ck["step"]), int(ck["epochs"]), 0
     distributed.agree(
-        {"params": distributed.fingerprint(start), "batches per epoch": steps_per_epoch, "epochs": (burn, epochs)},
+        {
+            "params": distributed.fingerprint(start),
+            "batches per epoch": steps_per_epoch,
+            "epochs": (burn, epochs),
+        },
         process_group,
     )
     history: list[Tensor] = []
@@ -629,16 +642,20 @@ def fit(
             if process_group is None:
                 with guarded_call(x, theta, "the data inputs", f"swag.fit ({where})"):
                     out = apply_fn(theta, x) if buffers is None else apply_fn(theta, x, buffers)
-                if first_epoch:  # the outputs' type, the targets' shape, dtype and range, once per batch of the data
+                if first_epoch:  # the outputs' type, the targets' shape, dtype and range: once per batch
                     if not isinstance(out, Tensor):
                         raise TypeError(
-                            f"the model must return one Tensor (what the likelihood scores), got {describe(out)}; "
-                            "wrap it to return that tensor, e.g. apply_fn=lambda params, x: model_fn(params, x)[0]"
+                            "the model must return one Tensor (what the likelihood scores), got "
+                            f"{describe(out)}; "
+                            "wrap it to return that tensor, e.g. apply_fn=lambda params, x: "
+                            "model_fn(params, x)[0]"
                         )
                     try:
                         lik.check(out, y)
                     except ValueError as e:
-                        raise ValueError(f"data targets ({where}) do not fit the likelihood '{lik.name}': {e}") from None
+                        raise ValueError(
+                            f"data targets ({where}) do not fit the likelihood '{lik.name}': {e}"
+                        ) from None
                 loss = lik.nll(out, y).mean()
                 loss.backward()
             else:
@@ -647,7 +664,8 @@ def fit(
                 index = previous + len(history)
                 raise DivergedError(
                     f"step {index} ({where}): the SGD loss became {loss.item()}; the optimiser did not step, "
-                    f"error.state is the iterate this step started from. Lower lr (now {lr}) or check the data",
+                    f"error.state is the iterate this step started from. Lower lr (now {lr}) or check the "
+                    "data",
                     index,
                     optree.tree_map(lambda t: t.detach().clone(), theta),
                 )

@@ -154,7 +154,9 @@ def _check_batch(batch: Any, where: str = "batch") -> tuple[Any, Tensor]:
     if y.dim() == 0:
         raise ValueError(f"{where} targets must have a leading batch axis, got a 0-d tensor")
     if y.shape[0] == 0:
-        raise ValueError(f"{where} holds no examples (targets of shape {tuple(y.shape)}): a batch needs at least one")
+        raise ValueError(
+            f"{where} holds no examples (targets of shape {tuple(y.shape)}): a batch needs at least one"
+        )
     return x, y
 
 
@@ -269,7 +271,8 @@ def _sampled_outputs(
         # The engine stacks any tree of tensors, and stops at a non-tensor leaf (a tuple
         # (logits, aux_int)): say what the likelihood needs instead of what the engine needs.
         if "must return tensors" in str(e):
-            raise _not_a_tensor(_guarded(apply_fn, optree.tree_map(lambda t: t[0], samples), x, buffers)) from e
+            first = _guarded(apply_fn, optree.tree_map(lambda t: t[0], samples), x, buffers)
+            raise _not_a_tensor(first) from e
         raise
 
 
@@ -613,7 +616,8 @@ def _check_trainable(state_leaves: list[Tensor]) -> None:
             )
         if leaf.grad_fn is not None:
             raise ValueError(
-                "state leaves must be leaf tensors (no autograd history); build the state with vi.trainable(state)"
+                "state leaves must be leaf tensors (no autograd history); build the state with "
+                "vi.trainable(state)"
             )
 
 
@@ -696,7 +700,7 @@ def _step(
     process_group: Any,
     check_data: bool,
 ) -> tuple[Any, ELBOInfo]:
-    """:func:`step`; ``check_data=False`` for :func:`fit`, which checks each batch itself (naming its index)."""
+    """:func:`step`; ``check_data=False`` for :func:`fit`, which checks each batch itself (naming it)."""
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
     state_leaves = optree.tree_leaves(state)
@@ -757,7 +761,8 @@ def _step(
         raise DivergedError(
             f"the VI loss became {float(info.loss.detach())} (nll {float(info.nll.detach())}, kl "
             f"{float(info.kl.detach())}); the optimiser did "
-            "not step, error.state is the state this step started from. Lower the learning rate, or check the data "
+            "not step, error.state is the state this step started from. Lower the learning rate, or check "
+            "the data "
             "and the initial state",
             0,
             optree.tree_map(lambda t: t.detach().clone(), state),
@@ -842,13 +847,17 @@ def _epoch_batches(
         x, y = optree.tree_map(lambda t: t.detach() if isinstance(t, Tensor) else t, tuple(data))
         n = y.shape[0] if y.dim() else 0
         x_leaves = optree.tree_leaves(x)
-        if not x_leaves or any(not isinstance(t, Tensor) or t.dim() == 0 or t.shape[0] != n for t in x_leaves):
+        if not x_leaves or any(
+            not isinstance(t, Tensor) or t.dim() == 0 or t.shape[0] != n for t in x_leaves
+        ):
             raise ValueError(
                 f"data inputs must be tensors with the targets' leading size {n}, got {describe(x)} "
                 f"and targets {describe(y)}"
             )
         if n == 0:
-            raise ValueError(f"data holds no examples (targets of shape {tuple(y.shape)}): fit needs at least one")
+            raise ValueError(
+                f"data holds no examples (targets of shape {tuple(y.shape)}): fit needs at least one"
+            )
         # Once for the whole data set (one sync), not once per batch.
         _check_finite(x, "data inputs")
         _check_finite(y, "data targets")
@@ -874,10 +883,13 @@ def _epoch_batches(
         raise ValueError("batch_size only applies when data is an (inputs, targets) pair of tensors")
     if isinstance(data, (Tensor, dict, str, bytes)) or not hasattr(data, "__iter__"):
         raise TypeError(
-            f"data must be an (inputs, targets) pair of tensors or an iterable of such batches, got {describe(data)}"
+            "data must be an (inputs, targets) pair of tensors or an iterable of such batches, got "
+            f"{describe(data)}"
         )
     if hasattr(data, "__len__") and len(data) == 0:
-        raise ValueError("data yielded no batches (it is empty): fit needs at least one (inputs, targets) batch")
+        raise ValueError(
+            "data yielded no batches (it is empty): fit needs at least one (inputs, targets) batch"
+        )
     if iter(data) is data:  # a one-shot iterator would be empty from the second epoch on
         batches = list(data)
         return lambda: batches
@@ -917,7 +929,10 @@ def _checkpoint_of(resume: Any) -> dict | None:
     if resume is None:
         return None
     if isinstance(resume, FitResult) and resume.checkpoint is None:
-        raise ValueError("resume: this FitResult carries no checkpoint (saved with checkpoint=None?); resume from one that has it")
+        raise ValueError(
+            "resume: this FitResult carries no checkpoint (saved with checkpoint=None?); "
+            "resume from one that has it"
+        )
     ck = resume.checkpoint if isinstance(resume, FitResult) else resume
     if not (isinstance(ck, dict) and ck.get("format") == _CHECKPOINT_FORMAT):
         raise TypeError(
@@ -947,7 +962,8 @@ def _resumed_generator(ck: dict, generator: torch.Generator | None) -> torch.Gen
         generator.set_state(saved)
     except RuntimeError as e:
         raise ValueError(
-            f"resume: the checkpoint's generator state does not fit generator (device {generator.device}): {e}"
+            f"resume: the checkpoint's generator state does not fit generator (device {generator.device}): "
+            f"{e}"
         ) from e
     return generator
 
@@ -964,7 +980,9 @@ def _load_optimizer(opt: torch.optim.Optimizer, saved: dict, what: str) -> None:
     try:
         opt.load_state_dict(copy.deepcopy(saved))
     except (ValueError, KeyError, RuntimeError) as e:
-        raise ValueError(f"resume: the checkpoint's optimiser state does not fit the optimiser {what}: {e}") from e
+        raise ValueError(
+            f"resume: the checkpoint's optimiser state does not fit the optimiser {what}: {e}"
+        ) from e
 
 
 def _learned_noise(lik: Likelihood, noise: Any, ck: dict | None) -> Tensor | None:
@@ -979,11 +997,14 @@ def _learned_noise(lik: Likelihood, noise: Any, ck: dict | None) -> Tensor | Non
                 "pass noise='learn' to learn the noise std (type-II maximum likelihood), or a plain number"
             )
         if ck is not None and ck.get("log_sigma") is not None:
-            raise ValueError("resume: the checkpoint learned the noise std; pass noise='learn' to continue it")
+            raise ValueError(
+                "resume: the checkpoint learned the noise std; pass noise='learn' to continue it"
+            )
         return None
     if lik.name != "gaussian":
         raise ValueError(
-            f"noise='learn' learns the std of a Gaussian likelihood ('regression'), got likelihood '{lik.name}'"
+            "noise='learn' learns the std of a Gaussian likelihood ('regression'), got likelihood "
+            f"'{lik.name}'"
         )
     if ck is not None:
         if ck.get("log_sigma") is None:
@@ -995,7 +1016,9 @@ def _learned_noise(lik: Likelihood, noise: Any, ck: dict | None) -> Tensor | Non
     return start.detach().clone().reshape(()).requires_grad_(True)
 
 
-def _preflight(apply_fn: Callable, post: Any, state: Any, x: Any, y: Tensor, lik: Likelihood, buffers: Any) -> None:
+def _preflight(
+    apply_fn: Callable, post: Any, state: Any, x: Any, y: Tensor, lik: Likelihood, buffers: Any
+) -> None:
     """One forward at one draw from a private generator (the caller's stays untouched), before the engine
     sees the model: inputs it cannot take, outputs that are not a tensor and targets that do not fit the
     likelihood get fit's own errors, not the engine's vmap-fallback warning followed by a torch error."""
@@ -1167,8 +1190,12 @@ def fit(
             num_data = int(distributed.all_reduce_tree(torch.tensor(float(num_data)), process_group))
     if process_group is not None:
         distributed.agree(
-            {"state": distributed.fingerprint(state if ck is None else ck["state"]), "epochs": epochs,
-             "num_data": num_data, "batches per epoch": len(batches()) if hasattr(batches(), "__len__") else None},
+            {
+                "state": distributed.fingerprint(state if ck is None else ck["state"]),
+                "epochs": epochs,
+                "num_data": num_data,
+                "batches per epoch": len(batches()) if hasattr(batches(), "__len__") else None,
+            },
             process_group,
         )
     num_data = positive_int(num_data, "num_data")
@@ -1226,8 +1253,10 @@ def fit(
             count += 1
         if count == 0:
             raise ValueError(
-                f"data yielded no batches in epoch {done + epoch}: fit needs at least one (inputs, targets) batch "
-                "per epoch (an empty loader, or a DataLoader with drop_last=True and fewer examples than batch_size?)"
+                f"data yielded no batches in epoch {done + epoch}: fit needs at least one (inputs, targets) "
+                "batch "
+                "per epoch (an empty loader, or a DataLoader with drop_last=True and fewer examples than "
+                "batch_size?)"
             )
         if progress and history:
             _draw_progress(out, epoch + 1, epochs, history[-1])

@@ -314,7 +314,7 @@ class BayesianModule(nn.Module):
 
     @contextlib.contextmanager
     def _guarded(self, x: Any, where: str) -> Iterator[None]:
-        """:func:`funcbnn.checks.guarded_call`, building the parameter tree for its message only on an error."""
+        """:func:`funcbnn.checks.guarded_call`, building the parameter tree only on an error."""
         try:
             yield
         except (RuntimeError, IndexError) as e:
