@@ -725,3 +725,25 @@ def test_targets_on_another_device_than_the_outputs_are_named(structure, data):
     x, y = data
     with pytest.raises(ValueError, match="data batch 0: targets y are on meta, the model's outputs on cpu"):
         laplace.fit(apply_fn, params, (x, y.to("meta")), "classification", structure=structure)
+
+
+def test_dropout_in_train_mode_is_refused_naming_the_layer(data):
+    model = nn.Sequential(nn.Linear(4, 8), nn.Dropout(0.5), nn.Linear(8, 3))
+    apply_fn, params, _ = funcbnn.functionalize(model, train=True)
+    for structure in STRUCTURES:
+        with pytest.raises(ValueError, match=r"deterministic network, but the dropout layer\(s\) \['1'\] are in train mode"):
+            laplace.fit(apply_fn, params, data, "classification", structure=structure)
+    with pytest.raises(ValueError, match="dropout layer"):
+        laplace.marglik_training(apply_fn, params, [data], "classification", structure="diag", epochs=1)
+    eval_fn, eval_params, _ = funcbnn.functionalize(model)  # eval mode: dropout is the identity
+    la, state = laplace.fit(eval_fn, eval_params, data, "classification")
+    assert torch.equal(la.predict(state, data[0]), la.predict(state, data[0]))
+
+
+def test_from_state_refuses_a_model_in_train_mode(data):
+    model = nn.Sequential(nn.Linear(4, 8), nn.Dropout(0.5), nn.Linear(8, 3))
+    apply_fn, params, _ = funcbnn.functionalize(model)
+    _, state = laplace.fit(apply_fn, params, data, "classification")
+    train_fn, train_params, _ = funcbnn.functionalize(model, train=True)
+    with pytest.raises(ValueError, match=r"from_state needs a deterministic network.*\['1'\]"):
+        laplace.from_state(train_fn, train_params, state)

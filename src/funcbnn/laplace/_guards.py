@@ -62,15 +62,28 @@ def model_call(x: Any, params: Any, name: str) -> Iterator[None]:
 
 
 def check_eval_normalisation(apply_fn: Any, where: str = "laplace.fit") -> None:
-    """Refuse a model whose BatchNorm layers normalise with batch statistics.
+    """Refuse a model whose BatchNorm layers normalise with batch statistics, or whose dropout is on.
 
     The curvature is a sum of per-example terms, and a layer that normalises
     with the batch's own mean and variance makes every output depend on the
-    whole batch (on one example at a time the variance is undefined).
+    whole batch (on one example at a time the variance is undefined). Dropout
+    in train mode makes the network, so its curvature and the linearised
+    predictive, random from call to call.
     """
     module = getattr(apply_fn, "module", None)
     if not isinstance(module, nn.Module):
         return
+    dropout = [
+        name or type(m).__name__
+        for name, m in module.named_modules()
+        if isinstance(m, nn.modules.dropout._DropoutNd) and m.training and m.p > 0
+    ]
+    if dropout:
+        raise ValueError(
+            f"{where} needs a deterministic network, but the dropout layer(s) {dropout} are in train mode: the "
+            "curvature and the predictive would change from call to call. Functionalize the model in eval mode "
+            "(functionalize(model), the default, not train=True)"
+        )
     names = [
         name or type(m).__name__
         for name, m in module.named_modules()

@@ -454,6 +454,7 @@ def from_state(
     True
     """
     check_apply_fn(apply_fn)
+    check_eval_normalisation(apply_fn, "from_state")
     if not isinstance(state, LaplaceState):
         raise TypeError(f"state must be a LaplaceState (from funcbnn.laplace.fit), got {type(state).__name__}")
     if state.structure not in STRUCTURES:
