@@ -52,7 +52,7 @@ def main(out: Path, fast: bool) -> Path:
     net = mlp()
     apply_fn, _, _ = funcbnn.functionalize(net)
     members = ensemble.init_members(net, 5, generator=g)    # leaves (5, *shape)
-    result = ensemble.fit(apply_fn, members, (x, y), "regression", epochs=15 if fast else 1000,
+    result = ensemble.fit(apply_fn, members, (x, y), "regression", epochs=15 if fast else 150,
                           batch_size=50, optimizer=lambda leaves: torch.optim.Adam(leaves, lr=1e-2),
                           generator=g)
     outputs = funcbnn.sample_outputs(apply_fn, result.state.members, grid)   # (5, 200, 1)

@@ -8,7 +8,7 @@ predictive mean and a 2-std band (observation noise included):
 - right: :func:`funcbnn.laplace.marglik_training`, which trains the weights,
   the per-layer prior precisions and the noise together (Immer et al. 2021).
 
-    python docs/examples/laplace.py          # ~15 s on 2 cores
+    python docs/examples/laplace.py          # ~10 s on 2 cores
     python docs/examples/laplace.py --fast   # a short run (what the test suite does)
 """
 

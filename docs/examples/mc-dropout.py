@@ -52,7 +52,7 @@ def main(out: Path, fast: bool) -> Path:
     x, y = gap_data(200, g)
     grid = torch.linspace(-1.5, 1.5, 200)[:, None]
     torch.manual_seed(0)
-    net = train_map(mlp().train(), x, y, 100 if fast else 3000)   # dropout active while training
+    net = train_map(mlp().train(), x, y, 100 if fast else 1000)   # dropout active while training
 
     apply_fn, params, _ = funcbnn.mc_dropout.functionalize(net)  # seeded masks; other layers in eval mode
     post = dropout()

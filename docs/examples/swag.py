@@ -53,8 +53,8 @@ def main(out: Path, fast: bool) -> Path:
     runs = []
     for seed in range(3):
         torch.manual_seed(seed)
-        apply_fn, params, _ = funcbnn.functionalize(train_map(mlp(), x, y, 100 if fast else 1500))
-        result = swag.fit(apply_fn, params, batches, "regression", epochs=4 if fast else 40, lr=0.005)
+        apply_fn, params, _ = funcbnn.functionalize(train_map(mlp(), x, y, 100 if fast else 800))
+        result = swag.fit(apply_fn, params, batches, "regression", epochs=4 if fast else 20, lr=0.005)
         runs.append(result.state)
 
     fig, axes = plt.subplots(1, 2, figsize=(8, 3), sharey=True)

@@ -4,7 +4,7 @@ Writes ``docs/figures/vi.png``: the predictive mean and a 2-std band (weight
 uncertainty plus the fixed observation noise) from 200 weight samples, and the
 loss (``-ELBO / N`` per step) during training.
 
-    python docs/examples/vi.py            # ~15 s on 2 cores
+    python docs/examples/vi.py            # ~10 s on 2 cores
     python docs/examples/vi.py --fast     # a short run (what the test suite does)
 """
 
@@ -42,7 +42,7 @@ def main(out: Path, fast: bool) -> Path:
     prior = funcbnn.priors.gaussian(std=1.0)
     lik = funcbnn.likelihoods.gaussian(sigma=0.1)          # known observation noise
     result = vi.fit(apply_fn, post, prior, post.init(params), (x, y), likelihood=lik,
-                    epochs=40 if fast else 1500, num_samples=4, lr=1e-2, generator=g)
+                    epochs=40 if fast else 1000, num_samples=4, lr=1e-2, generator=g)
 
     grid = torch.linspace(-1.5, 1.5, 200)[:, None]
     samples = post.sample(result.state, 200, generator=g)
