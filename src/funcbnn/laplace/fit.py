@@ -280,7 +280,26 @@ def fit(
     Raises
     ------
     TypeError
-        For an ``nn.Module`` passed as ``apply_fn`` (functionalize it first).
+        For an ``nn.Module`` passed as ``apply_fn`` (functionalize it first), a
+        model whose output is not one tensor (a tuple or dict: wrap it), an
+        integer ``generator``, or ``structure="full"`` on float16/bfloat16
+        parameters (``"diag"`` and ``"kron"`` sum and decompose those in float32).
+    ValueError
+        Before any curvature is computed, naming the argument: ``x`` of a batch
+        the model cannot run on (shape, dtype, device, token ids out of range;
+        torch's error chained), targets the likelihood does not accept or on
+        another device, an empty batch, BatchNorm on batch statistics or dropout
+        in train mode, unknown ``subset`` names.
+    funcbnn.checks.NonFiniteError
+        For NaN or inf in a batch's inputs or targets, in ``params``, or in the
+        accumulated curvature (outputs that overflow); off under
+        ``funcbnn.checks.set_finite_checks(False)``.
+
+    Notes
+    -----
+    Forwards that cannot run under ``vmap`` (recurrent layers, Python control
+    flow on values) are differentiated one example at a time instead, with the
+    same numbers (:mod:`funcbnn.laplace._per_example`).
 
     Examples
     --------

@@ -327,6 +327,11 @@ def predict(
     ``prior_precision``, ``sigma`` and ``temperature`` override the state's. The
     GLM predictive is differentiable in tensor hyperparameters; the sampled
     ones are not.
+
+    Raises ``ValueError`` for inputs the model cannot run on (named ``x``, torch's
+    error chained) or with no examples, ``NonFiniteError`` for NaN or inf in ``x``
+    (off under ``funcbnn.checks.set_finite_checks(False)``), ``TypeError`` for an
+    integer ``generator`` or a model whose output is not one tensor.
     """
     if pred_type not in ("glm", "nn"):
         raise ValueError(f"pred_type must be 'glm' or 'nn', got {pred_type!r}")
