@@ -623,3 +623,19 @@ def test_a_batchnorm_cnn_and_dict_inputs_and_outputs():
 
     out = _against_loop(DictModel(), {"x": torch.randn(5, 4), "z": torch.randn(5, 3)})
     assert set(out) == {"sum", "x"}
+
+
+def test_large_finite_outputs_whose_sum_overflows_pass_the_finite_check():
+    # the check sums the outputs first; an overflowing sum of finite values must not be called non-finite
+    class Huge(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.lin(x) * 0 + 3e38
+
+    apply_fn, params, _ = functionalize(Huge())
+    out = sample_outputs(apply_fn, _draws(params), X)
+    assert torch.isfinite(out).all() and torch.isinf(out.sum())
+    funcbnn.summarize(out, "regression")
