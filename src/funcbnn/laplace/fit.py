@@ -299,7 +299,7 @@ def fit(
     -----
     Forwards that cannot run under ``vmap`` (recurrent layers, Python control
     flow on values) are differentiated one example at a time instead, with the
-    same numbers (:mod:`funcbnn.laplace._per_example`).
+    same numbers.
 
     Examples
     --------
