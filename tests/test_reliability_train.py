@@ -475,3 +475,17 @@ def test_fit_leaves_the_gradients_of_the_callers_tensors_alone():
     _swag([(xg, y)], epochs=2)
     _ens((xg, y), epochs=2)
     assert xg.grad is None
+
+
+def test_local_reparameterisation_names_bad_inputs_and_refuses_an_int_generator():
+    from funcbnn.local_reparam import local_reparameterize
+
+    apply_fn, params, _ = local_reparameterize(make_mlp((4, 8, 3)))
+    state = POST.init(params)
+    x, y = _data()
+    with pytest.raises(TypeError, match="generator must be a torch.Generator"):
+        apply_fn.sample_outputs_local(state, x, 2, generator=3)
+    with pytest.raises(ValueError, match=r"could not run on the inputs \(a tensor of shape \(24, 5\)"):
+        apply_fn.sample_outputs_local(state, torch.randn(24, 5), 2)
+    with pytest.raises(ValueError, match="its dtype torch.float64 differs from the parameters' torch.float32"):
+        vi.fit(apply_fn, POST, PRIOR, state, (x.double(), y), num_samples=2)

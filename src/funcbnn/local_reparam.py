@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._validation import positive_int
+from .checks import check_generator, guarded_call
 from .families.diag_gaussian import DiagGaussianState
 from .model import Functional, FunctionalModel, TrainMode, functionalize
 from .tree import Tree, check_same_structure
@@ -223,6 +224,7 @@ class LocalReparamModel:
                 check_same_structure(state.mean, state.rho, "state.rho")
                 std = {k: F.softplus(v) for k, v in state.rho.items()}
         num = positive_int(num_samples, "num_samples")
+        check_generator(generator)
         self.functional.check_params(mean, "state.mean")
         if optree.tree_structure(mean) != optree.tree_structure(std):
             check_same_structure(mean, std, "std")  # raises the detailed error
@@ -231,19 +233,21 @@ class LocalReparamModel:
         with self._lock:
             self._ctx = ctx
             try:
-                if not others and isinstance(x, Tensor) and x.dim() > 0:
-                    n = x.shape[0]
-                    repeated = x.expand(num, *x.shape).reshape(num * n, *x.shape[1:]) if num > 1 else x
-                    out = self.functional(mean, repeated, buffers)
-                    return optree.tree_map(lambda o: o.reshape(num, n, *o.shape[1:]), out)
-                outs = []
-                for _ in range(num):
-                    params = dict(mean)
-                    for k in others:
-                        m = mean[k]
-                        params[k] = m + std[k] * torch.empty_like(m).normal_(generator=generator)
-                    outs.append(self.functional(params, x, buffers))
-                return optree.tree_map(lambda *o: torch.stack(o), *outs)
+                # a torch error from the forward becomes a ValueError naming the inputs (shape, dtype)
+                with guarded_call(x, mean, "the inputs", "local reparameterisation"):
+                    if not others and isinstance(x, Tensor) and x.dim() > 0:
+                        n = x.shape[0]
+                        repeated = x.expand(num, *x.shape).reshape(num * n, *x.shape[1:]) if num > 1 else x
+                        out = self.functional(mean, repeated, buffers)
+                        return optree.tree_map(lambda o: o.reshape(num, n, *o.shape[1:]), out)
+                    outs = []
+                    for _ in range(num):
+                        params = dict(mean)
+                        for k in others:
+                            m = mean[k]
+                            params[k] = m + std[k] * torch.empty_like(m).normal_(generator=generator)
+                        outs.append(self.functional(params, x, buffers))
+                    return optree.tree_map(lambda *o: torch.stack(o), *outs)
             finally:
                 self._ctx = None
 

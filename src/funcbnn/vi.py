@@ -369,10 +369,10 @@ def _nll_and_kl(
             mean, std, kl = fused(state, prior)
         else:
             (mean, std), kl = _local_moments(post, state), None
-        with guarded_call(x, mean, "the batch inputs", "vi"):
-            outputs = apply_fn.sample_outputs_local(
-                state, x, num_samples, generator=generator, buffers=buffers, mean=mean, std=std
-            )
+        # (inputs the model cannot take: a ValueError from sample_outputs_local itself)
+        outputs = apply_fn.sample_outputs_local(
+            state, x, num_samples, generator=generator, buffers=buffers, mean=mean, std=std
+        )
         nll = _mean_nll(lik, outputs, y, validate)
         if want_kl and kl is None:  # after the forward's noise: any Monte-Carlo KL draws come last
             kl = post.kl(state, prior, num_samples=kl_draws, generator=generator)
