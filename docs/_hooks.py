@@ -11,7 +11,8 @@ section (up to the next ``## `` heading). ``<!-- readme: top -->`` quotes what
 comes before the first ``## `` heading (the install commands). A block with no
 text inside is required: the build fails if the README lost that section. Links
 into ``funcbnn-eval/`` (where ``python -m funcbnn`` writes its figures) point
-to the copies under ``docs/figures/evaluation/``.
+to the copies under ``docs/figures/evaluation/``; other relative links (files of
+the repository, outside the site) become their text and path.
 
 ``<!-- api: funcbnn.__all__ -->`` becomes a table of the top-level names, each
 linked to the entry where it is documented (the module that defines it), with
@@ -31,6 +32,7 @@ from mkdocs.exceptions import PluginError
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 _ROLE = re.compile(r":(?:py:)?(?:func|class|mod|meth|attr|data|exc|obj|const):`~?([^`]+)`")
+_REPO_LINK = re.compile(r"(?<!!)\[([^\]]+)\]\((?!https?://|#|figures/|mailto:)([^)\s]+)\)")
 _BLOCK = re.compile(r"<!-- readme: (?P<name>[^>]+?) -->\n(?P<fallback>.*?)<!-- /readme -->", re.S)
 
 
@@ -100,6 +102,8 @@ def on_page_markdown(markdown: str, page, config, files) -> str:
             if fallback.strip():
                 return fallback
             raise PluginError(f"{page.file.src_path}: README.md has no '## {name}' section to quote")
-        return body.replace("](funcbnn-eval/", "](figures/evaluation/")
+        body = body.replace("](funcbnn-eval/", "](figures/evaluation/")
+        # Other relative links point into the repository, outside the site: keep the text, show the path.
+        return _REPO_LINK.sub(lambda link: f"{link[1]} (`{link[2]}`)", body)
 
     return _BLOCK.sub(quote, markdown)

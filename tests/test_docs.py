@@ -202,3 +202,24 @@ def test_the_capability_table_in_concepts_matches_the_families():
     for name, example in FAMILIES.examples().items():
         family, _ = example(params, torch.Generator().manual_seed(0))
         assert rows[name] == set(capabilities(family)), name
+
+
+def test_a_readme_bad_input_section_replaces_the_placeholder(tmp_path, monkeypatch):
+    sys.path.insert(0, str(DOCS))
+    try:
+        import _hooks
+    finally:
+        sys.path.remove(str(DOCS))
+    page = (DOCS / "bad-input.md").read_text(encoding="utf-8")
+    fake = types.SimpleNamespace(file=types.SimpleNamespace(src_path="bad-input.md"))
+    readme = tmp_path / "README.md"
+    monkeypatch.setattr(_hooks, "README", readme)
+
+    readme.write_text("# funcbnn\n\n## Bad input\n\n| input | error |\n|---|---|\n| x | [see](tests/t.py) |\n"
+                      "\n## Next\n\nmore\n", encoding="utf-8")
+    quoted = _hooks.on_page_markdown(page, fake, None, None)
+    assert "| x | see (`tests/t.py`) |" in quoted and "The table of bad inputs" not in quoted
+    assert "more" not in quoted and "<!-- readme" not in quoted
+
+    readme.write_text("# funcbnn\n\n## Other\n\ntext\n", encoding="utf-8")
+    assert "The table of bad inputs" in _hooks.on_page_markdown(page, fake, None, None)
