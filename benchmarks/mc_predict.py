@@ -43,6 +43,7 @@ Run with::
     python benchmarks/mc_predict.py --quick    # fewer repeats
     python benchmarks/mc_predict.py --repeats 15 --stat median
     python benchmarks/mc_predict.py --only CNN # one model (a shorter run fits a quiet window)
+    python benchmarks/mc_predict.py --finite-checks  # + auto with the non-finite output check off
 """
 
 from __future__ import annotations
@@ -96,6 +97,7 @@ class Row:
     vmap: float
     auto: float
     auto_path: str
+    auto_unchecked: float | None = None  # auto under set_finite_checks(False), with --finite-checks
 
     @property
     def base_over_auto(self) -> float:
@@ -186,7 +188,15 @@ def chosen_path(apply_fn: object) -> str:
         return "?"
 
 
-def bench(config: Config, num_samples: int, repeats: int, stat: str) -> Row:
+def _unchecked(fn: Callable[[], object]) -> Callable[[], object]:
+    def call() -> object:
+        with funcbnn.checks.set_finite_checks(False):
+            return fn()
+
+    return call
+
+
+def bench(config: Config, num_samples: int, repeats: int, stat: str, finite_checks: bool = False) -> Row:
     """Time sampling and the four forward variants for one configuration."""
     module = config.build().eval()
     apply_fn, params, _ = funcbnn.functionalize(module)
@@ -210,6 +220,8 @@ def bench(config: Config, num_samples: int, repeats: int, stat: str) -> Row:
         "vmap": lambda: funcbnn.sample_outputs(apply_fn, samples, x, method="vmap"),
         "auto": lambda: funcbnn.sample_outputs(apply_fn, samples, x),
     }
+    if finite_checks:  # the cost of the non-finite check of the outputs, timed in the same rounds
+        variants["auto_unchecked"] = _unchecked(variants["auto"])
     # Sanity check (also the first auto call, which runs its calibration): all agree.
     reference = baseline()
     for name, fn in variants.items():
@@ -238,11 +250,14 @@ HEADER = (
 
 
 def format_row(r: Row) -> str:
-    return (
+    text = (
         f"{r.config.name:<20} {r.config.batch:>5} {r.num_samples:>3} | {ms(r.sample)} | "
         f"{ms(r.baseline)} {ms(r.ownloop)} {ms(r.vmap)} {ms(r.auto)} | "
         f"{r.base_over_auto:>8.2f}x {r.own_over_auto:>7.2f}x {r.auto_over_best:>8.2f}x {r.auto_path:>5}"
     )
+    if r.auto_unchecked is not None:
+        text += f" | {ms(r.auto_unchecked)} {(r.auto - r.auto_unchecked) * 1e6:>8.1f}"
+    return text
 
 
 def label(row: Row) -> str:
@@ -283,6 +298,11 @@ def main() -> None:
     parser.add_argument(
         "--only", default=None, help="run only the configurations whose name contains this text (e.g. CNN)"
     )
+    parser.add_argument(
+        "--finite-checks", action="store_true",
+        help="also time auto with funcbnn.checks.set_finite_checks(False): columns 'unchecked' (ms) and "
+        "'check us' (what the non-finite check of the outputs costs per call)",
+    )
     args = parser.parse_args()
     configs = [c for c in CONFIGS if args.only is None or args.only in c.name]
     if not configs:
@@ -296,14 +316,15 @@ def main() -> None:
         f"funcbnn {funcbnn.__version__} | torch {torch.__version__} | threads {torch.get_num_threads()} | "
         f"{args.stat} of >= {repeats} after {WARMUP} warm-up calls | times in ms"
     )
-    print(HEADER)
-    print("-" * len(HEADER))
+    header = HEADER + (f" | {'unchecked':>9} {'check us':>8}" if args.finite_checks else "")
+    print(header)
+    print("-" * len(header))
     rows: list[Row] = []
     load = LoadMeter()
     with torch.no_grad():
         for config in configs:
             for num_samples in SAMPLE_COUNTS:
-                rows.append(bench(config, num_samples, repeats, args.stat))
+                rows.append(bench(config, num_samples, repeats, args.stat, args.finite_checks))
                 print(format_row(rows[-1]), flush=True)
     print_targets(rows)
     print(load.footer())
