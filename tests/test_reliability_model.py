@@ -639,3 +639,38 @@ def test_large_finite_outputs_whose_sum_overflows_pass_the_finite_check():
     out = sample_outputs(apply_fn, _draws(params), X)
     assert torch.isfinite(out).all() and torch.isinf(out.sum())
     funcbnn.summarize(out, "regression")
+
+
+class ClipsItsWeight(nn.Module):
+    """Weight clipping inside forward, a pattern from Lipschitz-constrained critics."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 3)
+        self.scale = nn.Parameter(torch.full((3,), 2.0), requires_grad=False)  # frozen
+
+    def forward(self, x):
+        with torch.no_grad():
+            self.lin.weight.clamp_(-0.1, 0.1)
+            self.scale.mul_(2.0)
+        return self.lin(x) * self.scale
+
+
+@pytest.mark.filterwarnings("ignore:There is a performance drop")  # torch: no batching rule for clamp_
+def test_a_forward_writing_its_parameters_leaves_the_callers_params_samples_and_frozen_alone():
+    # before: the caller's params were clamped, the samples too, and apply_fn.frozen doubled on every call
+    torch.manual_seed(0)
+    net = ClipsItsWeight()
+    apply_fn, params, _ = functionalize(net)
+    params = {k: v * 10 for k, v in params.items()}  # weights well outside [-0.1, 0.1]
+    mine = {k: v.clone() for k, v in params.items()}
+    first, second = apply_fn(params, X), apply_fn(params, X)
+    assert torch.equal(first, second)
+    assert all(torch.equal(params[k], mine[k]) for k in mine)
+    assert torch.equal(apply_fn.frozen["scale"], torch.full((3,), 2.0))
+    want = (X @ mine["lin.weight"].clamp(-0.1, 0.1).T + mine["lin.bias"]) * 4.0
+    torch.testing.assert_close(first, want)
+    samples = _draws(params, std=0.5)
+    kept = {k: v.clone() for k, v in samples.items()}
+    sample_outputs(apply_fn, samples, X)
+    assert all(torch.equal(samples[k], kept[k]) for k in kept)

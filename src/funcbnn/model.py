@@ -280,6 +280,11 @@ class FunctionalModel:
       gets copies on every call. (Inputs are not copied otherwise: they can
       be large. A later write, which only a data-dependent forward could make,
       is caught by the tensors' version counters and raises.)
+    - parameters likewise: the first call runs on copies, and a forward that
+      wrote into them (weight clipping under ``no_grad``) gets copies from
+      then on, so neither the caller's tree nor ``apply_fn.frozen`` changes.
+      (Version counters do not see writes through ``.data``; buffers are
+      copied every call, so those are safe there.)
 
     Calls are serialised by a lock, because they share one private module
     copy; ``vmap`` over samples is one call.
@@ -316,6 +321,7 @@ class FunctionalModel:
         # None until the first call has run on copies of the inputs: then whether the
         # forward wrote into them (and so gets copies from then on).
         self._writes_inputs: bool | None = None
+        self._writes_params: bool | None = None  # likewise for the parameters (and frozen ones)
         # Between calls every slot holds a meta placeholder: the shell keeps none of
         # the user's tensors alive, and a slot that was somehow not substituted
         # fails loudly instead of silently using stale weights.
@@ -383,12 +389,29 @@ class FunctionalModel:
             # (running statistics, counters, power iterations) never reaches the caller's
             # tree or the defaults, and no call sees what an earlier one wrote.
             buffers = {k: v.clone() for k, v in buffers.items()}
+        frozen, learn = self.frozen, None
+        if self._writes_params is not False:
+            # The first call (or every call of a forward known to write its parameters in
+            # place, e.g. weight clipping under no_grad) runs on copies of the parameters;
+            # their version counters tell which case this is.
+            params = {k: v.clone() for k, v in params.items()}
+            frozen = {k: v.clone() for k, v in frozen.items()}
+            if self._writes_params is None:
+                learn = [(t, t._version) for t in (*params.values(), *frozen.values())]
+        out = self._call_with_inputs(params, frozen, buffers, inputs, kwargs)
+        if learn is not None:
+            self._writes_params = any(t._version != v for t, v in learn)
+        return out
+
+    def _call_with_inputs(self, params: dict[str, Tensor], frozen: dict[str, Tensor], buffers: dict[str, Tensor],
+                          inputs: tuple, kwargs: dict[str, Any]) -> Any:
+        """The call, with the inputs protected: copies where the forward writes them, else version checks."""
         if len(inputs) == 1 and not kwargs:
             x = inputs[0]
             if type(x) is Tensor and self._writes_inputs is False:
                 # The common case, kept to a version-counter read on each side.
                 version = x._version
-                out = self._run(params, buffers, inputs, kwargs)
+                out = self._run(params, frozen, buffers, inputs, kwargs)
                 if x._version != version:
                     self._raise_late_write()
                 return out
@@ -404,12 +427,12 @@ class FunctionalModel:
             swap = lambda t: copies.get(id(t), t) if isinstance(t, Tensor) else t  # noqa: E731
             inputs, kwargs = optree.tree_map(swap, (inputs, kwargs))
             before = [copies[id(t)]._version for t in watched]
-            out = self._run(params, buffers, inputs, kwargs)
+            out = self._run(params, frozen, buffers, inputs, kwargs)
             if self._writes_inputs is None:
                 self._writes_inputs = any(copies[id(t)]._version != v for t, v in zip(watched, before))
             return out
         versions = [t._version for t in watched]
-        out = self._run(params, buffers, inputs, kwargs)
+        out = self._run(params, frozen, buffers, inputs, kwargs)
         if any(t._version != v for t, v in zip(watched, versions)):
             self._raise_late_write()
         return out
@@ -422,14 +445,14 @@ class FunctionalModel:
             "it copies; recompute the input and call again."
         )
 
-    def _run(self, params: dict[str, Tensor], buffers: dict[str, Tensor], inputs: tuple,
-             kwargs: dict[str, Any]) -> Any:
+    def _run(self, params: dict[str, Tensor], frozen: dict[str, Tensor], buffers: dict[str, Tensor],
+             inputs: tuple, kwargs: dict[str, Any]) -> Any:
         slots = self._slots
         with self._lock:
             try:
                 # Direct slot assignment is what functional_call does, minus its per-call
                 # name resolution and checks: 2x less overhead on small models.
-                for source in (params, self.frozen, buffers):
+                for source in (params, frozen, buffers):
                     for name, value in source.items():
                         for table, attr in slots[name]:
                             table[attr] = value
