@@ -489,3 +489,17 @@ def test_local_reparameterisation_names_bad_inputs_and_refuses_an_int_generator(
         apply_fn.sample_outputs_local(state, torch.randn(24, 5), 2)
     with pytest.raises(ValueError, match="its dtype torch.float64 differs from the parameters' torch.float32"):
         vi.fit(apply_fn, POST, PRIOR, state, (x.double(), y), num_samples=2)
+
+
+def test_a_short_last_batch_under_a_train_mode_batchnorm_says_to_drop_it():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
+    apply_fn, params, _ = funcbnn.functionalize(net, train=True)
+    x, y = _data(n=17)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=8)  # 8, 8, 1
+    with pytest.raises(ValueError, match=r"too few for a train-mode BatchNorm.*drop_last=True"):
+        vi.fit(apply_fn, POST, PRIOR, POST.init(params), loader)
+    with pytest.raises(ValueError, match=r"batch 2 of epoch 0.*too few for a train-mode BatchNorm.*drop_last=True"):
+        swag.fit(apply_fn, params, loader, "classification", epochs=1)
+    dropped = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=8, drop_last=True)
+    assert vi.fit(apply_fn, POST, PRIOR, POST.init(params), dropped).history.loss.shape == (2,)

@@ -640,8 +640,17 @@ def fit(
                     group["lr"] = _lr_at(step % cycle, cycle, lr, lr_min, schedule)
             opt.zero_grad()
             if process_group is None:
-                with guarded_call(x, theta, "the data inputs", f"swag.fit ({where})"):
-                    out = apply_fn(theta, x) if buffers is None else apply_fn(theta, x, buffers)
+                try:
+                    with guarded_call(x, theta, "the data inputs", f"swag.fit ({where})"):
+                        out = apply_fn(theta, x) if buffers is None else apply_fn(theta, x, buffers)
+                except ValueError as e:
+                    if "more than 1 value per channel" not in str(e):
+                        raise
+                    raise ValueError(
+                        f"swag.fit ({where}): the data inputs ({describe(x)}) are too few for a train-mode "
+                        "BatchNorm, which needs at least 2 examples per batch: drop the short last batch "
+                        f"(DataLoader(..., drop_last=True)). Torch said: {e}"
+                    ) from e
                 if first_epoch:  # the outputs' type, the targets' shape, dtype and range: once per batch
                     if not isinstance(out, Tensor):
                         raise TypeError(

@@ -45,10 +45,11 @@ A training loop is three lines::
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import sys
-from typing import Any, Callable, Iterable, Literal, NamedTuple, Sequence, TextIO
+from typing import Any, Callable, Iterable, Iterator, Literal, NamedTuple, Sequence, TextIO
 
 import optree
 import torch
@@ -278,8 +279,24 @@ def _sampled_outputs(
 
 def _guarded(apply_fn: Callable, params: Tree, x: Any, buffers: Any) -> Any:
     """``apply_fn`` on ``x``; a torch error from the model becomes a ValueError naming the batch inputs."""
-    with guarded_call(x, params, "the batch inputs", "vi"):
+    with guarded_call(x, params, "the batch inputs", "vi"), _short_batch_hint(x):
         return _call(apply_fn, params, x, buffers)
+
+
+@contextlib.contextmanager
+def _short_batch_hint(x: Any) -> Iterator[None]:
+    """A train-mode BatchNorm refuses a batch of one example (a DataLoader's last, short batch):
+    say which batch and what to do, not only torch's "Expected more than 1 value per channel"."""
+    try:
+        yield
+    except ValueError as e:
+        if "more than 1 value per channel" not in str(e):
+            raise
+        raise ValueError(
+            f"the batch inputs ({describe(x)}) are too few for a train-mode BatchNorm, which needs at least "
+            "2 examples per batch: drop the short last batch (DataLoader(..., drop_last=True)) or put the "
+            f"normalisation layers in eval mode. Torch said: {e}"
+        ) from e
 
 
 def _not_a_tensor(outputs: Any) -> TypeError:
