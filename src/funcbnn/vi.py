@@ -1266,6 +1266,12 @@ def fit(
             except DivergedError as e:
                 index = previous + len(history)
                 raise DivergedError(f"step {index} ({where}): {e}", index, e.state) from None
+            except ValueError as e:
+                if type(e) is not ValueError:  # NonFiniteError and other subclasses keep their type
+                    raise
+                # what the batch did wrong (inputs the model cannot take, targets that do not fit):
+                # say which batch, for a loader whose batches differ
+                raise ValueError(f"data {where}: {e}") from (e.__cause__ or e)
             history.append(info)
             count += 1
         if count == 0:
