@@ -503,3 +503,19 @@ def test_a_short_last_batch_under_a_train_mode_batchnorm_says_to_drop_it():
         swag.fit(apply_fn, params, loader, "classification", epochs=1)
     dropped = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=8, drop_last=True)
     assert vi.fit(apply_fn, POST, PRIOR, POST.init(params), dropped).history.loss.shape == (2,)
+
+
+def test_a_non_finite_starting_state_is_named_not_reported_as_divergence():
+    x, y = _data()
+    apply_fn, params = _model()
+    bad = {**params, "0.weight": params["0.weight"].clone().fill_(float("nan"))}
+    state = POST.init(params)
+    state.rho["0.weight"][0, 0] = float("nan")  # e.g. a state saved from a run that went wrong
+    with pytest.raises(NonFiniteError, match=r"state contains non-finite values \(1 NaN, 0 inf\) in leaf '1.0.weight'"):
+        vi.fit(apply_fn, POST, PRIOR, state, (x, y))
+    with pytest.raises(NonFiniteError, match="params contains non-finite values .*'0.weight'"):
+        swag.fit(apply_fn, bad, [(x, y)], epochs=1)
+    members = ensemble.init_members(make_mlp((4, 8, 3)), 2, generator=_gen(1))
+    members.members["0.weight"][1, 0, 0] = float("inf")
+    with pytest.raises(NonFiniteError, match="state.members contains non-finite values"):
+        ensemble.fit(apply_fn, members, (x, y))

@@ -254,6 +254,7 @@ def fit(
     eps = float(adversarial_eps)
     if not eps >= 0:
         raise ValueError(f"adversarial_eps must be >= 0, got {adversarial_eps!r}")
+    check_finite(state.members, "state.members")
     leaves0 = optree.tree_leaves(state.members)
     if not leaves0 or leaves0[0].dim() == 0:
         raise ValueError("state.members must be a tree of tensors with a leading member axis")

@@ -596,6 +596,7 @@ def fit(
         )
     cycle = steps_per_epoch if collect_every is None else positive_int(collect_every, "collect_every")
     _check_params(params, "params")
+    check_finite(params, "params")
     ck = _checkpoint_of(resume)
     start = params if ck is None else ck["params"]
     if ck is not None:
