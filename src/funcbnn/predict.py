@@ -224,6 +224,7 @@ def _all_finite(leaves: list[Tensor]) -> bool:
     """
     if not leaves:
         return True
+    leaves = [t.detach() for t in leaves]  # no graph for a check (and no warning from float())
     if not any(t.is_complex() for t in leaves) and len({t.device for t in leaves}) == 1:
         total = leaves[0].sum()
         for t in leaves[1:]:
