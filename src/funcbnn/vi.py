@@ -1227,7 +1227,10 @@ def fit(
     check_family(post, "post")
 
     # once per fit: a NaN in the starting state would otherwise surface as a "diverged" step 0
-    check_finite(state if ck is None else ck["state"], "state" if ck is None else "resume: the checkpoint's state")
+    if ck is None:
+        check_finite(state, "state")
+    else:
+        check_finite(ck["state"], "resume: the checkpoint's state")
     train_state = trainable(state if ck is None else ck["state"])
     groups = param_groups(train_state)
     if log_sigma is not None:
