@@ -747,3 +747,17 @@ def test_from_state_refuses_a_model_in_train_mode(data):
     train_fn, train_params, _ = funcbnn.functionalize(model, train=True)
     with pytest.raises(ValueError, match=r"from_state needs a deterministic network.*\['1'\]"):
         laplace.from_state(train_fn, train_params, state)
+
+
+def test_lstm_through_torchs_own_vmap_fallback_matches_the_loop():
+    """Without warnings-as-errors, vmap runs an LSTM through torch's per-op loop (it only warns): same numbers."""
+    import warnings
+
+    model, batches = _awkward_cases()["lstm"]
+    apply_fn, params, _ = funcbnn.functionalize(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _, state = laplace.fit(apply_fn, params, batches, "classification", structure="diag")
+    truth = _loop_curvature(apply_fn, params, list(state.mean), batches, "ggn").diagonal()
+    got = torch.cat([state.curvature[k].reshape(-1) for k in state.mean]).double()
+    torch.testing.assert_close(got, truth, atol=1e-5, rtol=1e-4)

@@ -393,7 +393,9 @@ def _generic_batch(
             squares = optree.tree_map(lambda t: t.square().sum(0), g)
         elif kind == "ggn":
             with math_attention():
-                jac = per_example(torch.func.jacrev(f_one), (None, 0), sub, xs)  # (n, *out, *leaf)
+                jac = per_example(  # (n, *out, *leaf)
+                    torch.func.jacrev(f_one), (None, 0), sub, xs, loop_fn=torch.func.jacrev(f_one, chunk_size=1)
+                )
             with torch.no_grad():
                 # One batched forward (examples are independent): no vmap fallback for fused kernels.
                 f = apply_fn(subset.merge(sub), xs)
@@ -625,7 +627,10 @@ def dense_curvature(
             xs, ys, fs = x[start : start + chunk_size], y[start : start + chunk_size], f_all[start : start + chunk_size]
             if kind == "ggn":
                 with math_attention():
-                    jac = flat(per_example(torch.func.jacrev(f_one), (None, 0), sub, xs), fs.dim())
+                    jac = per_example(
+                        torch.func.jacrev(f_one), (None, 0), sub, xs, loop_fn=torch.func.jacrev(f_one, chunk_size=1)
+                    )
+                    jac = flat(jac, fs.dim())
                     jac = jac.reshape(jac.shape[0], -1, size)  # (n, outputs, P)
                 V = ggn_columns(lik, fs)
                 rows = torch.einsum("kno,nop->nkp", V.reshape(V.shape[0], V.shape[1], -1), jac).reshape(-1, size)

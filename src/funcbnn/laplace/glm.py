@@ -122,7 +122,9 @@ def _generic_jacobian(
 
     with math_attention():
         # vmap, or a loop over examples for forwards that cannot run under it (recurrent layers, control flow)
-        return (per_example or PerExample())(torch.func.jacrev(f_one), (None, 0), sub, x)  # leaf: (N, O, *leaf)
+        return (per_example or PerExample())(  # leaf: (N, O, *leaf)
+            torch.func.jacrev(f_one), (None, 0), sub, x, loop_fn=torch.func.jacrev(f_one, chunk_size=1)
+        )
 
 
 def jacobian_pieces(
