@@ -94,6 +94,8 @@ import torch
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
+from .checks import model_input_error
+
 try:  # private functorch API, present from torch 2.0 through at least 2.13
     from torch._C._functorch import (
         _add_batch_dim,
@@ -475,12 +477,6 @@ def _head(x: Any, n: int) -> Any:
     return optree.tree_map(lambda t: t[:n] if isinstance(t, Tensor) else t, x)
 
 
-def _describe(x: Any) -> str:
-    if isinstance(x, Tensor):
-        return f"shape {tuple(x.shape)} and dtype {x.dtype}"
-    return "structure " + str(optree.tree_map(lambda t: tuple(t.shape) if isinstance(t, Tensor) else t, x))
-
-
 def _probe(apply_fn: Callable[..., Any], first: Any, x: Any, args: tuple) -> _Entry:
     """Run one sample on the first two examples: validates ``x`` and measures the footprint per example.
 
@@ -504,12 +500,9 @@ def _probe(apply_fn: Callable[..., Any], first: Any, x: Any, args: tuple) -> _En
             except Exception as err:
                 if i + 1 < len(attempts):
                     continue
-                dtypes = sorted({str(t.dtype) for t in optree.tree_leaves(first)})
-                raise ValueError(
-                    f"x with {_describe(x)} does not fit the model: calling it on x with the first weight "
-                    f"sample (dtype {', '.join(dtypes)}) failed with {type(err).__name__}: {err}. "
-                    "Check x's trailing shape and dtype, and that the samples fit the model."
-                ) from err
+                # The library's one wording for this (funcbnn.checks): names x, its shape, dtype,
+                # value range, a dtype mismatch with the weights, and keeps torch's error chained.
+                raise model_input_error(err, x, first, "x") from err
             after = [t._version for t in optree.tree_leaves(copied) if isinstance(t, Tensor)]
             return _Entry(max(recorder.max_bytes // seen, 1), writes_inputs=after != versions)
     raise AssertionError("unreachable")
