@@ -686,3 +686,12 @@ def test_the_finite_check_of_outputs_with_a_graph_warns_nothing():
     out = sample_outputs(apply_fn, post.rsample(state, 3, generator=torch.Generator().manual_seed(0)), X)
     assert out.requires_grad
     funcbnn.summarize(out, "classification")
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # DataParallel without GPUs
+def test_a_data_parallel_wrapper_is_unwrapped():
+    # before: parameter names kept "module." and on GPUs the wrapper replicated the shell per call
+    net = _mlp()
+    apply_fn, params, _ = functionalize(nn.DataParallel(net))
+    assert set(params) == {"0.weight", "0.bias", "2.weight", "2.bias"}
+    torch.testing.assert_close(apply_fn(params, X), net(X), rtol=0, atol=0)

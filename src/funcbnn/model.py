@@ -133,11 +133,22 @@ def _train_flag(train: TrainMode, name: str, module: nn.Module) -> bool:
     return bool(train(name, module)) if callable(train) else bool(train)
 
 
+_PARALLEL = (nn.DataParallel, nn.parallel.DistributedDataParallel)
+
+
 def _unwrap_compiled(module: nn.Module) -> nn.Module:
-    """The module inside a ``torch.compile`` wrapper (``OptimizedModule``), else ``module`` itself."""
-    while type(module).__name__ == "OptimizedModule" and isinstance(module._modules.get("_orig_mod"), nn.Module):
-        module = module._modules["_orig_mod"]
-    return module
+    """The module inside ``torch.compile``'s ``OptimizedModule`` or a (Distributed)DataParallel, else ``module``.
+
+    The wrappers replicate or synchronise the module per call, which a shell
+    evaluated at given weights (and batched over samples by vmap) must not do.
+    """
+    while True:
+        if type(module).__name__ == "OptimizedModule" and isinstance(module._modules.get("_orig_mod"), nn.Module):
+            module = module._modules["_orig_mod"]
+        elif isinstance(module, _PARALLEL) and isinstance(module._modules.get("module"), nn.Module):
+            module = module._modules["module"]
+        else:
+            return module
 
 
 def _positional_capacity(module: nn.Module) -> float:
@@ -488,7 +499,10 @@ def functionalize(module: nn.Module, *, train: TrainMode = False) -> Functional:
         (``"0.parametrizations.weight.original0"``, ...), and the weight is
         computed from them on every call. A ``torch.compile``d module is
         unwrapped: ``apply_fn`` runs the original module eagerly, and the
-        parameter names lose the ``"_orig_mod."`` prefix.
+        parameter names lose the ``"_orig_mod."`` prefix; likewise
+        ``nn.DataParallel`` and ``DistributedDataParallel`` (names lose
+        ``"module."``; spread the work with ``sample_outputs``'s
+        ``process_group`` instead).
     train : bool or callable, default False
         Which submodules run in training mode inside ``apply_fn``. The default
         evaluates everything in eval mode (BatchNorm uses running statistics,
