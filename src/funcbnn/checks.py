@@ -37,6 +37,7 @@ from torch import Tensor
 
 __all__ = [
     "NonFiniteError",
+    "ModelInputError",
     "DivergedError",
     "set_finite_checks",
     "finite_checks_enabled",
@@ -49,6 +50,10 @@ __all__ = [
 
 class NonFiniteError(ValueError):
     """An argument (inputs, targets, parameters, a state) holds NaN or inf."""
+
+
+class ModelInputError(ValueError):
+    """The model could not run on an input: wrong trailing shape, dtype, device or value range."""
 
 
 class DivergedError(FloatingPointError):
@@ -111,8 +116,15 @@ class set_finite_checks(contextlib.ContextDecorator):
         _LOCAL.finite = self.previous
 
 
-def _leaf_name(path: tuple) -> str:
-    return ".".join(str(p) for p in path) or "<root>"
+def _named_leaves(tree: Any) -> list[tuple[str, Any]]:
+    """``(dotted name, leaf)`` pairs; NamedTuple fields by name (``rho.0.weight``, not ``1.0.weight``)."""
+    if hasattr(optree, "tree_flatten_with_accessor"):  # optree >= 0.12
+        accessors, leaves, _ = optree.tree_flatten_with_accessor(tree)
+        names = [".".join(str(getattr(e, "field", None) or e.entry) for e in a) for a in accessors]
+    else:
+        paths, leaves, _ = optree.tree_flatten_with_path(tree)
+        names = [".".join(str(p) for p in path) for path in paths]
+    return list(zip(names, leaves))
 
 
 def check_finite(tree: Any, name: str, *, context: str = "") -> None:
@@ -132,8 +144,7 @@ def check_finite(tree: Any, name: str, *, context: str = "") -> None:
     """
     if not finite_checks_enabled():
         return
-    paths, leaves, _ = optree.tree_flatten_with_path(tree)
-    floating = [(p, t) for p, t in zip(paths, leaves) if isinstance(t, Tensor) and (t.is_floating_point() or t.is_complex())]
+    floating = [(n, t) for n, t in _named_leaves(tree) if isinstance(t, Tensor) and (t.is_floating_point() or t.is_complex())]
     if not floating:
         return
     # Fast path: a sum is finite only if every summand is (NaN and inf propagate), and a sum is one
@@ -149,7 +160,7 @@ def check_finite(tree: Any, name: str, *, context: str = "") -> None:
         if not bool(torch.isfinite(leaf).all()):
             nans = int(torch.isnan(leaf).sum())
             infs = int(torch.isinf(leaf).sum())
-            where = f" in leaf '{_leaf_name(path)}'" if path else ""
+            where = f" in leaf '{path}'" if path else ""
             tail = f"; {context}" if context else ""
             raise NonFiniteError(f"{name} contains non-finite values ({nans} NaN, {infs} inf){where}{tail}")
 
@@ -189,8 +200,8 @@ def _param_dtypes(params: Any) -> list[torch.dtype]:
     return sorted({t.dtype for t in optree.tree_leaves(params) if isinstance(t, Tensor) and t.is_floating_point()}, key=str)
 
 
-def model_input_error(error: BaseException, x: Any, params: Any, name: str = "x", where: str = "") -> ValueError:
-    """A ``ValueError`` saying the model could not run on ``name``, with what came and what the parameters are.
+def model_input_error(error: BaseException, x: Any, params: Any, name: str = "x", where: str = "") -> ModelInputError:
+    """A :class:`ModelInputError` (a ``ValueError``) saying the model could not run on ``name``, with what came and what the parameters are.
 
     Used as ``raise model_input_error(e, x, params) from e`` around a model
     call, so the torch message stays in the chain while the first line tells
@@ -202,7 +213,7 @@ def model_input_error(error: BaseException, x: Any, params: Any, name: str = "x"
         hint = f"; its dtype {x.dtype} differs from the parameters' {', '.join(map(str, dtypes))}"
     prefix = f"{where}: " if where else ""
     first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    return ValueError(
+    return ModelInputError(
         f"{prefix}the model could not run on {name} ({describe(x)}){hint}. "
         f"Check its trailing shape, dtype, device and value range against the model. Torch said: {first}"
     )
