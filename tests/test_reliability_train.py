@@ -511,7 +511,7 @@ def test_a_non_finite_starting_state_is_named_not_reported_as_divergence():
     bad = {**params, "0.weight": params["0.weight"].clone().fill_(float("nan"))}
     state = POST.init(params)
     state.rho["0.weight"][0, 0] = float("nan")  # e.g. a state saved from a run that went wrong
-    with pytest.raises(NonFiniteError, match=r"state contains non-finite values \(1 NaN, 0 inf\) in leaf '1.0.weight'"):
+    with pytest.raises(NonFiniteError, match=r"state contains non-finite values \(1 NaN, 0 inf\) in leaf 'rho.0.weight'"):
         vi.fit(apply_fn, POST, PRIOR, state, (x, y))
     with pytest.raises(NonFiniteError, match="params contains non-finite values .*'0.weight'"):
         swag.fit(apply_fn, bad, [(x, y)], epochs=1)

@@ -459,19 +459,6 @@ def _checkpoint_of(resume: Any) -> dict | None:
     return ck
 
 
-def _check_finite(tree: Any, name: str, context: str) -> None:
-    """``check_finite`` with a fast path for one floating tensor: a finite sum means every element is
-    finite (one reduction, 10-40x cheaper than ``isfinite().all()``); otherwise the exact check names it."""
-    if not finite_checks_enabled():
-        return
-    if isinstance(tree, Tensor):
-        if not tree.is_floating_point() and not tree.is_complex():
-            return
-        if tree.is_floating_point() and math.isfinite(tree.detach().sum().item()):
-            return
-    check_finite(tree, name, context=context)
-
-
 def _batch_pair(batch: Any, where: str) -> tuple[Any, Tensor]:
     if isinstance(batch, dict):
         raise TypeError(
@@ -634,8 +621,8 @@ def fit(
             x, y = _batch_pair(batch, where)
             # detached: data that requires grad would collect every step's gradient in the caller's .grad
             x, y = optree.tree_map(lambda t: t.detach() if isinstance(t, Tensor) else t, (x, y))
-            _check_finite(x, "data inputs", where)
-            _check_finite(y, "data targets", where)
+            check_finite(x, "data inputs", context=where)
+            check_finite(y, "data targets", context=where)
             if collecting:
                 for group in opt.param_groups:
                     group["lr"] = _lr_at(step % cycle, cycle, lr, lr_min, schedule)
