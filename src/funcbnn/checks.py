@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -224,7 +225,20 @@ def guarded_call(x: Any, params: Any, name: str = "x", where: str = "") -> Itera
     """Re-raise errors from a model call as :func:`model_input_error` (``ValueError``)."""
     try:
         yield
-    except (RuntimeError, IndexError) as e:
-        if isinstance(e, (NonFiniteError, DivergedError)) or type(e).__module__.startswith("funcbnn"):
-            raise
+    except (RuntimeError, IndexError, TypeError) as e:  # TypeError: x of the wrong type (a list, a NumPy array)
+        if isinstance(e, (NonFiniteError, DivergedError)) or _raised_by_funcbnn(e):
+            raise  # already ours, and already precise (bad params or buffers, a non-tensor output)
         raise model_input_error(e, x, params, name, where) from e
+
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+def _raised_by_funcbnn(error: BaseException) -> bool:
+    """Whether ``error`` was raised by funcbnn's own code (its innermost frame is in this package)."""
+    if type(error).__module__.startswith("funcbnn"):
+        return True
+    tb = error.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and os.path.abspath(tb.tb_frame.f_code.co_filename).startswith(_PACKAGE_DIR + os.sep)
