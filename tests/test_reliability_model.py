@@ -695,3 +695,18 @@ def test_a_data_parallel_wrapper_is_unwrapped():
     apply_fn, params, _ = functionalize(nn.DataParallel(net))
     assert set(params) == {"0.weight", "0.bias", "2.weight", "2.bias"}
     torch.testing.assert_close(apply_fn(params, X), net(X), rtol=0, atol=0)
+
+
+def test_a_non_finite_scalar_output_per_sample_is_named():
+    # outputs of shape (S,): the culprit search must not assume a trailing axis
+    class Scalar(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 1)
+
+        def forward(self, x):
+            return torch.log(self.lin(x).sum() * 0 - 1)
+
+    apply_fn, params, _ = functionalize(Scalar())
+    with pytest.raises(checks.NonFiniteError, match=r"3 NaN, 0 inf; first at sample 0 of 3"):
+        sample_outputs(apply_fn, _draws(params, 3), X)

@@ -249,7 +249,7 @@ def _check_outputs(out: Any, samples: Tree, x: Any) -> None:
     check_finite(x, "x", context=f"sample_outputs got non-finite inputs; clean them, {hint}")
     check_finite(samples, "samples", context=f"a weight sample is non-finite (a diverged posterior?); {hint}")
     bad = next(o for o in leaves if not bool(torch.isfinite(o).all()))
-    per_sample = (~torch.isfinite(bad)).flatten(1).any(1) if bad.dim() else torch.ones(1, dtype=torch.bool)
+    per_sample = (~torch.isfinite(bad)).reshape(bad.shape[0], -1).any(1) if bad.dim() else torch.ones(1, dtype=torch.bool)
     first = int(per_sample.nonzero()[0, 0])
     raise NonFiniteError(
         f"the model's outputs are non-finite ({int(torch.isnan(bad).sum())} NaN, {int(torch.isinf(bad).sum())} "
