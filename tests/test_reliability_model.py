@@ -710,3 +710,14 @@ def test_a_non_finite_scalar_output_per_sample_is_named():
     apply_fn, params, _ = functionalize(Scalar())
     with pytest.raises(checks.NonFiniteError, match=r"3 NaN, 0 inf; first at sample 0 of 3"):
         sample_outputs(apply_fn, _draws(params, 3), X)
+
+
+def test_one_parameter_tree_passed_as_samples_says_it_has_no_sample_axis():
+    # before: "every leaf needs the same leading sample axis; '0.bias' has 8 samples but '2.bias' has 3"
+    apply_fn, params, _ = functionalize(_mlp())
+    with pytest.raises(ValueError, match=r"without a leading sample axis.*post.sample\(state, S\)"):
+        sample_outputs(apply_fn, params, X)
+    square = nn.Linear(4, 4)  # every leaf leads with 4: looks like 4 samples at a glance
+    apply_fn, params, _ = functionalize(square)
+    with pytest.raises(ValueError, match="without a leading sample axis"):
+        sample_outputs(apply_fn, params, X)

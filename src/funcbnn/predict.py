@@ -49,10 +49,26 @@ def _reject_state(samples: Any) -> None:
         )
 
 
+def _reject_single_tree(samples: Tree, apply_fn: Callable) -> None:
+    """One parameter tree (no sample axis) where samples belong: say so, instead of a shape riddle."""
+    if not isinstance(apply_fn, FunctionalModel):
+        return
+    try:
+        apply_fn.check_params(samples, "samples", leading=0)
+    except (TypeError, ValueError):
+        return
+    raise ValueError(
+        "samples has the model's parameter shapes without a leading sample axis: it is one parameter tree, "
+        "not samples. Draw samples with post.sample(state, S), or pass optree.tree_map(lambda t: t[None], "
+        "params) for a single sample"
+    )
+
+
 def _check_samples(samples: Tree, apply_fn: Callable) -> int:
     leaves = optree.tree_leaves(samples)
     if not leaves:
         raise ValueError("samples must be a tree with at least one tensor leaf")
+    _reject_single_tree(samples, apply_fn)
     names = leaf_names(samples)
     for name, leaf in zip(names, leaves):
         if not isinstance(leaf, Tensor):
