@@ -721,3 +721,24 @@ def test_one_parameter_tree_passed_as_samples_says_it_has_no_sample_axis():
     apply_fn, params, _ = functionalize(square)
     with pytest.raises(ValueError, match="without a leading sample axis"):
         sample_outputs(apply_fn, params, X)
+
+
+def test_inference_mode_inputs_and_calls_work_and_stay_protected():
+    # inference tensors have no version counter: reading one raised "Inference tensors do not track version counter"
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3)).eval()
+    apply_fn, params, _ = functionalize(net)
+    samples = _draws(params)
+    with torch.inference_mode():
+        x = torch.randn(5, 4)
+        torch.testing.assert_close(apply_fn(params, x), net(x))
+        assert sample_outputs(apply_fn, samples, x).shape == (4, 5, 3)
+    with torch.no_grad():  # (torch refuses inference tensors in autograd: the module itself needs no_grad here)
+        torch.testing.assert_close(apply_fn(params, x), net(x))  # an inference tensor outside inference mode
+    writer, params, _ = functionalize(AddsToInput())
+    with torch.inference_mode():
+        x = X.clone()
+        out = sample_outputs(writer, _draws(params), x)
+        assert torch.equal(x, X)
+        assert torch.equal(writer(params, x), writer(params, x)) and torch.equal(x, X)
+    assert out.shape == (4, 32, 3)

@@ -95,6 +95,7 @@ from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
 from .checks import model_input_error
+from .model import _version, _written
 
 try:  # private functorch API, present from torch 2.0 through at least 2.13
     from torch._C._functorch import (
@@ -493,7 +494,9 @@ def _probe(apply_fn: Callable[..., Any], first: Any, x: Any, args: tuple) -> _En
             # On copies (of two examples, mostly): a forward that writes into its inputs
             # must not change the caller's, and is found here.
             copied = _copy_tensors((inputs, args))
-            versions = [t._version for t in optree.tree_leaves(copied) if isinstance(t, Tensor)]
+            originals = [t for t in optree.tree_leaves((inputs, args)) if isinstance(t, Tensor)]
+            copies = [t for t in optree.tree_leaves(copied) if isinstance(t, Tensor)]
+            learn = [(c, o, _version(c)) for c, o in zip(copies, originals)]
             try:
                 with torch.no_grad(), recorder:
                     apply_fn(first, copied[0], *copied[1])
@@ -503,8 +506,7 @@ def _probe(apply_fn: Callable[..., Any], first: Any, x: Any, args: tuple) -> _En
                 # The library's one wording for this (funcbnn.checks): names x, its shape, dtype,
                 # value range, a dtype mismatch with the weights, and keeps torch's error chained.
                 raise model_input_error(err, x, first, "x") from err
-            after = [t._version for t in optree.tree_leaves(copied) if isinstance(t, Tensor)]
-            return _Entry(max(recorder.max_bytes // seen, 1), writes_inputs=after != versions)
+            return _Entry(max(recorder.max_bytes // seen, 1), writes_inputs=_written(learn))
     raise AssertionError("unreachable")
 
 
@@ -522,10 +524,11 @@ def _on_copies(apply_fn: Callable[..., Any]) -> Callable[..., Any]:
     return call
 
 
-def _input_versions(x: Any, args: tuple) -> list[int]:
+def _input_versions(x: Any, args: tuple) -> list[int | None]:
+    """Version counters of the inputs (``None`` for inference tensors, which have none)."""
     if isinstance(x, Tensor) and not args:
-        return [x._version]
-    return [t._version for t in optree.tree_leaves((x, args)) if isinstance(t, Tensor)]
+        return [_version(x)]
+    return [_version(t) for t in optree.tree_leaves((x, args)) if isinstance(t, Tensor)]
 
 
 # ---------------------------------------------------------------------------------------------

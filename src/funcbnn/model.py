@@ -129,6 +129,33 @@ torch.utils._pytree.register_pytree_node(
 )
 
 
+def _version(t: Tensor) -> int | None:
+    """``t``'s version counter, or ``None`` for an inference tensor (made under ``torch.inference_mode``),
+    which has none."""
+    return None if t.is_inference() else t._version
+
+
+def _written(pairs: list[tuple[Tensor, Tensor, int | None]]) -> bool:
+    """Whether the forward wrote into any copy: ``(copy, original, copy's version before)``.
+
+    By the version counter where there is one; an inference tensor has none, so
+    its copy is compared with the original instead (once per model: this only
+    runs on a first call). A comparison that cannot run counts as a write, the
+    safe answer (copies from then on).
+    """
+    for copy_, original, before in pairs:
+        if before is not None:
+            if copy_._version != before:
+                return True
+            continue
+        try:
+            if not torch.equal(copy_, original):
+                return True
+        except RuntimeError:
+            return True
+    return False
+
+
 def _train_flag(train: TrainMode, name: str, module: nn.Module) -> bool:
     return bool(train(name, module)) if callable(train) else bool(train)
 
@@ -405,13 +432,15 @@ class FunctionalModel:
             # The first call (or every call of a forward known to write its parameters in
             # place, e.g. weight clipping under no_grad) runs on copies of the parameters;
             # their version counters tell which case this is.
+            originals = (*params.values(), *frozen.values())
             params = {k: v.clone() for k, v in params.items()}
             frozen = {k: v.clone() for k, v in frozen.items()}
             if self._writes_params is None:
-                learn = [(t, t._version) for t in (*params.values(), *frozen.values())]
+                copies = (*params.values(), *frozen.values())
+                learn = [(c, o, _version(c)) for c, o in zip(copies, originals)]
         out = self._call_with_inputs(params, frozen, buffers, inputs, kwargs)
         if learn is not None:
-            self._writes_params = any(t._version != v for t, v in learn)
+            self._writes_params = _written(learn)
         return out
 
     def _call_with_inputs(self, params: dict[str, Tensor], frozen: dict[str, Tensor], buffers: dict[str, Tensor],
@@ -421,9 +450,9 @@ class FunctionalModel:
             x = inputs[0]
             if type(x) is Tensor and self._writes_inputs is False:
                 # The common case, kept to a version-counter read on each side.
-                version = x._version
+                version = _version(x)
                 out = self._run(params, frozen, buffers, inputs, kwargs)
-                if x._version != version:
+                if version is not None and x._version != version:
                     self._raise_late_write()
                 return out
             if isinstance(x, Inputs):
@@ -437,14 +466,14 @@ class FunctionalModel:
             copies = {id(t): t.clone() for t in watched}
             swap = lambda t: copies.get(id(t), t) if isinstance(t, Tensor) else t  # noqa: E731
             inputs, kwargs = optree.tree_map(swap, (inputs, kwargs))
-            before = [copies[id(t)]._version for t in watched]
+            learn = [(copies[id(t)], t, _version(copies[id(t)])) for t in watched]
             out = self._run(params, frozen, buffers, inputs, kwargs)
             if self._writes_inputs is None:
-                self._writes_inputs = any(copies[id(t)]._version != v for t, v in zip(watched, before))
+                self._writes_inputs = _written(learn)
             return out
-        versions = [t._version for t in watched]
+        versions = [_version(t) for t in watched]
         out = self._run(params, frozen, buffers, inputs, kwargs)
-        if any(t._version != v for t, v in zip(watched, versions)):
+        if any(v is not None and t._version != v for t, v in zip(watched, versions)):
             self._raise_late_write()
         return out
 
