@@ -92,10 +92,15 @@ class Inputs:
         raise TypeError("Inputs is not iterable; use .args and .kwargs")
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, Inputs) and optree.tree_all(
-            optree.tree_map(lambda a, b: bool(torch.equal(a, b)) if isinstance(a, Tensor) else a == b,
-                            (self.args, self.kwargs), (other.args, other.kwargs))
+        if not isinstance(other, Inputs):
+            return False
+        mine, theirs = (self.args, self.kwargs), (other.args, other.kwargs)
+        if optree.tree_structure(mine) != optree.tree_structure(theirs):
+            return False
+        same = lambda a, b: (  # noqa: E731
+            isinstance(b, Tensor) and a.shape == b.shape and bool(torch.equal(a, b)) if isinstance(a, Tensor) else a == b
         )
+        return all(same(a, b) for a, b in zip(optree.tree_leaves(mine), optree.tree_leaves(theirs)))
 
     __hash__ = None  # type: ignore[assignment]
 
