@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import vi as _vi
-from ..checks import guarded_call
+from ..checks import check_finite, guarded_call
 from .._validation import positive_int
 from ..families._kl import check_reduction, prior_log_prob_batched
 from ..families.diag_gaussian import DiagGaussianState, diag_gaussian
@@ -446,8 +446,8 @@ class BayesianModule(nn.Module):
         :func:`funcbnn.checks.set_finite_checks`), inputs the module cannot take a
         ``ValueError`` naming them.
         """
-        _vi._check_finite(x, "x")
-        _vi._check_finite(y, "y")
+        check_finite(x, "x")
+        check_finite(y, "y")
         if self._gaussian:
             return _vi.elbo(
                 self.apply_fn,
