@@ -43,8 +43,8 @@ from .tree import Tree, check_same_structure
 __all__ = ["LOCAL_LAYERS", "LocalReparamModel", "local_reparameterize", "preactivation_moments"]
 
 LOCAL_LAYERS: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
-_BASE_FORWARD = {cls: cls.forward for cls in LOCAL_LAYERS}
 """Layer types whose pre-activations are sampled (subclasses included)."""
+_BASE_FORWARD = {cls: cls.forward for cls in LOCAL_LAYERS}
 
 
 def _affine(layer: nn.Module, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:

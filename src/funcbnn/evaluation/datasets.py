@@ -41,6 +41,7 @@ BOSTON_CAVEAT = (
     "scikit-learn removed the set for that reason. It is kept here only to compare with the published "
     "UCI numbers, not as a model of anything."
 )
+"""The ethics caveat printed with the Boston housing table."""
 
 
 class DatasetUnavailable(RuntimeError):

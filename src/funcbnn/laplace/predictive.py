@@ -52,6 +52,7 @@ from .state import LaplaceState, _scale, family_of, hyperparameters, posterior, 
 __all__ = ["Linearization", "DenseJacobian", "linearize", "output_covariance", "predict", "laplace_bridge", "LINK_APPROXIMATIONS"]
 
 LINK_APPROXIMATIONS: tuple[str, ...] = ("probit", "bridge", "bridge_norm", "mc")
+"""The ``link_approx`` values :func:`predict` accepts for classification."""
 
 
 class Linearization(NamedTuple):

@@ -26,6 +26,7 @@ from .posteriors import POSTERIORS, GaussianPosterior, VariationalPosterior
 __all__ = ["BayesianModule", "Spec"]
 
 Spec = str | tuple[str, Mapping[str, Any]]
+"""A posterior or prior by registry name, or ``(name, kwargs)``."""
 
 _FROM_PARAM_ARGS = {"self", "cls", "shape", "param", "dtype", "device"}
 

@@ -102,6 +102,7 @@ for _name in ("gaussian", "normal"):
 for _name in ("pretrained_gaussian", "pretrained_normal"):
     PosteriorFactory.register_factory_function(_name)(lambda: PretrainedGaussianPosterior)
 VariationalPosteriorFactory = PosteriorFactory
+"""torchbayesian's other name for :class:`PosteriorFactory`."""
 
 PriorFactory = Factory()
 """Priors by name: ``GAUSSIAN`` / ``NORMAL``."""
