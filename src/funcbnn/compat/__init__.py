@@ -1,17 +1,13 @@
 """Drop-in front ends with the APIs of the libraries funcbnn was seeded from.
 
 Change one import and keep your code and your numbers; move to the functional
-API at your own pace (``docs/migration.md`` puts the calls side by side):
+API at your own pace (the docs' migration pages put the calls side by side):
 
-============================================  ==============================================
-the library's import                          funcbnn's
-============================================  ==============================================
-``import torchbayesian.bnn as bnn``           ``import funcbnn.compat.torchbayesian as bnn``
-``from incerto.bayesian import ...``          ``from funcbnn.compat.incerto import ...``
-``from incerto.exceptions import ...``        ``from funcbnn.compat.incerto import ...``
-``from deepuq.methods.vi import ...``         ``from funcbnn.compat.deepuq import ...``
-``from deepuq.types import UQResult``         ``from funcbnn.compat.deepuq import UQResult``
-============================================  ==============================================
+- ``import torchbayesian.bnn as bnn`` becomes ``import funcbnn.compat.torchbayesian as bnn``;
+- ``from incerto.bayesian import ...`` and ``from incerto.exceptions import ...``
+  become ``from funcbnn.compat.incerto import ...``;
+- ``from deepuq.methods.vi import ...`` becomes ``from funcbnn.compat.deepuq import ...``,
+  and ``from deepuq.types import UQResult`` becomes ``from funcbnn.compat.deepuq import UQResult``.
 
 Each class keeps its library's names, signatures, defaults and numbers, while
 the work is done by the functional core: weight draws by
