@@ -361,6 +361,7 @@ class FunctionalModel:
         self._param_keys = params_template.keys()
         self._lock = threading.RLock()
         self._capacity = _positional_capacity(module)
+        self._stats_layers = [(name, m) for name, m in module.named_modules() if isinstance(m, _STATS_LAYERS)]
         # None until the first call has run on copies of the inputs: then whether the
         # forward wrote into them (and so gets copies from then on).
         self._writes_inputs: bool | None = None
@@ -389,12 +390,12 @@ class FunctionalModel:
 
     @property
     def stats_layers_in_train_mode(self) -> list[str]:
-        """Names of BatchNorm/InstanceNorm layers that would update running statistics in place."""
-        return [
-            name
-            for name, m in self.module.named_modules()
-            if isinstance(m, _STATS_LAYERS) and m.training and m.track_running_stats
-        ]
+        """Names of BatchNorm/InstanceNorm layers that would update running statistics in place.
+
+        The layers are found once; only their flags are read per call (``sample_outputs``
+        asks on every call, and walking all modules cost ~10 us of a 0.2 ms prediction).
+        """
+        return [name for name, m in self._stats_layers if m.training and m.track_running_stats]
 
     def _read_buffers(self, inputs: tuple, buffers: Any) -> tuple[tuple, dict[str, Tensor]]:
         """Split the call's positional arguments into inputs and buffers, and check the buffers."""

@@ -258,6 +258,10 @@ def _check_outputs(out: Any, samples: Tree, x: Any) -> None:
     """One cheap pass over the outputs; only when it fails, the culprit is looked for and named."""
     if not finite_checks_enabled():
         return
+    if type(out) is Tensor and out.is_floating_point():
+        # The common case without the tree walk and bookkeeping (~8 us of Python on a 0.1 ms call).
+        if math.isfinite((out.detach() if out.requires_grad else out).sum().item()):
+            return
     leaves = _floating_leaves(out)
     if _all_finite(leaves):
         return
