@@ -226,8 +226,11 @@ def guarded_call(x: Any, params: Any, name: str = "x", where: str = "") -> Itera
     try:
         yield
     except (RuntimeError, IndexError, TypeError) as e:  # TypeError: x of the wrong type (a list, a NumPy array)
-        if isinstance(e, (NonFiniteError, DivergedError)) or _raised_by_funcbnn(e):
-            raise  # already ours, and already precise (bad params or buffers, a non-tensor output)
+        if type(e).__module__.startswith("funcbnn") or (isinstance(e, TypeError) and _raised_by_funcbnn(e)):
+            # Already ours and precise (bad params or buffers). Only a TypeError is judged by where
+            # it was raised: torch's RuntimeErrors come out of C++ with funcbnn's frame innermost
+            # when funcbnn does the layer's arithmetic (local reparameterisation).
+            raise
         raise model_input_error(e, x, params, name, where) from e
 
 
@@ -236,8 +239,6 @@ _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 
 def _raised_by_funcbnn(error: BaseException) -> bool:
     """Whether ``error`` was raised by funcbnn's own code (its innermost frame is in this package)."""
-    if type(error).__module__.startswith("funcbnn"):
-        return True
     tb = error.__traceback__
     while tb is not None and tb.tb_next is not None:
         tb = tb.tb_next

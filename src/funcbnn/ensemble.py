@@ -33,6 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from . import distributed
+from ._checkpoint import checkpoint_of, generator_state, load_optimizer, resumed_generator, same_layout
 from ._validation import positive_int
 from .checks import (
     DivergedError,
@@ -231,20 +232,20 @@ def fit(
     x, y = _check_data(data)
     check_finite(x, "data inputs")
     check_finite(y, "data targets")
-    ck = _checkpoint_of(resume)
+    ck = checkpoint_of(resume, EnsembleResult, _CHECKPOINT_FORMAT, "ensemble.fit")
     if ck is not None:
         if process_group is not None:
             raise ValueError(
                 "resume is not supported with process_group "
                 "(each rank holds only its members' optimiser state)"
             )
-        if not _same_layout(ck["members"], state.members):
+        if not same_layout(ck["members"], state.members):
             raise ValueError(
                 "resume: the checkpoint's members are not shaped like state.members: "
                 f"{describe(ck['members'])} vs {describe(state.members)}"
             )
         state = EmpiricalState(ck["members"])
-        generator = _resumed_generator(ck, generator)
+        generator = resumed_generator(ck, generator)
         if method == "auto":
             method = ck["method"]
     epochs = positive_int(epochs, "epochs")
@@ -288,12 +289,7 @@ def fit(
     if not isinstance(opt, torch.optim.Optimizer):
         raise TypeError(f"optimizer must return a torch.optim.Optimizer, got {type(opt).__name__}")
     if ck is not None:
-        try:  # a deep copy: load_state_dict shares the saved tensors and the optimiser updates them in place
-            opt.load_state_dict(copy.deepcopy(ck["optimizer"]))
-        except (ValueError, KeyError, RuntimeError) as e:
-            raise ValueError(
-                f"resume: the checkpoint's optimiser state does not fit the optimiser: {e}"
-            ) from e
+        load_optimizer(opt, ck["optimizer"], "the optimiser")
 
     n = y.shape[0]
     device = y.device
@@ -370,48 +366,12 @@ def fit(
         "version": 1,
         "members": trained,
         "optimizer": opt.state_dict(),
-        "generator": None if generator is None else generator.get_state(),
-        "generator_device": None if generator is None else str(generator.device),
+        **generator_state(generator),
         "epochs": done + epochs,
         "method": method,  # "vmap" or "loop" once a step ran: a resumed "auto" keeps it
         "history": hist,
     }
     return EnsembleResult(EmpiricalState(trained), hist, checkpoint)
-
-
-def _checkpoint_of(resume: Any) -> dict | None:
-    if resume is None:
-        return None
-    if isinstance(resume, EnsembleResult) and resume.checkpoint is None:
-        raise ValueError(
-            "resume: this EnsembleResult carries no checkpoint (saved with checkpoint=None?); "
-            "resume from one that has it"
-        )
-    ck = resume.checkpoint if isinstance(resume, EnsembleResult) else resume
-    if not (isinstance(ck, dict) and ck.get("format") == _CHECKPOINT_FORMAT):
-        raise TypeError(
-            "resume must be an EnsembleResult of ensemble.fit or its .checkpoint (a dict with format "
-            f"{_CHECKPOINT_FORMAT!r}), got {describe(resume)}"
-        )
-    return ck
-
-
-def _same_layout(a: Any, b: Any) -> bool:
-    la, sa = optree.tree_flatten(a)
-    lb, sb = optree.tree_flatten(b)
-    return sa == sb and all(x.shape == y.shape and x.dtype == y.dtype for x, y in zip(la, lb))
-
-
-def _resumed_generator(ck: dict, generator: torch.Generator | None) -> torch.Generator | None:
-    if ck["generator"] is None:
-        return generator
-    if generator is None:
-        generator = torch.Generator(device=ck["generator_device"])
-    try:
-        generator.set_state(ck["generator"])
-    except RuntimeError as e:
-        raise ValueError(f"resume: the checkpoint's generator state does not fit generator: {e}") from e
-    return generator
 
 
 def _check_model_and_targets(apply_fn: Callable, lik: Likelihood, member: Tree, x: Any, y: Tensor) -> None:

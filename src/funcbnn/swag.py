@@ -30,7 +30,6 @@ Everything is a pure function of a :class:`SWAGState` (a pytree):
 
 from __future__ import annotations
 
-import copy
 import math
 import sys
 from typing import Any, Callable, Iterable, Literal, NamedTuple
@@ -40,6 +39,7 @@ import torch
 from torch import Tensor, nn
 
 from . import distributed
+from ._checkpoint import checkpoint_of, load_optimizer
 from ._validation import positive_float, positive_int
 from .checks import DivergedError, check_finite, describe, finite_checks_enabled, guarded_call
 from .families.diag_gaussian import DiagGaussian, DiagGaussianState, diag_gaussian
@@ -584,7 +584,7 @@ def fit(
     cycle = steps_per_epoch if collect_every is None else positive_int(collect_every, "collect_every")
     _check_params(params, "params")
     check_finite(params, "params")
-    ck = _checkpoint_of(resume)
+    ck = checkpoint_of(resume, SWAGResult, _CHECKPOINT_FORMAT, "swag.fit")
     start = params if ck is None else ck["params"]
     if ck is not None:
         try:
@@ -597,11 +597,7 @@ def fit(
     if ck is None:
         state, step, done, burn = init(theta, max_rank=max_rank), 0, 0, burn_in
     else:
-        # a deep copy: load_state_dict shares the saved momentum buffers and SGD updates them in place
-        try:
-            opt.load_state_dict(copy.deepcopy(ck["optimizer"]))
-        except (ValueError, KeyError, RuntimeError) as e:
-            raise ValueError(f"resume: the checkpoint's optimiser state does not fit params: {e}") from e
+        load_optimizer(opt, ck["optimizer"], "params")
         state, step, done, burn = ck["state"], int(ck["step"]), int(ck["epochs"]), 0
     distributed.agree(
         {

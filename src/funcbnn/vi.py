@@ -46,7 +46,6 @@ A training loop is three lines::
 from __future__ import annotations
 
 import contextlib
-import copy
 import math
 import sys
 from typing import Any, Callable, Iterable, Iterator, Literal, NamedTuple, Sequence, TextIO
@@ -56,6 +55,7 @@ import torch
 from torch import Tensor
 
 from . import distributed, likelihoods
+from ._checkpoint import checkpoint_of, generator_state, load_optimizer, resumed_generator, same_layout
 from ._engine import apply_samples
 from .checks import (
     DivergedError, check_finite, check_generator, describe, finite_checks_enabled, guarded_call,
@@ -926,67 +926,6 @@ def _default_num_data(data: Any, batches: Callable[[], Iterable[Any]]) -> int:
 _CHECKPOINT_FORMAT = "funcbnn.vi.fit"
 
 
-def _checkpoint_of(resume: Any) -> dict | None:
-    """The checkpoint dict of ``resume`` (a :class:`FitResult` or its ``checkpoint``), checked."""
-    if resume is None:
-        return None
-    if isinstance(resume, FitResult) and resume.checkpoint is None:
-        raise ValueError(
-            "resume: this FitResult carries no checkpoint (saved with checkpoint=None?); "
-            "resume from one that has it"
-        )
-    ck = resume.checkpoint if isinstance(resume, FitResult) else resume
-    if not (isinstance(ck, dict) and ck.get("format") == _CHECKPOINT_FORMAT):
-        raise TypeError(
-            "resume must be a FitResult of vi.fit or its .checkpoint (a dict with format "
-            f"{_CHECKPOINT_FORMAT!r}), got {describe(resume)}"
-        )
-    return ck
-
-
-def _same_layout(a: Any, b: Any) -> bool:
-    la, sa = optree.tree_flatten(a)
-    lb, sb = optree.tree_flatten(b)
-    return sa == sb and all(
-        isinstance(x, Tensor) and isinstance(y, Tensor) and x.shape == y.shape and x.dtype == y.dtype
-        for x, y in zip(la, lb)
-    )
-
-
-def _resumed_generator(ck: dict, generator: torch.Generator | None) -> torch.Generator | None:
-    """``generator`` put in the checkpoint's state (a new one if the caller passed none)."""
-    saved = ck.get("generator")
-    if saved is None:
-        return generator
-    if generator is None:
-        generator = torch.Generator(device=ck.get("generator_device", "cpu"))
-    try:
-        generator.set_state(saved)
-    except RuntimeError as e:
-        raise ValueError(
-            f"resume: the checkpoint's generator state does not fit generator (device {generator.device}): "
-            f"{e}"
-        ) from e
-    return generator
-
-
-def _generator_state(generator: torch.Generator | None) -> dict[str, Any]:
-    if generator is None:
-        return {"generator": None}
-    return {"generator": generator.get_state(), "generator_device": str(generator.device)}
-
-
-def _load_optimizer(opt: torch.optim.Optimizer, saved: dict, what: str) -> None:
-    # A deep copy: load_state_dict shares the saved tensors, and the optimiser then updates
-    # them in place, which would change the caller's checkpoint (and a second resume from it).
-    try:
-        opt.load_state_dict(copy.deepcopy(saved))
-    except (ValueError, KeyError, RuntimeError) as e:
-        raise ValueError(
-            f"resume: the checkpoint's optimiser state does not fit the optimiser {what}: {e}"
-        ) from e
-
-
 def _learned_noise(lik: Likelihood, noise: Any, ck: dict | None) -> Tensor | None:
     """The trainable log-std of ``noise="learn"`` (from the checkpoint when resuming), or None."""
     if noise not in ("fixed", "learn"):
@@ -1175,15 +1114,15 @@ def fit(
             "batch_size): shuffling with the shared generator would desynchronise the ranks' weight draws"
         )
     lik = get_likelihood(likelihood)
-    ck = _checkpoint_of(resume)
+    ck = checkpoint_of(resume, FitResult, _CHECKPOINT_FORMAT, "vi.fit")
     log_sigma = _learned_noise(lik, noise, ck)
     if ck is not None:
-        if not _same_layout(ck["state"], state):
+        if not same_layout(ck["state"], state):
             raise ValueError(
                 "resume: the checkpoint's state is not shaped like state (another model or family?): "
                 f"{describe(ck['state'])} vs {describe(state)}"
             )
-        generator = _resumed_generator(ck, generator)
+        generator = resumed_generator(ck, generator)
     tensor_data = _is_tensor_pair(data)
     batches = _epoch_batches(data, batch_size, generator)
     if num_data is None:
@@ -1230,7 +1169,7 @@ def fit(
     history: list[ELBOInfo] = []
     previous = 0
     if ck is not None:
-        _load_optimizer(opt, ck["optimizer"], "built on this state")
+        load_optimizer(opt, ck["optimizer"], "the optimiser built on this state")
         previous = int(ck["history"][0].shape[0])
     out = progress_file if progress_file is not None else sys.stderr
     done = 0 if ck is None else int(ck["epochs"])
@@ -1286,7 +1225,7 @@ def fit(
         "version": 1,
         "state": final,
         "optimizer": opt.state_dict(),
-        **_generator_state(generator),
+        **generator_state(generator),
         "epochs": done + epochs,
         "history": list(stacked),
         "log_sigma": None if log_sigma is None else log_sigma.detach().clone(),
