@@ -113,3 +113,11 @@ def test_learnable_gaussian_reads_its_log_sigma_live_and_matches_torch_distribut
         L.learnable_gaussian(torch.tensor(0.0))
     with pytest.raises(TypeError, match="one-element floating-point tensor"):
         L.learnable_gaussian(0.0)
+
+
+def test_bernoulli_summary_of_probabilities_outside_the_unit_interval_raises_instead_of_clamping():
+    lik = L.get_likelihood("binary")
+    with pytest.raises(ValueError, match=r"probabilities in \[0, 1\], got values in \[-0.5, 1.5\]"):
+        lik.summarize(torch.tensor([[-0.5, 0.2, 1.5]]), outputs_are="probs")
+    ok = lik.summarize(torch.tensor([[0.0, 0.25, 1.0]]), outputs_are="probs")
+    torch.testing.assert_close(ok.probs[:, 1], torch.tensor([0.0, 0.25, 1.0]))

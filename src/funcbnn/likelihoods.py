@@ -362,7 +362,14 @@ def _bernoulli_summary(outputs: Any, *, outputs_are: str | None = None, **option
     if _outputs_are(outputs_are) == "logits":
         log_probs = torch.stack([F.logsigmoid(-z), F.logsigmoid(z)], -1)
     else:
-        log_probs = torch.stack([torch.log1p(-z.clamp(0, 1)), z.clamp(0, 1).log()], -1)
+        low, high = (float(v) for v in torch.aminmax(z.detach())) if z.numel() else (0.0, 1.0)
+        if low < -1e-6 or high > 1 + 1e-6:  # never clamp silently: these are logits, or a bug
+            raise ValueError(
+                f"outputs_are='probs' needs probabilities in [0, 1], got values in [{low:.4g}, {high:.4g}]; "
+                "pass outputs_are='logits' if these are logits"
+            )
+        p = z.clamp(0, 1)  # only float rounding past the ends remains to clip
+        log_probs = torch.stack([torch.log1p(-p), p.log()], -1)
     return class_summary(log_probs)
 
 

@@ -313,20 +313,6 @@ def _sharded(run: Callable[[Tree, Any], Any], samples: Tree, x: Any, shard: str,
     return optree.tree_map(lambda o: o.transpose(0, 1), distributed.all_gather_blocks(moved, counts, process_group))
 
 
-def _check_probabilities(outputs: Any) -> None:
-    """Binary probabilities must lie in [0, 1] (up to float rounding); they used to be clamped silently."""
-    first = outputs[0] if isinstance(outputs, (tuple, list)) else outputs
-    if not isinstance(first, Tensor) or not first.is_floating_point() or not first.numel():
-        return  # the likelihood's own check names the type
-    low, high = float(first.min()), float(first.max())
-    tol = 1e-6
-    if low < -tol or high > 1 + tol:
-        raise ValueError(
-            f"outputs_are='probs' needs probabilities in [0, 1], got values in [{low:.4g}, {high:.4g}]; "
-            "pass outputs_are='logits' if these are logits"
-        )
-
-
 def summarize(
     outputs: Tensor | tuple[Tensor, Tensor],
     likelihood: str | Likelihood,
@@ -379,8 +365,6 @@ def summarize(
     lik = get_likelihood(likelihood)
     if finite_checks_enabled() and not _all_finite(_floating_leaves(outputs)):
         check_finite(outputs, "outputs", context="summarize needs finite model outputs")
-    if outputs_are == "probs" and lik.name == "bernoulli":
-        _check_probabilities(outputs)
     if noise_std is None and isinstance(likelihood, Likelihood) and lik.sigma is not None:
         noise_std = lik.sigma
     options = {"noise_std": noise_std, "outputs_are": outputs_are, "log_variance": log_variance}

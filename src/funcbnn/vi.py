@@ -58,7 +58,13 @@ from . import distributed, likelihoods
 from ._checkpoint import checkpoint_of, generator_state, load_optimizer, resumed_generator, same_layout
 from ._engine import apply_samples
 from .checks import (
-    DivergedError, check_finite, check_generator, describe, finite_checks_enabled, guarded_call,
+    DivergedError,
+    ModelInputError,
+    check_finite,
+    check_generator,
+    describe,
+    finite_checks_enabled,
+    guarded_call,
     model_input_error,
 )
 from ._validation import positive_int
@@ -247,12 +253,10 @@ def _sampled_outputs(
             backward_to=backward_to,
             redraw=redraw,
         )
-    except ValueError as e:
-        # The engine's first-sample probe failed with a torch error: say it the way every fitter
-        # does (the batch inputs, their shape and dtype against the parameters').
-        if isinstance(e.__cause__, (RuntimeError, IndexError)) and "does not fit the model" in str(e):
-            raise model_input_error(e.__cause__, x, samples, "the batch inputs", "vi") from e.__cause__
-        raise
+    except ModelInputError as e:
+        # The engine's first-sample probe failed with a torch error: name the batch inputs, as
+        # every fitter does.
+        raise model_input_error(e.__cause__ or e, x, samples, "the batch inputs", "vi") from (e.__cause__ or e)
     except TypeError as e:
         # The engine stacks any tree of tensors, and stops at a non-tensor leaf (a tuple
         # (logits, aux_int)): say what the likelihood needs instead of what the engine needs.
