@@ -25,6 +25,7 @@ funcbnn.checks.NonFiniteError: params contains non-finite values (1 NaN, 0 inf) 
 
 from __future__ import annotations
 
+import cmath
 import contextlib
 import math
 import os
@@ -131,8 +132,8 @@ def _named_leaves(tree: Any) -> list[tuple[str, Any]]:
 def check_finite(tree: Any, name: str, *, context: str = "") -> None:
     """Raise :class:`NonFiniteError` naming the first floating leaf of ``tree`` with NaN or inf.
 
-    One host sync for the whole tree (the per-leaf flags are reduced on the
-    device first); integer and boolean leaves are skipped. Does nothing while
+    One sum per leaf and one host sync for the whole tree; integer and
+    boolean leaves are skipped; an overflow of finite values is not reported. Does nothing while
     :func:`set_finite_checks` is off.
 
     Parameters
@@ -145,20 +146,39 @@ def check_finite(tree: Any, name: str, *, context: str = "") -> None:
     """
     if not finite_checks_enabled():
         return
-    floating = [(n, t) for n, t in _named_leaves(tree) if isinstance(t, Tensor) and (t.is_floating_point() or t.is_complex())]
-    if not floating:
-        return
     # Fast path: a sum is finite only if every summand is (NaN and inf propagate), and a sum is one
     # reduction, 10-40x cheaper than isfinite().all(); the sums of all leaves are added on the device,
     # so the whole tree costs one host sync. Only a non-finite total (a bad value, or an overflow of
-    # finite values) pays for the exact per-leaf check below, which names what it finds.
-    sums = [t.detach().sum(dtype=torch.float32 if t.dtype in (torch.float16, torch.bfloat16) else None).abs()
-            for _, t in floating]
-    total = sums[0] if len(sums) == 1 else torch.stack([s.to(sums[0].device, torch.float64) for s in sums]).sum()
-    if math.isfinite(total.item()):
+    # finite values) pays for the exact per-leaf check, which names what it finds.
+    if isinstance(tree, Tensor):  # the common case, without the tree machinery
+        if tree.is_floating_point():
+            total = tree.detach()
+            total = total.sum(dtype=torch.float32) if total.dtype in _HALF else total.sum()
+            if not math.isfinite(total.item()):
+                _raise_non_finite([("", tree)], name, context)
+        elif tree.is_complex() and not cmath.isfinite(tree.detach().sum().item()):
+            _raise_non_finite([("", tree)], name, context)
         return
-    for path, leaf in floating:
-        if not bool(torch.isfinite(leaf).all()):
+    leaves = [t for t in optree.tree_leaves(tree) if isinstance(t, Tensor) and (t.is_floating_point() or t.is_complex())]
+    if not leaves:
+        return
+    sums = [_abs_sum(t) for t in leaves]
+    total = sums[0] if len(sums) == 1 else torch.stack([s.to(sums[0].device, torch.float64) for s in sums]).sum()
+    if not math.isfinite(total.item()):
+        _raise_non_finite(_named_leaves(tree), name, context)
+
+
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def _abs_sum(t: Tensor) -> Tensor:
+    """``|sum(t)|`` (float32 accumulation for half types, whose own sums overflow early); real for complex."""
+    return t.detach().sum(dtype=torch.float32 if t.dtype in _HALF else None).abs()
+
+
+def _raise_non_finite(named: list[tuple[str, Any]], name: str, context: str) -> None:
+    for path, leaf in named:
+        if isinstance(leaf, Tensor) and (leaf.is_floating_point() or leaf.is_complex()) and not bool(torch.isfinite(leaf).all()):
             nans = int(torch.isnan(leaf).sum())
             infs = int(torch.isinf(leaf).sum())
             where = f" in leaf '{path}'" if path else ""
