@@ -44,6 +44,7 @@ __all__ = [
     "set_finite_checks",
     "finite_checks_enabled",
     "check_finite",
+    "all_finite",
     "check_generator",
     "describe",
     "model_input_error",
@@ -146,26 +147,44 @@ def check_finite(tree: Any, name: str, *, context: str = "") -> None:
     """
     if not finite_checks_enabled():
         return
-    # Fast path: a sum is finite only if every summand is (NaN and inf propagate), and a sum is one
-    # reduction, 10-40x cheaper than isfinite().all(); the sums of all leaves are added on the device,
-    # so the whole tree costs one host sync. Only a non-finite total (a bad value, or an overflow of
-    # finite values) pays for the exact per-leaf check, which names what it finds.
-    if isinstance(tree, Tensor):  # the common case, without the tree machinery
+    if not all_finite(tree):
+        _raise_non_finite([("", tree)] if isinstance(tree, Tensor) else _named_leaves(tree), name, context)
+
+
+def all_finite(tree: Any) -> bool:
+    """Whether every floating element of ``tree`` is finite, at one sum per leaf and one host sync.
+
+    A sum is finite only if every summand is (NaN and inf propagate), and a
+    sum is one reduction, 10-40x cheaper than ``isfinite().all()``; the leaves'
+    sums are added on the device, so the whole tree costs one host sync. Only a
+    non-finite total (a bad value, or an overflow of finite values) pays for
+    the exact element-wise check, so the answer is exact. Not affected by
+    :func:`set_finite_checks`.
+
+    Examples
+    --------
+    >>> all_finite({"a": torch.ones(2), "b": torch.tensor([3e38, 3e38])})  # the sum overflows, no element is inf
+    True
+    >>> all_finite([torch.ones(2), torch.tensor([float("nan")])])
+    False
+    """
+    if isinstance(tree, Tensor):  # the common case, without the tree machinery (~3 us)
         if tree.is_floating_point():
             total = tree.detach()
             total = total.sum(dtype=torch.float32) if total.dtype in _HALF else total.sum()
-            if not math.isfinite(total.item()):
-                _raise_non_finite([("", tree)], name, context)
-        elif tree.is_complex() and not cmath.isfinite(tree.detach().sum().item()):
-            _raise_non_finite([("", tree)], name, context)
-        return
+            if math.isfinite(total.item()):
+                return True
+        elif not tree.is_complex() or cmath.isfinite(tree.detach().sum().item()):
+            return True
+        return bool(torch.isfinite(tree).all())
     leaves = [t for t in optree.tree_leaves(tree) if isinstance(t, Tensor) and (t.is_floating_point() or t.is_complex())]
     if not leaves:
-        return
+        return True
     sums = [_abs_sum(t) for t in leaves]
     total = sums[0] if len(sums) == 1 else torch.stack([s.to(sums[0].device, torch.float64) for s in sums]).sum()
-    if not math.isfinite(total.item()):
-        _raise_non_finite(_named_leaves(tree), name, context)
+    if math.isfinite(total.item()):
+        return True
+    return all(bool(torch.isfinite(t).all()) for t in leaves)
 
 
 _HALF = (torch.float16, torch.bfloat16)
