@@ -19,7 +19,7 @@ with _warnings.catch_warnings():
     from . import checks, ensemble, families, laplace, likelihoods, mc_dropout, metrics, priors, swag, tree, vi
     from .families import FAMILIES, DiagGaussianState, diag_gaussian
     from .likelihoods import LIKELIHOODS
-    from .model import Functional, FunctionalModel, functionalize
+    from .model import Functional, FunctionalModel, Inputs, functionalize
     from .predict import PredictiveSummary, VmapFallbackWarning, sample_outputs, summarize
     from .nn import BayesianModule
     from .priors import PRIORS
@@ -46,6 +46,7 @@ __all__ = [
     "diag_gaussian",
     "Functional",
     "FunctionalModel",
+    "Inputs",
     "functionalize",
     "PredictiveSummary",
     "VmapFallbackWarning",
