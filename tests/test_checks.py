@@ -81,3 +81,28 @@ def test_check_generator_and_guarded_call():
     with pytest.raises(ValueError, match="ours"):  # errors that are not the model's pass through
         with guarded_call(torch.ones(1), {}):
             raise ValueError("ours")
+
+
+def test_set_finite_checks_as_a_decorator_switches_only_while_the_function_runs():
+    @set_finite_checks(False)
+    def unchecked():
+        check_finite(torch.tensor([float("nan")]), "x")  # no error inside
+        return checks.finite_checks_enabled()
+
+    assert checks.finite_checks_enabled()  # defining it changed nothing
+    assert unchecked() is False
+    assert checks.finite_checks_enabled()
+    with pytest.raises(NonFiniteError):
+        check_finite(torch.tensor([float("nan")]), "x")
+
+
+def test_meta_inputs_are_named_by_the_model_call_not_crashed_on_by_the_check():
+    import funcbnn
+    from funcbnn import vi
+
+    apply_fn, params, _ = funcbnn.functionalize(torch.nn.Linear(3, 2))
+    x, y = torch.randn(8, 3, device="meta"), torch.zeros(8, dtype=torch.long, device="meta")
+    assert checks.all_finite(x)  # nothing to read on the meta device
+    post = funcbnn.diag_gaussian(init_std=0.1)
+    with pytest.raises(checks.ModelInputError, match="on meta"):
+        vi.fit(apply_fn, post, funcbnn.priors.gaussian(1.0), post.init(params), (x, y))

@@ -86,7 +86,12 @@ def finite_checks_enabled() -> bool:
 
 
 class set_finite_checks(contextlib.ContextDecorator):
-    """Turn the non-finite checks on or off: as a call, or as a context manager that restores the old mode.
+    """Turn the non-finite checks on or off: as a call, a context manager or a decorator.
+
+    Like ``torch.set_grad_enabled``: ``set_finite_checks(False)`` switches at
+    once (for this thread); ``with set_finite_checks(False):`` restores the old
+    mode on exit; ``@set_finite_checks(False)`` switches only while the
+    decorated function runs (defining it changes nothing).
 
     Parameters
     ----------
@@ -103,20 +108,43 @@ class set_finite_checks(contextlib.ContextDecorator):
     False
     >>> funcbnn.checks.finite_checks_enabled()
     True
+    >>> @funcbnn.checks.set_finite_checks(False)
+    ... def unchecked():
+    ...     return funcbnn.checks.finite_checks_enabled()
+    >>> unchecked(), funcbnn.checks.finite_checks_enabled()
+    (False, True)
     """
 
     def __init__(self, enabled: bool) -> None:
         if not isinstance(enabled, bool):
             raise TypeError(f"enabled must be a bool, got {type(enabled).__name__}")
-        self.previous = finite_checks_enabled()
         self.enabled = enabled
+        # The mode before the immediate switch: what a ``with`` block restores on exit.
+        self._restore: list[bool] = [finite_checks_enabled()]
+        self._fresh = True  # the first __enter__ of a `with` reuses the value saved above
         _LOCAL.finite = enabled
 
+    def __call__(self, func: Any) -> Any:
+        # Decorating is not calling: undo the immediate switch; each call switches on entry.
+        _LOCAL.finite = self._restore.pop()
+        self._fresh = False
+        return super().__call__(func)
+
+    def _recreate_cm(self) -> "set_finite_checks":
+        # A fresh manager per decorated call, so nested or concurrent calls keep their own saved mode.
+        manager = object.__new__(set_finite_checks)
+        manager.enabled, manager._restore, manager._fresh = self.enabled, [], False
+        return manager
+
     def __enter__(self) -> None:
+        if self._fresh:
+            self._fresh = False
+        else:
+            self._restore.append(finite_checks_enabled())
         _LOCAL.finite = self.enabled
 
     def __exit__(self, *exc: Any) -> None:
-        _LOCAL.finite = self.previous
+        _LOCAL.finite = self._restore.pop()
 
 
 def _named_leaves(tree: Any) -> list[tuple[str, Any]]:
@@ -169,6 +197,8 @@ def all_finite(tree: Any) -> bool:
     False
     """
     if isinstance(tree, Tensor):  # the common case, without the tree machinery (~3 us)
+        if tree.is_meta:  # no values to check (shape-only tensors)
+            return True
         if tree.is_floating_point():
             total = tree.detach()
             total = total.sum(dtype=torch.float32) if total.dtype in _HALF else total.sum()
@@ -177,7 +207,8 @@ def all_finite(tree: Any) -> bool:
         elif not tree.is_complex() or cmath.isfinite(tree.detach().sum().item()):
             return True
         return bool(torch.isfinite(tree).all())
-    leaves = [t for t in optree.tree_leaves(tree) if isinstance(t, Tensor) and (t.is_floating_point() or t.is_complex())]
+    leaves = [t for t in optree.tree_leaves(tree)
+              if isinstance(t, Tensor) and (t.is_floating_point() or t.is_complex()) and not t.is_meta]
     if not leaves:
         return True
     sums = [_abs_sum(t) for t in leaves]
@@ -225,7 +256,9 @@ def describe(x: Any) -> str:
     """A short description of an input for error messages: shape and dtype, per leaf for containers."""
     if isinstance(x, Tensor):
         text = f"a tensor of shape {tuple(x.shape)}, dtype {x.dtype}"
-        if not (x.is_floating_point() or x.is_complex()) and x.numel() and x.dtype != torch.bool:
+        if x.device.type != "cpu":
+            text += f", on {x.device}"
+        if not (x.is_floating_point() or x.is_complex()) and x.numel() and x.dtype != torch.bool and not x.is_meta:
             text += f", values in [{int(x.min())}, {int(x.max())}]"
         return text
     leaves, spec = optree.tree_flatten(x)
