@@ -519,3 +519,42 @@ def test_a_non_finite_starting_state_is_named_not_reported_as_divergence():
     members.members["0.weight"][1, 0, 0] = float("inf")
     with pytest.raises(NonFiniteError, match="state.members contains non-finite values"):
         ensemble.fit(apply_fn, members, (x, y))
+
+
+def test_swapped_state_and_prior_and_params_for_the_state_are_named():
+    apply_fn, params = _model()[:2]
+    state = POST.init(params)
+    x, y = _data()
+    with pytest.raises(TypeError, match=r"state and prior look swapped .*elbo\(apply_fn, post, state, prior"):
+        vi.elbo(apply_fn, POST, PRIOR, state, (x, y), 24)
+    with pytest.raises(TypeError, match=r"state is the model's parameter tree.*post.init\(params\)"):
+        vi.fit(apply_fn, POST, PRIOR, params, (x, y))
+    with pytest.raises(TypeError, match="look swapped"):
+        vi.fit(apply_fn, POST, state, PRIOR, (x, y))
+
+
+def test_training_hyperparameters_are_checked_before_training():
+    apply_fn, params = _model()[:2]
+    x, y = _data()
+    for lr in (-1.0, float("nan")):
+        with pytest.raises(ValueError, match="lr must be a finite positive number"):
+            vi.fit(apply_fn, POST, PRIOR, POST.init(params), (x, y), lr=lr)
+    with pytest.raises(ValueError, match=r"momentum must be a number in \[0, 1\)"):
+        swag.fit(apply_fn, params, [(x, y)], epochs=1, momentum=2.0)
+    with pytest.raises(ValueError, match="lr_min must not exceed lr"):
+        swag.fit(apply_fn, params, [(x, y)], epochs=1, schedule="cyclical", lr=0.01, lr_min=0.1)
+
+
+def test_swag_names_an_empty_batch_instead_of_calling_it_divergence():
+    apply_fn, params = _model()[:2]
+    x, y = _data()
+    with pytest.raises(ValueError, match=r"data batch 1 of epoch 0 is empty"):
+        swag.fit(apply_fn, params, [(x[:8], y[:8]), (x[:0], y[:0]), (x[8:], y[8:])], epochs=1)
+
+
+def test_swag_resume_refuses_another_rank():
+    apply_fn, params = _model()[:2]
+    x, y = _data()
+    first = swag.fit(apply_fn, params, [(x, y)], epochs=2, max_rank=3)
+    with pytest.raises(ValueError, match="collects 3 deviation columns but max_rank=5"):
+        swag.fit(apply_fn, params, [(x, y)], epochs=2, max_rank=5, resume=first)

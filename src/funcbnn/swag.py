@@ -566,6 +566,10 @@ def fit(
     if schedule not in ("constant", "cyclical"):
         raise ValueError(f"schedule must be 'constant' or 'cyclical', got {schedule!r}")
     lr_min = lr * 0.01 if lr_min is None else positive_float(lr_min, "lr_min")
+    if schedule == "cyclical" and lr_min > lr:
+        raise ValueError(f"lr_min must not exceed lr for the cyclical schedule (it falls from lr to lr_min), got lr={lr}, lr_min={lr_min}")
+    if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0 <= momentum < 1:
+        raise ValueError(f"momentum must be a number in [0, 1), got {momentum!r}")
     if isinstance(data, (Tensor, dict, str, bytes)) or not hasattr(data, "__iter__"):
         raise TypeError(f"data must be an iterable of (x, y) batches, got {describe(data)}")
     if isinstance(data, (tuple, list)) and data and all(isinstance(t, Tensor) for t in data):
@@ -598,6 +602,12 @@ def fit(
         state, step, done, burn = init(theta, max_rank=max_rank), 0, 0, burn_in
     else:
         load_optimizer(opt, ck["optimizer"], "params")
+        saved_rank = len(ck["state"].deviations)  # the ring buffer's length is the rank it was built with
+        if saved_rank != max_rank:
+            raise ValueError(
+                f"resume: the checkpoint collects {saved_rank} deviation columns but max_rank={max_rank}; "
+                f"pass max_rank={saved_rank} to continue it"
+            )
         state, step, done, burn = ck["state"], int(ck["step"]), int(ck["epochs"]), 0
     distributed.agree(
         {
@@ -617,6 +627,9 @@ def fit(
             x, y = _batch_pair(batch, where)
             # detached: data that requires grad would collect every step's gradient in the caller's .grad
             x, y = optree.tree_map(lambda t: t.detach() if isinstance(t, Tensor) else t, (x, y))
+            if isinstance(y, Tensor) and y.dim() and y.shape[0] == 0:
+                # the mean loss of no examples is NaN: say so, not "diverged"
+                raise ValueError(f"data {where} is empty (targets of shape {tuple(y.shape)}): drop empty batches")
             check_finite(x, "data inputs", context=where)
             check_finite(y, "data targets", context=where)
             if collecting:

@@ -67,7 +67,7 @@ from .checks import (
     guarded_call,
     model_input_error,
 )
-from ._validation import positive_int
+from ._validation import positive_float, positive_int
 from .families.base import capabilities, check_family, require
 from .likelihoods import Likelihood, get_likelihood
 from .local_reparam import LocalReparamModel
@@ -406,6 +406,33 @@ def _nll_and_kl(
     return _Terms(nll, kl)
 
 
+def _check_state_and_prior(apply_fn: Any, state: Any, prior: Any, order: str) -> None:
+    """Catch the easy argument mix-ups early: params for the state, a prior and a state swapped.
+
+    ``order`` is the caller's signature, which the message quotes (``elbo`` and
+    ``fit`` order ``state`` and ``prior`` differently, a known trap).
+    """
+    def kind(obj: Any) -> str | None:
+        module = type(obj).__module__
+        if module.startswith("funcbnn.priors"):
+            return "prior"
+        if module.startswith("funcbnn.families") or module.startswith("funcbnn.laplace"):
+            return "state"
+        return None
+
+    if kind(state) == "prior" or (prior is not None and kind(prior) == "state"):
+        raise TypeError(
+            f"state and prior look swapped (state is a {type(state).__name__}, prior a {type(prior).__name__}); "
+            f"the order is {order}"
+        )
+    template = getattr(apply_fn, "params_template", None)
+    if isinstance(state, dict) and isinstance(template, dict) and state.keys() == template.keys():
+        raise TypeError(
+            "state is the model's parameter tree, not a posterior state: pass post.init(params) "
+            f"(the order is {order})"
+        )
+
+
 def expected_nll(
     apply_fn: Callable[..., Any],
     post: Any,
@@ -551,6 +578,7 @@ def elbo(
     _check_method(method)
     check_generator(generator)
     check_family(post, "post")
+    _check_state_and_prior(apply_fn, state, prior, "elbo(apply_fn, post, state, prior, batch, num_data)")
     lik = get_likelihood(likelihood)
     nll, kl = _nll_and_kl(
         apply_fn, post, state, prior, x, y, lik, num_samples, generator, method, buffers, validate, kl_samples
@@ -1153,6 +1181,7 @@ def fit(
         positive_int(kl_samples, "kl_samples")
     _check_method(method)
     check_family(post, "post")
+    _check_state_and_prior(apply_fn, state, prior, "fit(apply_fn, post, prior, state, data)")
 
     # once per fit: a NaN in the starting state would otherwise surface as a "diverged" step 0
     if ck is None:
@@ -1165,7 +1194,7 @@ def fit(
         groups.append({"params": [log_sigma], "name": "noise"})
         lik = likelihoods.learnable_gaussian(log_sigma)
     if optimizer is None:
-        opt = torch.optim.Adam(groups, lr=lr)
+        opt = torch.optim.Adam(groups, lr=positive_float(lr, "lr"))
     else:
         opt = optimizer(groups)
         if not isinstance(opt, torch.optim.Optimizer):
