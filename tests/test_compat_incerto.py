@@ -388,3 +388,68 @@ def test_variational_loss_trains_mu_and_rho_through_batched_draws():
     a = model(x)
     torch.manual_seed(2)
     assert torch.equal(a, model(x)) and a.shape == (16, 3)
+
+
+# --- wrapped models (torch.compile, DataParallel) --------------------------------------------------
+
+_WRAPPERS = pytest.mark.parametrize(
+    "wrap",
+    # importing torch._dynamo (on the first torch.compile) raises DeprecationWarnings of torch's own
+    [pytest.param(torch.compile, marks=pytest.mark.filterwarnings("ignore::DeprecationWarning")), nn.DataParallel],
+    ids=["compiled", "data_parallel"],
+)
+
+
+@_WRAPPERS
+def test_mc_dropout_on_a_wrapped_model_predicts_as_on_the_plain_one(wrap):
+    torch.manual_seed(0)
+    net, x = Net(), torch.randn(9, 6)
+    plain = MCDropout(net, num_samples=5, dropout_rate=None).predict(x, return_samples=True, generator=gen(1))
+    wrapped = MCDropout(wrap(net), num_samples=5, dropout_rate=None).predict(x, return_samples=True, generator=gen(1))
+    for a, b in zip(wrapped, plain):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@_WRAPPERS
+def test_laplace_on_a_wrapped_model_fits_and_predicts_as_on_the_plain_one(wrap):
+    torch.manual_seed(0)
+    net, x, y = Net(), torch.randn(16, 6), torch.randint(0, 3, (16,))
+    model = wrap(net)
+    outer = {id(p): name for name, p in model.named_parameters()}
+    plain, wrapped = LaplaceApproximation(net, num_samples=4), LaplaceApproximation(model, num_samples=4)
+    plain.fit(DataLoader(TensorDataset(x, y), batch_size=8), device="cpu")
+    wrapped.fit(DataLoader(TensorDataset(x, y), batch_size=8), device="cpu")
+    # incerto's names (the wrapped model's own) and the curvature of the plain model, not zeros
+    assert set(wrapped.posterior_precision) == set(outer.values())
+    for name, p in net.named_parameters():
+        torch.testing.assert_close(wrapped.posterior_precision[outer[id(p)]], plain.posterior_precision[name])
+        assert (plain.posterior_precision[name] > plain.prior_precision).any()
+    for a, b in zip(wrapped.predict(x, generator=gen(2)), plain.predict(x, generator=gen(2))):
+        torch.testing.assert_close(a, b)
+
+
+@_WRAPPERS
+def test_swag_on_a_wrapped_model_predicts_as_on_the_plain_one(wrap):
+    torch.manual_seed(0)
+    net, x = Net(), torch.randn(9, 6)
+    model = wrap(net)
+    plain, wrapped = SWAG(net, num_samples=4, var_clamp=1e-3), SWAG(model, num_samples=4, var_clamp=1e-3)
+    for step in range(3):
+        plain.collect_model(net)
+        wrapped.collect_model(model)
+        with torch.no_grad():
+            for p in net.parameters():
+                p.add_(0.1 * torch.randn_like(p))
+    for a, b in zip(wrapped.predict(x, generator=gen(3)), plain.predict(x, generator=gen(3))):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@_WRAPPERS
+def test_deep_ensemble_of_wrapped_members_predicts_as_the_plain_one(wrap):
+    x = torch.randn(9, 6)
+    torch.manual_seed(0)
+    plain = DeepEnsemble(lambda: Net(), num_models=3)
+    torch.manual_seed(0)
+    wrapped = DeepEnsemble(lambda: wrap(Net()), num_models=3)
+    for a, b in zip(wrapped.predict(x, return_samples=True), plain.predict(x, return_samples=True)):
+        torch.testing.assert_close(a, b)

@@ -20,7 +20,9 @@ from torch import Tensor, nn
 
 from .. import mc_dropout
 from ..families.dropout import dropout as _dropout_family
-from ..model import functionalize
+# Private in model.py: the one unwrapping rule functionalize applies, reused so that the front ends
+# name parameters exactly as the functional forms they build do.
+from ..model import _unwrap_compiled, functionalize
 from ..predict import sample_outputs
 from ..swag import with_buffers
 from ..tree import diag_normal
@@ -33,7 +35,23 @@ __all__ = [
     "plain_call",
     "outputs_at_draws",
     "dropout_outputs",
+    "unwrapped",
 ]
+
+
+def unwrapped(model: nn.Module) -> tuple[nn.Module, dict[str, str]]:
+    """The module :func:`funcbnn.functionalize` runs, and ``{its parameter name: the name in model}``.
+
+    ``torch.compile``, ``DataParallel`` and ``DistributedDataParallel`` wrap a
+    module and prefix its parameter names (``_orig_mod.``, ``module.``);
+    :func:`funcbnn.functionalize` evaluates the module inside, under its own
+    names. The map pairs the two by identity (an unwrapped model maps each name
+    to itself), so statistics kept under the user's names reach the right
+    parameters of the functional form.
+    """
+    inner = _unwrap_compiled(model)
+    outer = {id(p): name for name, p in model.named_parameters()}
+    return inner, {name: outer[id(p)] for name, p in inner.named_parameters()}
 
 
 class _Mode(threading.local):
@@ -104,6 +122,7 @@ def functional_form(
     seeded-mask model. Frozen parameters and buffers are refreshed from ``model``
     on every call (e.g. BatchNorm statistics that changed since).
     """
+    model = _unwrap_compiled(model)  # names below are those of the module functionalize runs
     key = ("dropout" if dropout else "plain", call)
     per_model = _FUNCTIONAL.setdefault(model, {})
     cached = per_model.get(key)
@@ -120,6 +139,7 @@ def functional_form(
 
 def functional_form_with_buffers(model: nn.Module) -> Callable[[dict[str, Any], Any], Any]:
     """``f({"params": p, "buffers": b}, x)`` over :func:`functional_form`, for per-sample buffers; cached too."""
+    model = _unwrap_compiled(model)
     apply_fn = functional_form(model)
     per_model = _FUNCTIONAL[model]
     cached = per_model.get("with_buffers")
@@ -156,6 +176,9 @@ def outputs_at_draws(
         that the functional form is reused across calls.
     generator : torch.Generator, optional
     """
+    model, names = unwrapped(model)
+    inner_name = {outer: inner for inner, outer in names.items()}
+    stds = {inner_name.get(name, name): s for name, s in stds.items()}
     apply_fn = functional_form(model, call)
     live = {"inner." + name: p for name, p in model.named_parameters() if p.requires_grad}
     means = {name: live["inner." + name] for name in stds}
@@ -176,6 +199,7 @@ def dropout_outputs(
     Other layers run in eval mode (BatchNorm uses its running statistics). A
     model without dropout layers gives ``num_samples`` copies of its output.
     """
+    model = _unwrap_compiled(model)
     params = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
     if not any(isinstance(m, mc_dropout.DROPOUT_LAYERS) for m in model.modules()):
         out = functional_form(model)(params, x)

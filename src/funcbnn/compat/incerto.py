@@ -48,6 +48,7 @@ from ._draws import (
     functional_form,
     functional_form_with_buffers,
     outputs_at_draws,
+    unwrapped,
 )
 
 __all__ = [
@@ -83,6 +84,18 @@ def _finish(samples: Tensor, normalize_output: bool, return_samples: bool) -> Pr
         samples = F.softmax(samples, dim=-1)
     mean, variance = samples.mean(dim=0), samples.var(dim=0)
     return (mean, variance, samples) if return_samples else (mean, variance)
+
+
+def _outputs_at(model: nn.Module, draws: dict[str, Tensor], x: Tensor) -> Tensor:
+    """Outputs ``(S, N, ...)`` of ``model`` (eval mode) at weight draws keyed by ``model.named_parameters()``.
+
+    The statistics keep incerto's names, those of the model as passed
+    (``_orig_mod.*`` for a compiled one); the functional form runs the module
+    inside any wrapper, under its own names.
+    """
+    _, names = unwrapped(model)
+    apply_fn = functional_form(model)
+    return sample_outputs(apply_fn, {name: draws[names[name]] for name in apply_fn.params_template}, x)
 
 
 def _trainable(model: nn.Module) -> dict[str, Tensor]:
@@ -252,14 +265,16 @@ class DeepEnsemble(BaseBayesianMethod):
         return torch.stack([model(x) for model in self.models]).mean(dim=0)
 
     def _member_outputs(self, x: Tensor) -> Tensor:
-        first = self.models[0]
-        trees = [dict(m.named_parameters()) for m in self.models]
+        # Compiled or (Distributed)DataParallel members: the modules inside, as functionalize runs them.
+        members = [unwrapped(m)[0] for m in self.models]
+        first = members[0]
+        trees = [dict(m.named_parameters()) for m in members]
         same = all(
             type(m) is type(first)
             and all(p.requires_grad for p in tree.values())
             and optree.tree_structure(tree) == optree.tree_structure(trees[0])
             and all(a.shape == b.shape for a, b in zip(tree.values(), trees[0].values()))
-            for m, tree in zip(self.models, trees)
+            for m, tree in zip(members, trees)
         )
         if not same:  # members of different architectures (or with frozen parts) run one by one
             return torch.stack([m(x) for m in self.models])
@@ -268,7 +283,7 @@ class DeepEnsemble(BaseBayesianMethod):
         if not apply_fn.buffers:
             return sample_outputs(apply_fn, params, x)
         # each member's own buffers (e.g. BatchNorm statistics) ride along with its parameters
-        buffers = _tree.stack([dict(m.named_buffers()) for m in self.models])
+        buffers = _tree.stack([dict(m.named_buffers()) for m in members])
         return sample_outputs(functional_form_with_buffers(first), {"params": params, "buffers": buffers}, x)
 
     @torch.no_grad()
@@ -444,9 +459,7 @@ class SWAG(BaseBayesianMethod):
         """
         family, q = self._posterior()
         draws = family.sample(q, positive_int(self.num_samples, "num_samples"), generator=generator)
-        apply_fn = functional_form(self.model)
-        samples = {name: draws[name] for name in apply_fn.params_template}
-        return _finish(sample_outputs(apply_fn, samples, x), normalize_output, return_samples)
+        return _finish(_outputs_at(self.model, draws, x), normalize_output, return_samples)
 
 
 class LaplaceApproximation(BaseBayesianMethod):
@@ -513,6 +526,7 @@ class LaplaceApproximation(BaseBayesianMethod):
         self.model.to(device)
         self.model.eval()
         apply_fn, params, _ = functionalize(self.model)
+        _, names = unwrapped(self.model)  # the curvature comes under functionalize's names
         regression = self.likelihood != "classification"
         outputs_per_example = []
 
@@ -530,6 +544,7 @@ class LaplaceApproximation(BaseBayesianMethod):
         )
         # incerto's per-example loss is 0.5 * mean over the D outputs (1/D of the Gaussian NLL): curvature / D^2.
         scale = 1.0 / stats.num_data / (outputs_per_example[0] ** 2 if regression else 1)
+        diag = {names[name]: d for name, d in diag.items()}
         return {
             name: diag[name] * scale if name in diag else torch.zeros_like(p)
             for name, p in self.model.named_parameters()
@@ -571,9 +586,7 @@ class LaplaceApproximation(BaseBayesianMethod):
         family = diag_gaussian()
         q = family.from_moments(self.mean, {n: p.rsqrt() for n, p in self.posterior_precision.items()})
         draws = family.sample(q, positive_int(self.num_samples, "num_samples"), generator=generator)
-        apply_fn = functional_form(self.model)
-        samples = {name: draws[name] for name in apply_fn.params_template}
-        return _finish(sample_outputs(apply_fn, samples, x), normalize_output, return_samples)
+        return _finish(_outputs_at(self.model, draws, x), normalize_output, return_samples)
 
     def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
         """The wrapped model's state plus the ``_laplace_*`` statistics and settings."""
