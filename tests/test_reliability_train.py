@@ -558,3 +558,19 @@ def test_swag_resume_refuses_another_rank():
     first = swag.fit(apply_fn, params, [(x, y)], epochs=2, max_rank=3)
     with pytest.raises(ValueError, match="collects 3 deviation columns but max_rank=5"):
         swag.fit(apply_fn, params, [(x, y)], epochs=2, max_rank=5, resume=first)
+
+
+def test_a_sigma_computed_once_from_a_tensor_is_refused_by_step_with_the_fix():
+    apply_fn, params, _ = funcbnn.functionalize(nn.Linear(3, 1))
+    x, y = torch.randn(30, 3), torch.randn(30, 1)
+    log_s = torch.tensor(0.0, requires_grad=True)
+    state = vi.trainable(POST.init(params))
+    opt = torch.optim.Adam(vi.leaves(state) + [log_s], lr=1e-2)
+    once = likelihoods.gaussian(sigma=log_s.exp())
+    state, _ = vi.step(apply_fn, POST, PRIOR, state, opt, (x, y), 30, likelihood=once)  # the first use is fine
+    with pytest.raises(ValueError, match="learnable_gaussian"):
+        vi.step(apply_fn, POST, PRIOR, state, opt, (x, y), 30, likelihood=once)
+    lik = likelihoods.learnable_gaussian(log_s)  # the supported way: two steps run and log_s moves
+    for _ in range(2):
+        state, _ = vi.step(apply_fn, POST, PRIOR, state, opt, (x, y), 30, likelihood=lik)
+    assert log_s.item() != 0.0

@@ -48,6 +48,7 @@ from __future__ import annotations
 import contextlib
 import math
 import sys
+import weakref
 from typing import Any, Callable, Iterable, Iterator, Literal, NamedTuple, Sequence, TextIO
 
 import optree
@@ -714,6 +715,11 @@ def step(
     )
 
 
+# Computed noise scales (tensors with a graph) that a step has backpropagated through; weak, so none is kept alive.
+# Keyed by id (a WeakSet would compare tensors with ==).
+_SIGMAS_STEPPED: "weakref.WeakValueDictionary[int, Tensor]" = weakref.WeakValueDictionary()
+
+
 def _step(
     apply_fn: Callable[..., Any],
     post: Any,
@@ -752,6 +758,17 @@ def _step(
             p.grad = None
     for leaf in state_leaves:
         leaf.grad = None
+    sigma = getattr(likelihood, "sigma", None)
+    if isinstance(sigma, Tensor) and sigma.grad_fn is not None:
+        # A sigma computed once (gaussian(sigma=log_s.exp())) and reused: the first step's backward
+        # freed its graph, and the second would fail deep in autograd.
+        if _SIGMAS_STEPPED.get(id(sigma)) is sigma:
+            raise ValueError(
+                "the likelihood's sigma was computed from a tensor (e.g. gaussian(sigma=log_s.exp())) and its "
+                "graph was used up by an earlier step. Rebuild the likelihood every step, use "
+                "likelihoods.learnable_gaussian(log_s), which reads log_s at every call, or vi.fit(..., noise='learn')"
+            )
+        _SIGMAS_STEPPED[id(sigma)] = sigma
     if check_data:
         x, y = _check_batch(batch)
         check_finite(x, "batch inputs")
