@@ -761,3 +761,120 @@ def test_lstm_through_torchs_own_vmap_fallback_matches_the_loop():
     truth = _loop_curvature(apply_fn, params, list(state.mean), batches, "ggn").diagonal()
     got = torch.cat([state.curvature[k].reshape(-1) for k in state.mean]).double()
     torch.testing.assert_close(got, truth, atol=1e-5, rtol=1e-4)
+
+
+# --- subset="last_layer" on parametrized heads; Inputs tensors without the batch axis -------------
+
+
+def _parametrized(kind: str) -> nn.Module:
+    from torch.nn.utils import parametrizations as P
+
+    torch.manual_seed(0)
+    wrap = {"weight_norm": P.weight_norm, "spectral_norm": P.spectral_norm, "plain": lambda m: m}
+    head = wrap[kind.removeprefix("all_")](nn.Linear(8, 3))
+    body = wrap[kind.removeprefix("all_")](nn.Linear(4, 8)) if kind.startswith("all_") else nn.Linear(4, 8)
+    return nn.Sequential(body, nn.Tanh(), head).eval()  # eval: spectral_norm's power iteration stays put
+
+
+@pytest.mark.parametrize("kind", ["weight_norm", "spectral_norm", "all_weight_norm", "all_spectral_norm"])
+@pytest.mark.parametrize("structure", ["diag", "full"])
+def test_last_layer_of_a_parametrized_head_is_its_original_tensors_and_bias(kind, structure, data):
+    # Before: the hidden layer's ['0.weight', '0.bias'] (the head's weight is no leaf named "2.weight"),
+    # or "no nn.Linear layer with trainable weights" when every Linear was parametrized.
+    x, y = data
+    apply_fn, params, _ = funcbnn.functionalize(_parametrized(kind))
+    head = sorted(k for k in params if k.startswith("2."))  # by name: every leaf of the output layer
+    assert any("parametrizations.weight.original" in k for k in head) and "2.bias" in head
+    la, state = laplace.fit(apply_fn, params, [(x, y)], "classification", subset="last_layer", structure=structure)
+    assert sorted(state.mean) == head
+    assert sorted(laplace.last_layer_names(apply_fn, params)) == head  # registration order agrees
+    _, ref = laplace.fit(apply_fn, params, [(x, y)], "classification", subset=head, structure=structure)
+    torch.testing.assert_close(optree.tree_leaves(state.curvature), optree.tree_leaves(ref.curvature))
+    torch.testing.assert_close(la.predict(state, x[:5]), la.predict(ref, x[:5]))
+
+
+def test_last_layer_empirical_fisher_of_a_weight_normed_head_matches_per_example_gradients(data):
+    x, y = data
+    net = _parametrized("weight_norm")
+    apply_fn, params, _ = funcbnn.functionalize(net)
+    _, state = laplace.fit(apply_fn, params, [(x, y)], "classification", subset="last_layer", curvature="ef")
+    expected = {k: torch.zeros_like(v) for k, v in params.items() if k.startswith("2.")}
+    for i in range(len(y)):  # brute force: autograd on the module itself, one example at a time
+        net.zero_grad()
+        nn.functional.cross_entropy(net(x[i : i + 1]), y[i : i + 1], reduction="sum").backward()
+        named = dict(net.named_parameters())
+        for k in expected:
+            expected[k] += named[k].grad.square()
+    assert set(state.curvature) == set(expected)
+    for k in expected:
+        torch.testing.assert_close(state.curvature[k], expected[k])
+
+
+class _Scaled(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin, self.norm = nn.Linear(4, 3), nn.LayerNorm(3)
+
+    def forward(self, x, scale=None, temp=None):
+        out = self.norm(self.lin(x if scale is None else x * scale))
+        return out if temp is None else out / temp
+
+
+@pytest.mark.parametrize("structure", STRUCTURES)
+def test_inputs_tensors_without_the_batch_axis_are_refused_naming_them(structure):
+    # Before: torch's IndexError ("index 4 is out of bounds", "slice() cannot be applied to a 0-dim tensor").
+    from funcbnn import Inputs
+
+    apply_fn, params, _ = funcbnn.functionalize(_Scaled())
+    g = torch.Generator().manual_seed(0)
+    x, y, shared = torch.randn(5, 4, generator=g), torch.randint(0, 3, (5,), generator=g), torch.rand(4) + 0.5
+    bad = {
+        "positional input 1": Inputs(x, shared),
+        "keyword input 'temp'": Inputs(x, temp=torch.tensor(2.0)),
+        "keyword input 'scale'": Inputs(x, scale=x[:3]),
+    }
+    for where, inputs in bad.items():
+        with pytest.raises(ValueError, match=f"data batch 0 inputs x: {where}.*close over it"):
+            laplace.fit(apply_fn, params, [(inputs, y)], "classification", structure=structure)
+    la, state = laplace.fit(apply_fn, params, [(Inputs(x, temp=2.0), y)], "classification", structure=structure)
+    for where, inputs in bad.items():
+        with pytest.raises(ValueError, match=f"^x: {where}.*leading batch axis"):
+            la.predict(state, inputs)
+        with pytest.raises(ValueError, match=f"^x: {where}"):
+            la.output_covariance(state, inputs)
+    with pytest.raises(ValueError, match="^x: keyword input 'temp' of the funcbnn.Inputs is a 0-d tensor"):
+        la.predict(state, Inputs(x, temp=torch.tensor(2.0)))
+
+
+def test_closing_over_a_shared_tensor_as_the_error_says_gives_the_per_example_curvature():
+    # The four-example batch a shared (4,) vector cannot be told from: the documented way
+    # (the model closes over the vector) matches autograd one example at a time.
+    from funcbnn import Inputs
+
+    net = _Scaled().double()
+    shared = torch.tensor([1.0, 2.0, 3.0, 4.0], dtype=torch.float64)
+
+    class Closed(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = net
+
+        def forward(self, x, temp=None):
+            return self.net(x, shared, temp)
+
+    apply_fn, params, _ = funcbnn.functionalize(Closed())
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(4, 4, generator=g, dtype=torch.float64), torch.randint(0, 3, (4,), generator=g)
+    _, state = laplace.fit(apply_fn, params, [(Inputs(x, temp=2.0), y)], "classification", curvature="ef")
+    expected = {k: torch.zeros_like(v) for k, v in params.items()}
+    for i in range(4):
+        grads = torch.func.grad(
+            lambda p: nn.functional.cross_entropy(
+                torch.func.functional_call(Closed(), p, (x[i : i + 1],), {"temp": 2.0}), y[i : i + 1], reduction="sum"
+            )
+        )(dict(params))
+        for k in expected:
+            expected[k] += grads[k].square()
+    for k in expected:
+        torch.testing.assert_close(state.curvature[k], expected[k])

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 from typing import Any, Iterator
 
+import optree
 import torch
 from torch import Tensor, nn
 
@@ -18,7 +19,7 @@ from ..checks import check_finite, guarded_call, model_input_error
 
 __all__ = [
     "check_eval_normalisation", "tensor_output", "check_curvature", "check_state_fits", "LOW_PRECISION",
-    "accumulator_dtype", "refuse_low_precision", "model_call",
+    "accumulator_dtype", "refuse_low_precision", "model_call", "check_batched_inputs",
 ]
 
 # Dtypes torch's linear algebra (eigh, cholesky) does not take on the CPU, and whose sums over a
@@ -59,6 +60,43 @@ def model_call(x: Any, params: Any, name: str) -> Iterator[None]:
         if type(e).__module__.startswith("funcbnn") or "could not run on" in str(e):
             raise
         raise model_input_error(e, x, params, name) from e
+
+
+def check_batched_inputs(x: Any, name: str, n: int | None = None) -> None:
+    """``ValueError`` unless every tensor in the ``funcbnn.Inputs`` ``x`` has the leading batch axis of size ``n``.
+
+    Laplace slices an ``Inputs`` per example and per chunk along every tensor's
+    leading axis, as :class:`funcbnn.Inputs` documents. A tensor shared by the
+    whole batch (a ``(4,)`` scale vector, a 0-d temperature) would be sliced
+    too: a torch ``IndexError`` deep inside, or, when its length happens to equal
+    the batch size, silently wrong curvature. Such a tensor cannot be told from
+    a batched one when the sizes agree (the caller's contract); every other
+    case is refused here. ``n`` is the batch size (the targets' length); when
+    ``None``, the first batched tensor's leading size. A plain tensor ``x`` is
+    not checked here.
+    """
+    from ..model import Inputs  # funcbnn.model imports nothing from laplace; imported late to keep _guards light
+
+    if not isinstance(x, Inputs):
+        return
+    leaves = optree.tree_flatten_with_path((x.args, x.kwargs))
+    for path, t in zip(leaves[0], leaves[1]):
+        if not isinstance(t, Tensor):
+            continue  # flags, scales: passed through unchanged
+        where = (f"positional input {path[1]}" if path[0] == 0 else f"keyword input {path[1]!r}") + "".join(
+            f"[{p!r}]" for p in path[2:]
+        )
+        if n is None and t.dim():
+            n = t.shape[0]
+        if t.dim() == 0 or t.shape[0] != n:
+            got = "a 0-d tensor" if t.dim() == 0 else f"a tensor of shape {tuple(t.shape)}"
+            size = "" if n is None else f" of size {n}"
+            raise ValueError(
+                f"{name}: {where} of the funcbnn.Inputs is {got}, but every tensor in an Inputs must have the "
+                f"leading batch axis{size} (each is sliced per example); a tensor shared by the whole batch "
+                "goes into the model instead: close over it (or register it as a module buffer), or pass a "
+                "Python number for a scalar"
+            )
 
 
 def check_eval_normalisation(apply_fn: Any, where: str = "laplace.fit") -> None:

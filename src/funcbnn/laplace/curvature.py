@@ -45,7 +45,9 @@ from .._validation import positive_int
 from ..checks import NonFiniteError, check_finite, check_generator
 from ..likelihoods import Likelihood, get_likelihood
 from ..model import FunctionalModel
-from ._guards import LOW_PRECISION, accumulator_dtype, check_eval_normalisation, model_call, tensor_output
+from ._guards import (
+    LOW_PRECISION, accumulator_dtype, check_batched_inputs, check_eval_normalisation, model_call, tensor_output,
+)
 from ._per_example import PerExample
 from ._subset import Subset, split
 from ._taps import Layer, OutsideForward, math_attention, structured_layers, tapped_forward
@@ -165,6 +167,7 @@ def check_batch(batch: Any, i: int, *, finite: bool = True) -> None:
         raise ValueError(f"data batch {i}: targets y must be a tensor with a leading batch axis, got {what}")
     if y.shape[0] == 0:
         raise ValueError(f"data batch {i} has no examples (targets of shape {tuple(y.shape)}); leave empty batches out")
+    check_batched_inputs(x, f"data batch {i} inputs x", y.shape[0])
     if finite:
         check_finite(x, f"data batch {i} inputs x")
         check_finite(y, f"data batch {i} targets y")

@@ -107,15 +107,36 @@ def last_layer_names(apply_fn: FunctionalModel, params: dict[str, Tensor], x: An
 
     "Last" is in call order when example inputs ``x`` are given (one forward with
     hooks; ``fit`` passes its first batch), else in registration order (which
-    differs when a model defines its head before its body).
+    differs when a model defines its head before its body). A parametrized
+    layer (``weight_norm``, ``spectral_norm``, ``torch.nn.utils.parametrize``)
+    counts by the leaves its weight is computed from
+    (``parametrizations.weight.original0``/``original1``, or ``original``),
+    plus its bias, plain or parametrized.
+
+    Examples
+    --------
+    >>> import funcbnn
+    >>> from torch.nn.utils.parametrizations import weight_norm
+    >>> net = nn.Sequential(nn.Linear(3, 8), nn.ReLU(), weight_norm(nn.Linear(8, 2)))
+    >>> apply_fn, params, _ = funcbnn.functionalize(net)
+    >>> last_layer_names(apply_fn, params, torch.randn(4, 3))
+    ['2.bias', '2.parametrizations.weight.original0', '2.parametrizations.weight.original1']
     """
     if not isinstance(apply_fn, FunctionalModel):
         raise TypeError("subset='last_layer' needs apply_fn from funcbnn.functionalize")
     candidates: dict[nn.Module, list[str]] = {}
     for name, mod in apply_fn.module.named_modules():
         prefix = f"{name}." if name else ""
-        if isinstance(mod, nn.Linear) and prefix + "weight" in params:
-            candidates[mod] = [prefix + "weight"] + ([prefix + "bias"] if prefix + "bias" in params else [])
+        if not isinstance(mod, nn.Linear):  # a parametrized Linear is a subclass of nn.Linear
+            continue
+        # A parametrized tensor is no leaf of its own: its leaves live under parametrizations.<name>.
+        owned = lambda k: k in (prefix + "weight", prefix + "bias") or any(  # noqa: E731
+            k.startswith(f"{prefix}parametrizations.{t}.") and "." not in k[len(f"{prefix}parametrizations.{t}.") :]
+            for t in ("weight", "bias")
+        )
+        weight = prefix + "weight" in params or any(k.startswith(prefix + "parametrizations.weight.") for k in params)
+        if weight:
+            candidates[mod] = [k for k in params if owned(k)]
     if not candidates:
         raise ValueError("subset='last_layer': the model has no nn.Linear layer with trainable weights")
     if x is None:
@@ -221,7 +242,13 @@ def fit(
         From :func:`funcbnn.functionalize`, with ``params`` at the MAP (not the
         ``nn.Module`` itself).
     data : iterable of (x, y)
-        The training data (all of it: curvature is summed over examples).
+        The training data (all of it: curvature is summed over examples). With
+        several inputs, ``x`` is a :class:`funcbnn.Inputs` whose every tensor
+        has the leading batch axis of ``y`` (each is sliced per example; a 0-d
+        tensor or another leading size is refused). A tensor shared by the
+        whole batch goes into the model (closed over, or a module buffer), not
+        into ``x``: one whose length happens to equal the batch size cannot be
+        told apart and would be sliced too, which is the caller's to avoid.
     likelihood : str or Likelihood
         ``"categorical"`` / ``"classification"``, ``"gaussian"`` / ``"regression"``
         (sigma tunable), ``"bernoulli"`` / ``"binary"``, ``"heteroscedastic_gaussian"``.

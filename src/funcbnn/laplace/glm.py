@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from .._validation import positive_int
 from ..checks import check_finite
 from ..model import Inputs
-from ._guards import model_call, tensor_output
+from ._guards import check_batched_inputs, model_call, tensor_output
 from ._per_example import PerExample
 from ._subset import split
 from ._taps import Layer, OutsideForward, math_attention, structured_layers, tapped_forward
@@ -237,6 +237,7 @@ def diag_output_covariance(
     chunk_size = positive_int(chunk_size, "chunk_size")
     if not isinstance(x, (Tensor, Inputs)) or (isinstance(x, Tensor) and x.dim() == 0):
         raise ValueError("x must be a tensor with a leading batch axis (or funcbnn.model.Inputs)")
+    check_batched_inputs(x, "x")
     check_finite(x, "x")
     unknown = set(variances) - set(params)
     if unknown:

@@ -43,7 +43,7 @@ from ..families.kron_gaussian import KronJacobian, kron_project_jacobian
 from ..likelihoods import Likelihood
 from ..checks import check_finite, check_generator
 from ..model import Inputs
-from ._guards import LOW_PRECISION
+from ._guards import LOW_PRECISION, check_batched_inputs
 from ._per_example import PerExample
 from ._subset import Subset
 from .glm import JacobianPieces, LayerPiece, jacobian_pieces, layer_jacobian, pieces_covariance
@@ -98,6 +98,7 @@ class DenseJacobian(NamedTuple):
 
 def _check_inputs(x: Any) -> None:
     if isinstance(x, Inputs):
+        check_batched_inputs(x, "x")  # before len(x): a 0-d tensor is named, not "no batch axis"
         len(x)  # TypeError unless a tensor in it has a batch axis
     elif not isinstance(x, Tensor) or x.dim() == 0:
         what = "a 0-d tensor" if isinstance(x, Tensor) else type(x).__name__
