@@ -121,3 +121,16 @@ def test_bernoulli_summary_of_probabilities_outside_the_unit_interval_raises_ins
         lik.summarize(torch.tensor([[-0.5, 0.2, 1.5]]), outputs_are="probs")
     ok = lik.summarize(torch.tensor([[0.0, 0.25, 1.0]]), outputs_are="probs")
     torch.testing.assert_close(ok.probs[:, 1], torch.tensor([0.0, 0.25, 1.0]))
+
+
+def test_summary_noise_std_of_the_wrong_shape_and_overflowing_log_variances_are_named():
+    from funcbnn import summarize
+    from funcbnn.checks import NonFiniteError
+
+    with pytest.raises(ValueError, match=r"noise_std must be a scalar or broadcast to one example's outputs \(10, 1\)"):
+        summarize(torch.randn(5, 10, 1), "regression", noise_std=torch.ones(3))
+    per_output = summarize(torch.randn(5, 10, 2), "regression", noise_std=torch.tensor([0.5, 2.0]))
+    torch.testing.assert_close(per_output.aleatoric_var[0], torch.tensor([0.25, 4.0]))
+    outputs = torch.cat([torch.randn(5, 10, 1), torch.full((5, 10, 1), 100.0)], -1)
+    with pytest.raises(NonFiniteError, match="overflow"):
+        summarize(outputs, "heteroscedastic")

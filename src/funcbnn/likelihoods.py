@@ -35,6 +35,7 @@ from torch import Tensor
 
 from ._registry import Registry
 from ._validation import positive_scalar
+from .checks import NonFiniteError, all_finite
 from .summary import PredictiveSummary, class_summary, gaussian_summary
 
 __all__ = [
@@ -192,7 +193,13 @@ def _noise_variance(noise_std: Any, like: Tensor) -> Tensor:
     if isinstance(sd, Tensor) and sd.numel() > 1 and not bool((torch.isfinite(sd) & (sd > 0)).all()):
         raise ValueError("noise_std must be finite and positive")
     sd = torch.as_tensor(sd, dtype=like.dtype, device=like.device)
-    return torch.broadcast_to(sd**2, like.shape)
+    try:
+        return torch.broadcast_to(sd**2, like.shape)
+    except RuntimeError:
+        raise ValueError(
+            f"noise_std must be a scalar or broadcast to one example's outputs {tuple(like.shape)}, "
+            f"got shape {tuple(sd.shape)}"
+        ) from None
 
 
 @LIKELIHOODS.register("gaussian")
@@ -316,7 +323,13 @@ def _heteroscedastic_summary(outputs: Any, *, log_variance: bool | None = None, 
     var_s = second.exp() if log_variance else second
     if not log_variance and bool((var_s < 0).any()):
         raise ValueError("heteroscedastic variances must be non-negative; pass log_variance=True for log-variances")
-    return gaussian_summary(mean_s, var_s.mean(0))
+    aleatoric = var_s.mean(0)
+    if not all_finite(aleatoric):  # exp of a log-variance above ~88 (float32) overflows: never a silent inf
+        raise NonFiniteError(
+            f"the predicted variances overflow to inf (log-variances up to {float(second.max()):.4g}); "
+            "the model's log-variance output is out of range"
+        )
+    return gaussian_summary(mean_s, aleatoric)
 
 
 def _heteroscedastic_sample(outputs: Tensor, generator: torch.Generator | None = None) -> Tensor:
