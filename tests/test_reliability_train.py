@@ -574,3 +574,28 @@ def test_a_sigma_computed_once_from_a_tensor_is_refused_by_step_with_the_fix():
     for _ in range(2):
         state, _ = vi.step(apply_fn, POST, PRIOR, state, opt, (x, y), 30, likelihood=lik)
     assert log_s.item() != 0.0
+
+
+def test_inputs_with_a_non_tensor_keyword_train_as_tensor_data_like_the_fixed_model():
+    from funcbnn import Inputs
+
+    class Two(nn.Module):
+        def __init__(self, fixed=None):
+            super().__init__()
+            torch.manual_seed(0)
+            self.a, self.b, self.fixed = nn.Linear(3, 2), nn.Linear(2, 2), fixed
+
+        def forward(self, x, z, scale=1.0):
+            return self.a(x) * (self.fixed or scale) + self.b(z)
+
+    g = _gen(3)
+    x, z, y = torch.randn(32, 3, generator=g), torch.randn(32, 2, generator=g), torch.randint(0, 2, (32,), generator=g)
+    results = []
+    for net, inputs in ((Two(), Inputs(x, z, scale=2.0)), (Two(fixed=2.0), Inputs(x, z))):
+        apply_fn, params, _ = funcbnn.functionalize(net)
+        fitted = vi.fit(apply_fn, POST, PRIOR, POST.init(params), (inputs, y), batch_size=8, generator=_gen(0))
+        members = ensemble.init_members(net, 2, generator=_gen(1))
+        trained = ensemble.fit(apply_fn, members, (inputs, y), batch_size=8, epochs=2, generator=_gen(2))
+        results.append((fitted.state, trained.state))
+    for a, b in zip(optree.tree_leaves(results[0]), optree.tree_leaves(results[1])):
+        torch.testing.assert_close(a, b)

@@ -112,9 +112,11 @@ def _check_data(data: Any) -> tuple[Any, Tensor]:
     # detached: data that requires grad would collect every step's gradient in the caller's .grad
     x, y = optree.tree_map(lambda t: t.detach() if isinstance(t, Tensor) else t, tuple(data))
     n = y.shape[0] if y.dim() else 0
-    for t in optree.tree_leaves(x):
-        if not isinstance(t, Tensor) or t.dim() == 0 or t.shape[0] != n:
-            raise ValueError(f"data: x and y need the same leading number of examples, y has {n}")
+    tensors = [t for t in optree.tree_leaves(x) if isinstance(t, Tensor)]  # non-tensor leaves pass through
+    if not tensors or any(t.dim() == 0 or t.shape[0] != n for t in tensors):
+        raise ValueError(
+            f"data: every tensor of x needs y's leading number of examples {n}, got x = {describe(x)}"
+        )
     if n == 0:
         raise ValueError("data holds no examples")
     return x, y
@@ -274,7 +276,7 @@ def fit(
     distributed.agree(
         {
             "state.members": distributed.fingerprint(state.members),
-            "data": (tuple(y.shape), [tuple(t.shape) for t in optree.tree_leaves(x)]),
+            "data": (tuple(y.shape), [tuple(t.shape) if isinstance(t, Tensor) else repr(t) for t in optree.tree_leaves(x)]),
             "epochs, batch_size, adversarial_eps": (epochs, batch_size, eps),
         },
         process_group,
@@ -294,15 +296,24 @@ def fit(
     n = y.shape[0]
     device = y.device
 
-    def one(params: Tree, xb: Any, yb: Tensor) -> Tensor:
-        return _member_loss(apply_fn, lik, eps, params, xb, yb)
+    # x's tensors are batched per member; its other leaves (an Inputs' flags, scales) are constants,
+    # so the batched paths take the tensors as a list and rebuild x around them.
+    x_leaves, x_spec = optree.tree_flatten(x)
+    x_is_tensor = [isinstance(t, Tensor) for t in x_leaves]
+
+    def rebuild(tensors: list[Tensor]) -> Any:
+        it = iter(tensors)
+        return optree.tree_unflatten(x_spec, [next(it) if is_t else c for is_t, c in zip(x_is_tensor, x_leaves)])
+
+    def one(params: Tree, xb: list[Tensor], yb: Tensor) -> Tensor:
+        return _member_loss(apply_fn, lik, eps, params, rebuild(xb), yb)
 
     batched = torch.func.vmap(one, in_dims=(0, 0, 0), randomness="different")
 
-    def looped(params: Tree, xb: Any, yb: Tensor) -> Tensor:
+    def looped(params: Tree, xb: list[Tensor], yb: Tensor) -> Tensor:
         mleaves, spec = optree.tree_flatten(params)
         return torch.stack([
-            one(optree.tree_unflatten(spec, [t[j] for t in mleaves]), optree.tree_map(lambda t: t[j], xb), yb[j])
+            one(optree.tree_unflatten(spec, [t[j] for t in mleaves]), [t[j] for t in xb], yb[j])
             for j in range(k)
         ])
 
@@ -320,7 +331,7 @@ def fit(
                 history.append(torch.zeros(0))
                 continue
             idx = orders[:, start : start + batch_size]  # (K, B): every member its own batch
-            xb = optree.tree_map(lambda t: t[idx], x)
+            xb = [t[idx] for t, is_t in zip(x_leaves, x_is_tensor) if is_t]
             yb = y[idx]
             if method == "auto":
                 method = _pick_path(batched, looped, members, xb, yb)
@@ -379,7 +390,7 @@ def _check_model_and_targets(apply_fn: Callable, lik: Likelihood, member: Tree, 
     and targets that do not fit the likelihood fail here, named, instead of inside the vmapped step
     (one small forward, no data pass)."""
     head = min(2, y.shape[0])
-    first = optree.tree_map(lambda t: t[:head], x)
+    first = optree.tree_map(lambda t: t[:head] if isinstance(t, Tensor) else t, x)
     with torch.no_grad(), guarded_call(x, member, "the data inputs", "ensemble.fit"):
         out = apply_fn(member, first)
     if not isinstance(out, Tensor):

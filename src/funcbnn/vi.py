@@ -897,10 +897,9 @@ def _epoch_batches(
         # detached: a data tensor that requires grad would collect every step's gradient in its .grad
         x, y = optree.tree_map(lambda t: t.detach() if isinstance(t, Tensor) else t, tuple(data))
         n = y.shape[0] if y.dim() else 0
-        x_leaves = optree.tree_leaves(x)
-        if not x_leaves or any(
-            not isinstance(t, Tensor) or t.dim() == 0 or t.shape[0] != n for t in x_leaves
-        ):
+        # Non-tensor leaves (an Inputs' flags and scales) pass through; every tensor is batched.
+        x_tensors = [t for t in optree.tree_leaves(x) if isinstance(t, Tensor)]
+        if not x_tensors or any(t.dim() == 0 or t.shape[0] != n for t in x_tensors):
             raise ValueError(
                 f"data inputs must be tensors with the targets' leading size {n}, got {describe(x)} "
                 f"and targets {describe(y)}"
@@ -922,7 +921,7 @@ def _epoch_batches(
             order = order.to(y.device)
             for i in range(0, n, size):
                 idx = order[i : i + size]
-                yield optree.tree_map(lambda t: t[idx], x), y[idx]
+                yield optree.tree_map(lambda t: t[idx] if isinstance(t, Tensor) else t, x), y[idx]
 
         return batches
     if isinstance(data, (tuple, list)) and data and all(isinstance(t, Tensor) for t in data):
