@@ -357,3 +357,66 @@ def test_mc_dropout_wrapper_reports_population_moments_over_seeded_masks():
     raw = MCDropoutWrapper(net, n_mc=4, apply_softmax=False).predict_uq(x)
     assert raw.probs is None and raw.mean.shape == (5, 3)
     assert MCDropoutWrapper(net).train(True) is not None and net.training
+
+
+# guards: non-finite and ill-fitting targets, wrapped models
+
+
+def test_elbo_step_refuses_non_finite_inputs_and_targets_unless_the_checks_are_off():
+    model, x = BayesByBackpropMLP(3, [8], 2), torch.randn(20, 3)
+    soft = torch.full((20, 2), float("nan"))
+    with pytest.raises(funcbnn.checks.NonFiniteError, match=r"^y contains non-finite values \(40 NaN"):
+        vi_elbo_step(model, x, soft, num_batches=1, generator=gen(0))
+    bad_x = x.clone()
+    bad_x[3, 1] = float("inf")
+    with pytest.raises(funcbnn.checks.NonFiniteError, match=r"^x contains non-finite values \(0 NaN, 1 inf"):
+        vi_elbo_step(model, bad_x, torch.randint(0, 2, (20,)), num_batches=1, generator=gen(0))
+    with funcbnn.checks.set_finite_checks(False):  # the opt-out gives deepuq's NaN loss back
+        assert vi_elbo_step(model, x, soft, num_batches=1, generator=gen(0))[0].isnan()
+
+
+@pytest.mark.parametrize(
+    ("make", "y", "match"),
+    [
+        (lambda: BayesByBackpropMLP(3, [8], 2), torch.randint(0, 2, (20, 3)), r"shape \(20,\) of class"),
+        (lambda: BayesByBackpropMLP(3, [8], 2), torch.full((20,), 7), r"lie in \[0, 1\] for 2 classes"),
+        (lambda: BayesByBackpropMLP(3, [8], 2), torch.rand(20), r"integer class indices, got dtype"),
+        # nn.MSELoss would broadcast (20,) against (20, 1) into a 20 x 20 loss
+        (lambda: MultiOutputBayesByBackpropRegressor(3, 1, hidden_dims=(5,)), torch.randn(20), r"outputs \(20, 1\)"),
+        (lambda: HeteroscedasticBayesByBackpropRegressor(3, hidden_dims=(5,)), torch.randn(20, 2), r"mean half"),
+    ],
+    ids=["labels_20x3", "label_7_of_2", "float_labels", "mse_shape", "heteroscedastic_shape"],
+)
+def test_elbo_step_refuses_targets_that_do_not_fit_its_default_loss(make, y, match):
+    with pytest.raises(ValueError, match=r"^vi_elbo_step: y does not fit the model's outputs .*" + match):
+        vi_elbo_step(make(), torch.randn(20, 3), y, num_batches=1, generator=gen(0))
+
+
+def test_elbo_step_still_takes_soft_targets_and_any_targets_of_a_callers_criterion():
+    model = _collapse(_randomise(BayesByBackpropMLP(3, [8], 2)))
+    x = torch.randn(20, 3)
+    probs = torch.softmax(torch.randn(20, 2), dim=-1)
+    _, nll, _ = vi_elbo_step(model, x, probs, num_batches=1)
+    logits = model(x, sample=False)
+    torch.testing.assert_close(nll, -(probs * torch.log_softmax(logits, -1)).sum(-1).mean())
+    # a criterion of the caller's decides what its targets are: (20, 3) here, no check of ours
+    criterion = lambda out, y: out.sum() * 0 + y.sum()  # noqa: E731
+    _, nll, _ = vi_elbo_step(model, x, torch.ones(20, 3), num_batches=1, criterion=criterion)
+    torch.testing.assert_close(nll, torch.tensor(60.0))
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # importing torch._dynamo
+def test_dropout_and_vi_predictions_on_a_compiled_model_equal_the_plain_ones():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 8), nn.ReLU(), nn.Dropout(0.3), nn.Linear(8, 2))
+    x = torch.randn(9, 3)
+    for a, b in zip(
+        MCDropoutWrapper(torch.compile(net), n_mc=4).predict(x, generator=gen(1)),
+        MCDropoutWrapper(net, n_mc=4).predict(x, generator=gen(1)),
+    ):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    model = _randomise(BayesByBackpropMLP(3, [8], 2))
+    wrapped = predict_vi_uq(torch.compile(model), x, n_samples=4, generator=gen(2))
+    plain = predict_vi_uq(model, x, n_samples=4, generator=gen(2))
+    torch.testing.assert_close(wrapped.mean, plain.mean, rtol=0, atol=0)
+    torch.testing.assert_close(wrapped.epistemic_var, plain.epistemic_var, rtol=0, atol=0)

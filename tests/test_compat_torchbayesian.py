@@ -399,3 +399,16 @@ def test_torchbayesians_example_runs_unchanged_but_for_the_import():
     assert loss.item() < first and fit < 0.3
     assert y_std[~inside].mean() > y_std[inside].mean()  # wider away from the data
     assert bool((y_std > 0).all())
+
+
+def test_forward_refuses_non_finite_and_unfit_inputs_unless_the_checks_are_off():
+    x = torch.randn(4, 3)
+    x[2, 0] = float("nan")
+    model = bnn.BayesianModule(_net())
+    for generator in (None, gen(0)):  # torchbayesian's global-RNG path and the native one
+        with pytest.raises(funcbnn.checks.NonFiniteError, match=r"^input contains non-finite values \(1 NaN"):
+            model(x, generator=generator)
+    with funcbnn.checks.set_finite_checks(False):
+        assert model(x)[2].isnan().all()
+    with pytest.raises(ValueError, match=r"could not run on x \(a tensor of shape \(4, 5\)"):
+        model(torch.randn(4, 5))

@@ -31,9 +31,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .. import likelihoods as _likelihoods
 from .. import priors as _priors
 from .. import tree as _tree
 from .._validation import positive_int
+from ..checks import check_finite
 from ..families.diag_gaussian import DiagGaussianState, diag_gaussian
 from ..predict import summarize
 from ._draws import drawing_disabled, dropout_outputs, outputs_at_draws
@@ -532,6 +534,27 @@ def _sampled_outputs(
     return torch.stack([_sampling_call(model, x) for _ in range(num_samples)])
 
 
+def _check_targets(outputs: Tensor, y: Tensor, loss: str) -> None:
+    """``y`` against one draw's outputs, for the default losses, with the likelihoods' own checks.
+
+    ``loss`` is ``"cross_entropy"`` (class indices, or soft targets of the
+    outputs' shape as ``nn.CrossEntropyLoss`` takes them), ``"mse"`` (the
+    outputs' shape: ``nn.MSELoss`` would broadcast ``(N,)`` against ``(N, 1)``
+    into an ``(N, N)`` loss) or ``"heteroscedastic"`` (the mean half's shape).
+    """
+    if loss == "cross_entropy" and y.is_floating_point() and y.shape == outputs.shape:
+        return  # class probabilities; their finiteness is checked with y's
+    lik = {
+        "cross_entropy": _likelihoods.categorical,
+        "mse": _likelihoods.gaussian,
+        "heteroscedastic": _likelihoods.heteroscedastic_gaussian,
+    }[loss]()
+    try:
+        lik.check(outputs, y)
+    except ValueError as e:
+        raise ValueError(f"vi_elbo_step: y does not fit the model's outputs ({loss} loss): {e}") from None
+
+
 def vi_elbo_step(
     model: nn.Module,
     x: Tensor,
@@ -579,7 +602,12 @@ def vi_elbo_step(
     ------
     ValueError
         For a missing or non-positive ``num_batches``, conflicting
-        ``n_batches``, or a non-positive ``mc_samples``.
+        ``n_batches``, a non-positive ``mc_samples``, or targets that do not
+        fit the default loss (class indices out of range or of the wrong
+        shape; regression targets not of the outputs' shape).
+    funcbnn.checks.NonFiniteError
+        For NaN or infinite ``x`` or ``y`` (unless
+        :func:`funcbnn.checks.set_finite_checks` is off).
     """
     if num_batches is None:
         if n_batches is None:
@@ -595,11 +623,19 @@ def vi_elbo_step(
     if isinstance(mc_samples, bool) or not isinstance(mc_samples, int) or mc_samples <= 0:
         raise ValueError(f"mc_samples must be a positive integer, got {mc_samples!r}.")
     use_model_nll = callable(getattr(model, "nll", None)) and bool(getattr(model, "heteroscedastic", False))
+    default_loss = None
     if criterion is None and not use_model_nll:
         regression = getattr(model, "task_type", "classification") == "regression"
         criterion = nn.MSELoss(reduction="mean") if regression else nn.CrossEntropyLoss(reduction="mean")
+        default_loss = "mse" if regression else "cross_entropy"
     loss_fn = model.nll if use_model_nll else criterion
+    check_finite(x, "x", context="vi_elbo_step")
+    check_finite(y, "y", context="vi_elbo_step")
     outputs = _sampled_outputs(model, x, mc_samples, generator)
+    if use_model_nll:
+        _check_targets(outputs[0], y, "heteroscedastic")
+    elif default_loss is not None:  # a caller's criterion decides itself what targets it takes
+        _check_targets(outputs[0], y, default_loss)
     nll = torch.stack([loss_fn(out, y) for out in outputs]).mean()
     kl_term = kl(model) / float(num_batches)
     loss = nll + kl_weight * kl_term

@@ -13,6 +13,7 @@ from torch.distributions import Distribution, Normal
 from torch.distributions.kl import kl_divergence as _torch_kl
 
 from ... import priors as _priors
+from ...checks import check_finite
 from ...nn import BayesianModule as _NativeBayesianModule
 from ...nn.posteriors import POSTERIORS, _global_rng_from
 from ...tree import Tree
@@ -246,11 +247,22 @@ class BayesianModule(_NativeBayesianModule):
         ``named_parameters()``: the order in which torchbayesian draws them for
         networks whose layers read their weight before their bias (Linear,
         Conv, ...), so a seed gives torchbayesian's numbers.
+
+        Raises
+        ------
+        funcbnn.checks.NonFiniteError
+            For NaN or infinite values in ``input`` (unless
+            :func:`funcbnn.checks.set_finite_checks` is off): torchbayesian
+            would return NaN outputs.
+        ValueError
+            For an input the wrapped network cannot take (torch's error chained).
         """
+        check_finite(input, "input", context="BayesianModule")
         if generator is not None or self.local_reparam:
             return super().forward(input, generator=generator)
         weights = {key.replace(":", "."): post.sample_parameters() for key, post in self.posteriors.items()}
-        return self.apply_fn(weights, input)
+        with self._guarded(input, "BayesianModule"):
+            return self.apply_fn(weights, input)
 
     def kl_divergence(
         self,
