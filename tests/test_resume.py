@@ -184,3 +184,18 @@ def test_ensemble_fit_resumed_under_auto_keeps_the_path_of_the_run_it_continues(
     assert ck["method"] == "loop"
     rest = ensemble.fit(apply_fn, members, (x, y), epochs=1, batch_size=12, resume=ck)  # method="auto"
     assert rest.checkpoint["method"] == "loop"
+
+
+def test_vi_resume_with_other_settings_is_refused_naming_them():
+    import funcbnn
+    from funcbnn import vi
+
+    apply_fn, params, _ = funcbnn.functionalize(torch.nn.Linear(3, 2))
+    post, prior = funcbnn.diag_gaussian(init_std=0.1), funcbnn.priors.gaussian(1.0)
+    x, y = torch.randn(40, 3), torch.randint(0, 2, (40,))
+    first = vi.fit(apply_fn, post, prior, post.init(params), (x, y), batch_size=16,
+                   generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match=r"batch_size 16 -> 8, lr 0.01 -> 0.5"):
+        vi.fit(apply_fn, post, prior, post.init(params), (x, y), batch_size=8, lr=0.5, resume=first)
+    again = vi.fit(apply_fn, post, prior, post.init(params), (x, y), batch_size=16, resume=first)  # same: fine
+    assert again.history.loss.shape[0] == 2 * first.history.loss.shape[0]

@@ -1188,6 +1188,24 @@ def fit(
             process_group,
         )
     num_data = positive_int(num_data, "num_data")
+    # What a bit-identical continuation needs to be the same; a resume with other settings is refused.
+    settings = {
+        "likelihood": lik.name,
+        "num_data": num_data,
+        "batch_size": batch_size,
+        "num_samples": num_samples,
+        "kl_weight": float(kl_weight.detach()) if isinstance(kl_weight, Tensor) else float(kl_weight),
+        "lr": None if optimizer is not None else float(lr),
+    }
+    saved = None if ck is None else ck.get("settings")
+    if saved is not None:
+        changed = {k: (saved.get(k), v) for k, v in settings.items() if saved.get(k) != v}
+        if changed:
+            listed = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items())
+            raise ValueError(
+                f"resume: these settings differ from the run that wrote the checkpoint: {listed}; "
+                "pass the same ones to continue it (or start a new fit from result.state)"
+            )
     _check_kl_weight(kl_weight)
     if isinstance(kl_weight, Tensor):
         # fit's optimiser does not hold it: its gradient would only pile up in the caller's .grad
@@ -1278,6 +1296,7 @@ def fit(
         "epochs": done + epochs,
         "history": list(stacked),
         "log_sigma": None if log_sigma is None else log_sigma.detach().clone(),
+        "settings": settings,
     }
     return FitResult(final, stacked, checkpoint, sigma)
 
