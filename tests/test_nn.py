@@ -635,3 +635,16 @@ def test_bayesian_module_names_bad_inputs_and_refuses_non_finite_batches():
         model.elbo(x, torch.full((6, 3), float("nan")), num_data=6, likelihood="regression")
     with pytest.raises(TypeError, match="generator must be a torch.Generator"):
         model.elbo(x, y, num_data=6, generator=3)
+
+
+def test_bayesian_module_forward_refuses_non_finite_inputs():
+    import funcbnn
+    from funcbnn.checks import NonFiniteError, set_finite_checks
+
+    bm = funcbnn.BayesianModule(torch.nn.Linear(3, 2))
+    x = torch.randn(4, 3)
+    x[1, 2] = float("inf")
+    with pytest.raises(NonFiniteError, match="x contains non-finite values"):
+        bm(x)
+    with set_finite_checks(False):
+        assert not torch.isfinite(bm(x)).all()

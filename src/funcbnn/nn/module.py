@@ -326,8 +326,10 @@ class BayesianModule(nn.Module):
         """The module's output at a fresh weight draw (at the posterior mean if ``sample=False``).
 
         Inputs the wrapped module cannot take raise a ``ValueError`` naming ``x``
-        (its shape and dtype against the parameters'), with torch's error chained.
+        (its shape and dtype against the parameters'), with torch's error chained;
+        NaN or inf in ``x`` raise :class:`~funcbnn.checks.NonFiniteError`.
         """
+        check_finite(x, "x", context="BayesianModule.forward")
         with self._guarded(x, "BayesianModule"):
             if not sample:
                 return self.apply_fn(self.mean_parameters(), x)
