@@ -395,7 +395,10 @@ def test_variational_loss_trains_mu_and_rho_through_batched_draws():
 _WRAPPERS = pytest.mark.parametrize(
     "wrap",
     # importing torch._dynamo (on the first torch.compile) raises DeprecationWarnings of torch's own
-    [pytest.param(torch.compile, marks=pytest.mark.filterwarnings("ignore::DeprecationWarning")), nn.DataParallel],
+    [
+        pytest.param(torch.compile, marks=pytest.mark.filterwarnings("ignore::DeprecationWarning")),
+        nn.DataParallel,
+    ],
     ids=["compiled", "data_parallel"],
 )
 
@@ -405,7 +408,8 @@ def test_mc_dropout_on_a_wrapped_model_predicts_as_on_the_plain_one(wrap):
     torch.manual_seed(0)
     net, x = Net(), torch.randn(9, 6)
     plain = MCDropout(net, num_samples=5, dropout_rate=None).predict(x, return_samples=True, generator=gen(1))
-    wrapped = MCDropout(wrap(net), num_samples=5, dropout_rate=None).predict(x, return_samples=True, generator=gen(1))
+    wrapped = MCDropout(wrap(net), num_samples=5, dropout_rate=None)
+    wrapped = wrapped.predict(x, return_samples=True, generator=gen(1))
     for a, b in zip(wrapped, plain):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
