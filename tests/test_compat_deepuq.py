@@ -420,3 +420,14 @@ def test_dropout_and_vi_predictions_on_a_compiled_model_equal_the_plain_ones():
     plain = predict_vi_uq(model, x, n_samples=4, generator=gen(2))
     torch.testing.assert_close(wrapped.mean, plain.mean, rtol=0, atol=0)
     torch.testing.assert_close(wrapped.epistemic_var, plain.epistemic_var, rtol=0, atol=0)
+
+
+def test_mc_dropout_wrapper_called_like_a_module_is_predict():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Dropout(0.3), nn.Linear(16, 3))
+    wrapper = MCDropoutWrapper(net, n_mc=6)
+    x = torch.randn(5, 4)
+    called = wrapper(x, generator=torch.Generator().manual_seed(2))
+    predicted = wrapper.predict(x, generator=torch.Generator().manual_seed(2))
+    for a, b in zip(called, predicted):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

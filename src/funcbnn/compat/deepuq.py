@@ -735,6 +735,10 @@ class MCDropoutWrapper(nn.Module):
         self.model.train(mode)
         return super().train(mode)
 
+    def forward(self, x: Tensor, *, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        """``wrapper(x)`` is :meth:`predict` (a module called like one; torch's own error said "no forward")."""
+        return self.predict(x, generator=generator)
+
     @torch.no_grad()
     def predict(self, x: Tensor, *, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
         """Mean and population variance over ``n_mc`` dropout passes (softmax first if ``apply_softmax``)."""
