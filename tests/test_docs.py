@@ -169,6 +169,7 @@ def test_example_writes_its_figure(example, tmp_path, monkeypatch):
 
     matplotlib.use("Agg")
     monkeypatch.setattr(sys, "argv", [str(example), "--out", str(tmp_path), "--fast"])
+    monkeypatch.syspath_prepend(str(example.parent))  # as `python docs/examples/x.py` does: _gap.py beside it
     runpy.run_path(str(example), run_name="__main__")
     figure = tmp_path / f"{example.stem}.png"
     assert figure.exists() and figure.stat().st_size > 1000

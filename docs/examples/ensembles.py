@@ -11,7 +11,6 @@ with a 2-std band of the members' spread (epistemic only).
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import matplotlib
@@ -23,26 +22,7 @@ import torch
 import funcbnn
 from funcbnn import ensemble
 
-
-def gap_data(n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """x uniform on [-1, -0.7] and [0.5, 1], y = cos(4x + 0.8) + N(0, 0.1^2)."""
-    u = torch.rand(n, 1, generator=generator)
-    x = torch.where(torch.arange(n)[:, None] < n // 2, -1 + 0.3 * u, 0.5 + 0.5 * u)
-    y = torch.cos(4 * x + 0.8) + 0.1 * torch.randn(n, 1, generator=generator)
-    return x, y
-
-
-def mlp() -> torch.nn.Module:
-    return torch.nn.Sequential(torch.nn.Linear(1, 50), torch.nn.Tanh(), torch.nn.Linear(50, 1))
-
-
-def train_map(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int) -> torch.nn.Module:
-    opt = torch.optim.Adam(net.parameters(), lr=1e-2, weight_decay=1e-4)
-    for _ in range(steps):
-        opt.zero_grad()
-        torch.nn.functional.mse_loss(net(x), y).backward()
-        opt.step()
-    return net
+from _gap import gap_data, mlp, cli
 
 
 def main(out: Path, fast: bool) -> Path:
@@ -76,8 +56,4 @@ def main(out: Path, fast: bool) -> Path:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent.parent / "figures")
-    parser.add_argument("--fast", action="store_true", help="train briefly (for the test suite)")
-    args = parser.parse_args()
-    print(main(args.out, args.fast))
+    cli(main, __doc__)

@@ -10,7 +10,6 @@ loss (``-ELBO / N`` per step) during training.
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import matplotlib
@@ -22,13 +21,7 @@ import torch
 import funcbnn
 from funcbnn import vi
 
-
-def gap_data(n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """x uniform on [-1, -0.7] and [0.5, 1], y = cos(4x + 0.8) + N(0, 0.1^2)."""
-    u = torch.rand(n, 1, generator=generator)
-    x = torch.where(torch.arange(n)[:, None] < n // 2, -1 + 0.3 * u, 0.5 + 0.5 * u)
-    y = torch.cos(4 * x + 0.8) + 0.1 * torch.randn(n, 1, generator=generator)
-    return x, y
+from _gap import gap_data, cli
 
 
 def main(out: Path, fast: bool) -> Path:
@@ -68,8 +61,4 @@ def main(out: Path, fast: bool) -> Path:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent.parent / "figures")
-    parser.add_argument("--fast", action="store_true", help="train briefly (for the test suite)")
-    args = parser.parse_args()
-    print(main(args.out, args.fast))
+    cli(main, __doc__)
