@@ -878,3 +878,22 @@ def test_closing_over_a_shared_tensor_as_the_error_says_gives_the_per_example_cu
             expected[k] += grads[k].square()
     for k in expected:
         torch.testing.assert_close(state.curvature[k], expected[k])
+
+
+def test_a_diverging_marglik_training_raises_diverged_error_with_the_last_parameters():
+    from funcbnn.checks import DivergedError
+    from funcbnn.laplace import marglik_training
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 16), nn.ReLU(), nn.Linear(16, 1))
+    apply_fn, params, _ = funcbnn.functionalize(net)
+    x, y = torch.randn(64, 3) * 100, torch.randn(64, 1) * 1e3
+    batches = [(x[i:i + 16], y[i:i + 16]) for i in range(0, 64, 16)]
+    sgd = lambda leaves: torch.optim.SGD(leaves, lr=1e30)  # noqa: E731
+    with pytest.raises(DivergedError, match=r"loss became nan at epoch 1, data batch 1") as info:
+        marglik_training(apply_fn, params, batches, "regression", epochs=5, optimizer=sgd)
+    assert sorted(info.value.state) == sorted(params) and all(torch.isfinite(v).all() for v in info.value.state.values())
+    # the hyperparameter phase: a -inf marginal likelihood is a divergence too, named as such
+    with pytest.raises(DivergedError, match="log marginal likelihood became"):
+        marglik_training(apply_fn, params, [(x, y)], "regression", epochs=20,
+                         optimizer=lambda leaves: torch.optim.SGD(leaves, lr=1e6))

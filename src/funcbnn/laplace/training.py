@@ -25,6 +25,7 @@ the prior that the evidence selects lets the two settle together.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from typing import Any, Callable, Iterable, Literal, NamedTuple
 
@@ -35,7 +36,7 @@ from .. import distributed
 from .._validation import positive_float, positive_int
 from ..likelihoods import Likelihood, get_likelihood
 from .curvature import Kind, check_batch, check_data, check_targets
-from ..checks import check_finite
+from ..checks import DivergedError, check_finite, finite_checks_enabled
 from ._guards import check_eval_normalisation, model_call, tensor_output
 from .fit import Laplace, check_apply_fn, fit
 from .marglik import PRIOR_STRUCTURES, initial_prior_precision, log_marglik
@@ -277,6 +278,16 @@ def marglik_training(
                     for p, g in zip(leaves, grads):
                         p.grad = g
                     loss = distributed.all_reduce_tree(loss.detach() * share, process_group)
+                # Before the optimiser writes a non-finite update into the parameters (after the
+                # all-reduce, so that every rank decides alike).
+                if finite_checks_enabled() and not math.isfinite(float(loss.detach())):
+                    raise DivergedError(
+                        f"marglik_training: the loss became {float(loss.detach())} at epoch {epoch}, data batch {i}; "
+                        "the optimiser did not step, error.state is the parameters this step started from. "
+                        "Lower lr, or check the data and the initial parameters",
+                        step=epoch,
+                        state={k: v.detach().clone() for k, v in theta.items()},
+                    )
                 return loss
 
             loss = opt.step(closure)
@@ -299,9 +310,17 @@ def marglik_training(
             for _ in range(hyper_steps):
                 hyper_opt.zero_grad()
                 value = log_marglik(state, lik, log_pp.exp(), log_sd.exp())
+                margliks.append(float(value.detach()))  # the host sync the history needs anyway
+                if finite_checks_enabled() and not math.isfinite(margliks[-1]):
+                    raise DivergedError(
+                        f"marglik_training: the log marginal likelihood became {margliks[-1]} at epoch {epoch} "
+                        "(the weights or hyperparameters diverged); error.state is the parameters at this "
+                        "epoch's estimate. Lower lr or lr_hyp",
+                        step=epoch,
+                        state=current,
+                    )
                 (-value).backward()
                 hyper_opt.step()
-                margliks.append(float(value.detach()))
             pp_path.append(log_pp.detach().exp().clone())
             sd_path.append(log_sd.detach().exp().clone())
             if margliks[-1] > best[0]:
